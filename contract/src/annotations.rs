@@ -1,0 +1,1 @@
+//! Pod and node annotations (HAMi wire formats). Owned by the scheduler work; see HAMI-NOTES.md.

@@ -1,0 +1,582 @@
+//! The shared-cache file: one per container, charged by all of its processes, read by the agent from the host.
+//!
+//! # Layout, version 1 (native-endian, every field an aligned 64-bit word)
+//! ```text
+//! offset  size   header (HEADER_BYTES)
+//! 0       8      magic "VGPUCACH"
+//! 8       8      version (low 32 bits) | slot count (high 32 bits)
+//! 16      8      high-water mark: slots at or past it were never claimed
+//! 24      8      SM limit in percent (0 = none) | policy code << 32   (as the creator saw them; informational)
+//! 64      8x16   memory limit per CUDA ordinal in bytes (0 = none; as the creator saw them; informational)
+//! 192     8x16   UUID hint per ordinal: first 8 bytes after "GPU-" as written by whoever resolved it (0 = unknown)
+//! 4096           slot 0, then SLOT_BYTES per slot
+//!
+//! slot:
+//! 0       8      owner: generation << 32 | state, state = 0 free, pid (bit 31 clear) owned, RECLAIMING|pid
+//! 8       8      process start time (clock ticks after boot, /proc/PID/stat field 22); 0 while claiming
+//! 16      8      pid namespace inode of the owner (so the host can translate the pid)
+//! 24      8      kernel launches seen by the shim
+//! 32      8      nanoseconds the shim held launches back (pacing)
+//! 40      8      bytes of the charge that are the CUDA context (already inside used[])
+//! 128     8x16   bytes charged per CUDA ordinal
+//! ```
+//!
+//! # Why no lock
+//! A process may die at any instruction. Each process writes only its own slot, so the only shared decisions
+//! are claiming a free slot and reclaiming a dead one, both single compare-and-swaps on `owner`. A charge is
+//! added to the slot first and then checked against the sum of all slots (sequentially consistent), so two
+//! racing processes can both be refused but can never both pass the limit. Reclaiming dead processes costs a
+//! `/proc` lookup per slot and so happens only when a charge would be refused (or when the agent sweeps).
+//!
+//! The file is created complete in a temporary file and linked into place, so no reader ever sees a
+//! half-written header.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+pub const MAGIC: u64 = u64::from_ne_bytes(*b"VGPUCACH");
+pub const VERSION: u32 = 1;
+pub const MAX_DEVICES: usize = 16;
+pub const SLOTS: usize = 1024;
+pub const HEADER_BYTES: usize = 4096;
+pub const SLOT_BYTES: usize = 256;
+pub const FILE_BYTES: usize = HEADER_BYTES + SLOTS * SLOT_BYTES;
+
+const RECLAIMING: u32 = 1 << 31;
+const W: usize = 8;
+
+// Word indices (not byte offsets) inside the header and a slot.
+const H_MAGIC: usize = 0;
+const H_VERSION: usize = 1;
+const H_HIGH_WATER: usize = 2;
+const H_SM: usize = 3;
+const H_LIMITS: usize = 64 / W;
+const H_UUIDS: usize = 192 / W;
+const S_OWNER: usize = 0;
+const S_START: usize = 1;
+const S_PIDNS: usize = 2;
+const S_LAUNCHES: usize = 3;
+const S_THROTTLED_NS: usize = 4;
+const S_CONTEXT: usize = 5;
+const S_USED: usize = 128 / W;
+
+/// What the creator of the file knew about the container's limits; stored for readers (agent, status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub memory_limits: [u64; MAX_DEVICES],
+    pub sm_limit: u32,
+    pub policy: u32,
+}
+
+#[derive(Debug)]
+pub enum CacheError {
+    Io(PathBuf, io::Error),
+    /// Not a vgpu cache file, or truncated.
+    Corrupt(PathBuf, &'static str),
+    /// A vgpu cache file of another layout version.
+    Version(PathBuf, u32),
+}
+
+impl std::fmt::Display for CacheError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(p, e) => write!(f, "shared cache {}: {e}", p.display()),
+            Self::Corrupt(p, why) => write!(f, "shared cache {}: not a vgpu cache file ({why})", p.display()),
+            Self::Version(p, v) => write!(
+                f,
+                "shared cache {}: layout version {v}, this build reads version {VERSION}",
+                p.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CacheError {}
+
+/// A refused charge: what the device would hold in total, against the limit (HAMi's OOM line numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverLimit {
+    pub requested_total: u64,
+    pub limit: u64,
+}
+
+/// A slot as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotView {
+    pub index: usize,
+    pub pid: u32,
+    pub start_time: u64,
+    pub pid_ns: u64,
+    pub launches: u64,
+    pub throttled_ns: u64,
+    pub context_bytes: u64,
+    pub used: [u64; MAX_DEVICES],
+}
+
+/// Backing memory of a region: a shared file mapping, or process-private memory when no usable file exists.
+enum Backing {
+    Mapped { ptr: *mut libc::c_void },
+    Private(Box<[AtomicU64]>),
+}
+
+/// A mapped cache file (or a private stand-in with the same rules).
+pub struct CacheRegion {
+    words: *const AtomicU64,
+    backing: Backing,
+    path: Option<PathBuf>,
+}
+
+// SAFETY: the region is only ever accessed through atomics; the mapping lives as long as the value.
+unsafe impl Send for CacheRegion {}
+// SAFETY: as above; all shared access is atomic.
+unsafe impl Sync for CacheRegion {}
+
+impl Drop for CacheRegion {
+    fn drop(&mut self) {
+        if let Backing::Mapped { ptr } = self.backing {
+            // SAFETY: ptr came from a successful mmap of FILE_BYTES and no reference outlives self.
+            unsafe { libc::munmap(ptr, FILE_BYTES) };
+        }
+    }
+}
+
+fn header_bytes(info: &HeaderInfo) -> Vec<u8> {
+    let mut buf = vec![0u8; FILE_BYTES];
+    let mut put = |word: usize, v: u64| buf[word * W..word * W + W].copy_from_slice(&v.to_ne_bytes());
+    put(H_MAGIC, MAGIC);
+    put(H_VERSION, VERSION as u64 | ((SLOTS as u64) << 32));
+    put(H_HIGH_WATER, 0);
+    put(H_SM, info.sm_limit as u64 | ((info.policy as u64) << 32));
+    for (i, l) in info.memory_limits.iter().enumerate() {
+        put(H_LIMITS + i, *l);
+    }
+    buf
+}
+
+impl CacheRegion {
+    /// Opens the container's cache file, creating it complete if it does not exist yet.
+    pub fn open_or_create(path: &Path, info: &HeaderInfo) -> Result<Self, CacheError> {
+        let io = |e| CacheError::Io(path.to_path_buf(), e);
+        match File::options().read(true).write(true).open(path) {
+            Ok(f) => Self::map(path, f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let tmp = dir.join(format!(
+                    ".{}.{}.tmp",
+                    path.file_name().and_then(|n| n.to_str()).unwrap_or("cache"),
+                    std::process::id()
+                ));
+                let mut f = File::options()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o666)
+                    .open(&tmp)
+                    .map_err(io)?;
+                let written = f.write_all(&header_bytes(info));
+                // link() fails if another process won the race; either way the file at `path` is complete.
+                let linked = written.and_then(|_| std::fs::hard_link(&tmp, path));
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io(e)),
+                }
+                let f = File::options().read(true).write(true).open(path).map_err(io)?;
+                Self::map(path, f)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Opens an existing cache file (the agent's view); never creates one.
+    pub fn open_existing(path: &Path) -> Result<Self, CacheError> {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| CacheError::Io(path.to_path_buf(), e))?;
+        Self::map(path, f)
+    }
+
+    fn map(path: &Path, f: File) -> Result<Self, CacheError> {
+        let len = f.metadata().map_err(|e| CacheError::Io(path.to_path_buf(), e))?.len();
+        // Check the size before mapping: touching a mapping past the end of a file raises SIGBUS.
+        if len < HEADER_BYTES as u64 {
+            return Err(CacheError::Corrupt(path.to_path_buf(), "shorter than a header"));
+        }
+        let mut head = [0u8; 16];
+        let n = {
+            use std::os::unix::fs::FileExt;
+            f.read_at(&mut head, 0).map_err(|e| CacheError::Io(path.to_path_buf(), e))?
+        };
+        if n < 16 || u64::from_ne_bytes(head[..8].try_into().unwrap()) != MAGIC {
+            return Err(CacheError::Corrupt(path.to_path_buf(), "bad magic"));
+        }
+        let ver = u64::from_ne_bytes(head[8..16].try_into().unwrap());
+        if ver as u32 != VERSION {
+            return Err(CacheError::Version(path.to_path_buf(), ver as u32));
+        }
+        if (ver >> 32) as usize != SLOTS || len < FILE_BYTES as u64 {
+            return Err(CacheError::Corrupt(path.to_path_buf(), "wrong size for its version"));
+        }
+        // SAFETY: mapping a regular file we hold open, of at least FILE_BYTES bytes (checked above), shared so
+        // every process sees the same words. The fd may be closed after mmap; the mapping stays valid.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                FILE_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(CacheError::Io(path.to_path_buf(), io::Error::last_os_error()));
+        }
+        Ok(Self { words: ptr as *const AtomicU64, backing: Backing::Mapped { ptr }, path: Some(path.to_path_buf()) })
+    }
+
+    /// A region in this process's own memory: the same accounting rules, shared with no one. Used when the
+    /// container's file is unusable, so the process still holds its own limit.
+    pub fn private(info: &HeaderInfo) -> Self {
+        let bytes = header_bytes(info);
+        let words: Box<[AtomicU64]> = bytes
+            .chunks_exact(W)
+            .map(|c| AtomicU64::new(u64::from_ne_bytes(c.try_into().unwrap())))
+            .collect();
+        let ptr = words.as_ptr();
+        Self { words: ptr, backing: Backing::Private(words), path: None }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backing, Backing::Mapped { .. })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        debug_assert!(i < FILE_BYTES / W);
+        // SAFETY: i is within the FILE_BYTES region that stays mapped (or boxed) for the life of self, and the
+        // region is 8-byte aligned (page-aligned mapping or a boxed AtomicU64 slice).
+        unsafe { &*self.words.add(i) }
+    }
+
+    fn slot_word(&self, slot: usize, i: usize) -> &AtomicU64 {
+        self.word((HEADER_BYTES + slot * SLOT_BYTES) / W + i)
+    }
+
+    pub fn header(&self) -> HeaderInfo {
+        let mut memory_limits = [0; MAX_DEVICES];
+        for (i, l) in memory_limits.iter_mut().enumerate() {
+            *l = self.word(H_LIMITS + i).load(SeqCst);
+        }
+        let sm = self.word(H_SM).load(SeqCst);
+        HeaderInfo { memory_limits, sm_limit: sm as u32, policy: (sm >> 32) as u32 }
+    }
+
+    /// Records which card a CUDA ordinal is (first 8 bytes of its UUID). Every process writes the same value,
+    /// so racing writers cannot disagree.
+    pub fn set_uuid_hint(&self, dev: usize, hint: u64) {
+        if dev < MAX_DEVICES {
+            self.word(H_UUIDS + dev).store(hint, SeqCst);
+        }
+    }
+
+    pub fn uuid_hint(&self, dev: usize) -> u64 {
+        if dev < MAX_DEVICES { self.word(H_UUIDS + dev).load(SeqCst) } else { 0 }
+    }
+
+    fn high_water(&self) -> usize {
+        (self.word(H_HIGH_WATER).load(SeqCst) as usize).min(SLOTS)
+    }
+
+    /// Claims a free slot for `pid`. None when all slots are taken by live processes.
+    pub fn claim(&self, pid: u32, start_time: u64, pid_ns: u64) -> Option<usize> {
+        for slot in 0..SLOTS {
+            let owner = self.slot_word(slot, S_OWNER);
+            let cur = owner.load(SeqCst);
+            if cur as u32 != 0 {
+                continue;
+            }
+            let gen = (cur >> 32) + 1;
+            if owner.compare_exchange(cur, (gen << 32) | pid as u64, SeqCst, SeqCst).is_ok() {
+                self.word(H_HIGH_WATER).fetch_max(slot as u64 + 1, SeqCst);
+                self.slot_word(slot, S_PIDNS).store(pid_ns, SeqCst);
+                for k in [S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT] {
+                    self.slot_word(slot, k).store(0, SeqCst);
+                }
+                // Written last: a slot with a start time is fully ours; reclaimers treat 0 as "claiming".
+                self.slot_word(slot, S_START).store(start_time, SeqCst);
+                return Some(slot);
+            }
+        }
+        None
+    }
+
+    /// Gives a slot back (clean process exit). Its charges go with it.
+    pub fn release(&self, slot: usize, pid: u32) {
+        let owner = self.slot_word(slot, S_OWNER);
+        let cur = owner.load(SeqCst);
+        if cur as u32 == pid {
+            self.clear_slot(slot, cur, pid);
+        }
+    }
+
+    /// Total charged on `dev` by every slot.
+    pub fn device_total(&self, dev: usize) -> u64 {
+        (0..self.high_water()).map(|s| self.slot_word(s, S_USED + dev).load(SeqCst)).sum()
+    }
+
+    /// Charges `bytes` on `dev` to `slot` if the container's total stays within `limit`.
+    pub fn try_charge(&self, slot: usize, dev: usize, bytes: u64, limit: Option<u64>) -> Result<(), OverLimit> {
+        let mine = self.slot_word(slot, S_USED + dev);
+        mine.fetch_add(bytes, SeqCst);
+        let Some(limit) = limit else { return Ok(()) };
+        let total = self.device_total(dev);
+        if total > limit {
+            mine.fetch_sub(bytes, SeqCst);
+            return Err(OverLimit { requested_total: total, limit });
+        }
+        Ok(())
+    }
+
+    pub fn uncharge(&self, slot: usize, dev: usize, bytes: u64) {
+        let mine = self.slot_word(slot, S_USED + dev);
+        // Saturating: a double free reported by the driver must not wrap the counter.
+        let _ = mine.fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_sub(bytes)));
+    }
+
+    pub fn add_context_bytes(&self, slot: usize, bytes: u64) {
+        self.slot_word(slot, S_CONTEXT).fetch_add(bytes, SeqCst);
+    }
+
+    pub fn add_launches(&self, slot: usize, n: u64) {
+        self.slot_word(slot, S_LAUNCHES).fetch_add(n, SeqCst);
+    }
+
+    pub fn add_throttled_ns(&self, slot: usize, ns: u64) {
+        self.slot_word(slot, S_THROTTLED_NS).fetch_add(ns, SeqCst);
+    }
+
+    /// Every claimed slot as it is now.
+    pub fn slots(&self) -> Vec<SlotView> {
+        (0..self.high_water())
+            .filter_map(|index| {
+                let owner = self.slot_word(index, S_OWNER).load(SeqCst) as u32;
+                if owner == 0 {
+                    return None;
+                }
+                let mut used = [0; MAX_DEVICES];
+                for (d, u) in used.iter_mut().enumerate() {
+                    *u = self.slot_word(index, S_USED + d).load(SeqCst);
+                }
+                Some(SlotView {
+                    index,
+                    pid: owner & !RECLAIMING,
+                    start_time: self.slot_word(index, S_START).load(SeqCst),
+                    pid_ns: self.slot_word(index, S_PIDNS).load(SeqCst),
+                    launches: self.slot_word(index, S_LAUNCHES).load(SeqCst),
+                    throttled_ns: self.slot_word(index, S_THROTTLED_NS).load(SeqCst),
+                    context_bytes: self.slot_word(index, S_CONTEXT).load(SeqCst),
+                    used,
+                })
+            })
+            .collect()
+    }
+
+    /// Frees the slots of processes that are gone. `alive(pid, start_time)` answers for a pid as this region's
+    /// processes see it (start_time 0: the owner was still claiming). Returns the bytes given back.
+    pub fn reclaim_dead(&self, mut alive: impl FnMut(u32, u64) -> bool) -> u64 {
+        let mut freed = 0;
+        for slot in 0..self.high_water() {
+            let owner = self.slot_word(slot, S_OWNER);
+            let cur = owner.load(SeqCst);
+            let state = cur as u32;
+            if state == 0 {
+                continue;
+            }
+            let pid = state & !RECLAIMING;
+            // A reclaimer that died half-way is itself reclaimable; its own start time is unknown here.
+            let start = if state & RECLAIMING != 0 { 0 } else { self.slot_word(slot, S_START).load(SeqCst) };
+            if alive(pid, start) {
+                continue;
+            }
+            let bytes: u64 = (0..MAX_DEVICES).map(|d| self.slot_word(slot, S_USED + d).load(SeqCst)).sum();
+            if self.clear_slot(slot, cur, std::process::id()) {
+                freed += bytes;
+            }
+        }
+        freed
+    }
+
+    /// Takes the slot from `seen` (one CAS: only one clearer wins), zeroes it, frees it.
+    fn clear_slot(&self, slot: usize, seen: u64, me: u32) -> bool {
+        let owner = self.slot_word(slot, S_OWNER);
+        let gen = (seen >> 32) + 1;
+        let mark = (gen << 32) | (RECLAIMING | me) as u64;
+        if owner.compare_exchange(seen, mark, SeqCst, SeqCst).is_err() {
+            return false;
+        }
+        for d in 0..MAX_DEVICES {
+            self.slot_word(slot, S_USED + d).store(0, SeqCst);
+        }
+        for k in [S_START, S_PIDNS, S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT] {
+            self.slot_word(slot, k).store(0, SeqCst);
+        }
+        owner.store(gen << 32, SeqCst);
+        true
+    }
+}
+
+/// Start time of a process in clock ticks after boot (`/proc/PID/stat` field 22), or None if it is gone.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether the process a slot names still runs, as seen from this pid namespace.
+pub fn pid_alive(pid: u32, start_time: u64) -> bool {
+    match process_start_time(pid) {
+        None => false,
+        Some(t) => start_time == 0 || t == start_time,
+    }
+}
+
+/// Inode of this process's pid namespace.
+pub fn own_pid_namespace() -> u64 {
+    let path = CString::new("/proc/self/ns/pid").unwrap();
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: path is NUL-terminated and st is a valid out-pointer for stat(2).
+    if unsafe { libc::stat(path.as_ptr(), st.as_mut_ptr()) } == 0 {
+        // SAFETY: stat returned 0, so it filled st.
+        unsafe { st.assume_init() }.st_ino
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(limit: u64) -> HeaderInfo {
+        let mut i = HeaderInfo::default();
+        i.memory_limits[0] = limit;
+        i
+    }
+
+    fn tmpdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vgpu-cache-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn charge_refuse_and_free() {
+        let r = CacheRegion::private(&info(1000));
+        let a = r.claim(10, 5, 1).unwrap();
+        let b = r.claim(11, 5, 1).unwrap();
+        assert_ne!(a, b);
+        r.try_charge(a, 0, 600, Some(1000)).unwrap();
+        let e = r.try_charge(b, 0, 500, Some(1000)).unwrap_err();
+        assert_eq!(e, OverLimit { requested_total: 1100, limit: 1000 });
+        assert_eq!(r.device_total(0), 600, "a refused charge leaves nothing behind");
+        r.try_charge(b, 0, 400, Some(1000)).unwrap();
+        r.uncharge(a, 0, 600);
+        r.uncharge(a, 0, 600);
+        assert_eq!(r.device_total(0), 400, "a double free does not wrap");
+        assert_eq!(r.device_total(1), 0, "devices are separate");
+    }
+
+    #[test]
+    fn dead_slots_are_reclaimed_once() {
+        let r = CacheRegion::private(&info(1000));
+        let a = r.claim(10, 5, 1).unwrap();
+        let b = r.claim(11, 5, 1).unwrap();
+        r.try_charge(a, 0, 700, Some(1000)).unwrap();
+        r.try_charge(b, 0, 200, Some(1000)).unwrap();
+        assert_eq!(r.reclaim_dead(|pid, _| pid != 10), 700);
+        assert_eq!(r.reclaim_dead(|pid, _| pid != 10), 0);
+        assert_eq!(r.device_total(0), 200);
+        // The freed slot is claimable again and starts empty.
+        assert_eq!(r.claim(12, 7, 1), Some(a));
+        assert_eq!(r.slots().len(), 2);
+    }
+
+    #[test]
+    fn file_is_shared_and_checked() {
+        let d = tmpdir();
+        let p = d.join("c.cache");
+        let _ = std::fs::remove_file(&p);
+        let r1 = CacheRegion::open_or_create(&p, &info(1 << 30)).unwrap();
+        let r2 = CacheRegion::open_or_create(&p, &info(0)).unwrap();
+        assert_eq!(r2.header().memory_limits[0], 1 << 30, "the first creator's header stays");
+        let s = r1.claim(1, 1, 1).unwrap();
+        r1.try_charge(s, 0, 4096, None).unwrap();
+        assert_eq!(r2.device_total(0), 4096);
+
+        std::fs::write(d.join("bad.cache"), b"not a cache").unwrap();
+        assert!(matches!(CacheRegion::open_or_create(&d.join("bad.cache"), &info(0)), Err(CacheError::Corrupt(..))));
+        let mut other = header_bytes(&info(0));
+        other[8] = 9;
+        std::fs::write(d.join("v9.cache"), &other).unwrap();
+        assert!(matches!(CacheRegion::open_or_create(&d.join("v9.cache"), &info(0)), Err(CacheError::Version(_, 9))));
+        let short = &header_bytes(&info(0))[..HEADER_BYTES + 10];
+        std::fs::write(d.join("short.cache"), short).unwrap();
+        assert!(matches!(CacheRegion::open_or_create(&d.join("short.cache"), &info(0)), Err(CacheError::Corrupt(..))));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn racing_threads_never_pass_the_limit() {
+        let r = std::sync::Arc::new(CacheRegion::private(&info(10_000)));
+        // What the threads hold after a successful charge: must never pass the limit.
+        let committed = std::sync::Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let r = r.clone();
+                let committed = committed.clone();
+                std::thread::spawn(move || {
+                    let s = r.claim(100 + t, 1, 1).unwrap();
+                    let mut held = 0u64;
+                    for i in 0..20_000u64 {
+                        let sz = 1 + (i * 7919 + t as u64) % 700;
+                        if r.try_charge(s, 0, sz, Some(10_000)).is_ok() {
+                            held += sz;
+                            assert!(committed.fetch_add(sz, SeqCst) + sz <= 10_000);
+                        }
+                        if i % 3 == 0 {
+                            committed.fetch_sub(held, SeqCst);
+                            r.uncharge(s, 0, held);
+                            held = 0;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!(r.device_total(0) <= 10_000);
+    }
+
+    #[test]
+    fn own_start_time_is_found() {
+        let me = std::process::id();
+        let t = process_start_time(me).unwrap();
+        assert!(pid_alive(me, t));
+        assert!(!pid_alive(me, t + 1), "a reused pid is not the same process");
+    }
+}

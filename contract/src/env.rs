@@ -1,0 +1,34 @@
+//! Environment variables of the container contract. Names match HAMi so pods written for it work unchanged.
+
+/// GPU UUIDs (or indices) the container runtime exposes, comma separated.
+pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
+/// Memory ceiling for every visible device (`4000m`, `4g`, plain bytes).
+pub const MEMORY_LIMIT_ALL: &str = "CUDA_DEVICE_MEMORY_LIMIT";
+/// Prefix of the per-device ceiling: `CUDA_DEVICE_MEMORY_LIMIT_<cuda ordinal>`; it wins over [`MEMORY_LIMIT_ALL`].
+pub const MEMORY_LIMIT_PREFIX: &str = "CUDA_DEVICE_MEMORY_LIMIT_";
+/// Compute share in percent of the card; 0 or 100 mean no cap.
+pub const SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
+/// The container's shared-cache file, charged by all of its processes.
+pub const SHARED_CACHE: &str = "CUDA_DEVICE_MEMORY_SHARED_CACHE";
+/// `default`, `force` or `disable` (set by the user).
+pub const CORE_POLICY: &str = "GPU_CORE_UTILIZATION_POLICY";
+/// HAMi's switch to skip the shim. vgpu ignores it inside a container that has a limits file (fail closed).
+pub const DISABLE_CONTROL: &str = "CUDA_DISABLE_CONTROL";
+/// CUDA's own device filter; the shim uses it to map NVML devices to CUDA ordinals.
+pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+
+/// vgpu's own: directory of the per-card coordination files shared by every slice on the node
+/// (pacing phases and activity). Default [`DEFAULT_CARD_DIR`].
+pub const CARD_DIR: &str = "VGPU_CARD_DIR";
+/// vgpu's own: path of the read-only limits file Allocate mounts; when it exists the environment may only lower
+/// the limits it names. Default [`DEFAULT_LIMITS_FILE`].
+pub const LIMITS_FILE: &str = "VGPU_LIMITS_FILE";
+/// vgpu's own: `error` (default), `warn` or `off`: how much the shim writes to stderr.
+pub const LOG_LEVEL: &str = "VGPU_LOG";
+
+/// Where Allocate mounts the container's directory (cache file and limits file live in it).
+pub const CONTAINER_DIR: &str = "/usr/local/vgpu";
+pub const DEFAULT_LIMITS_FILE: &str = "/usr/local/vgpu/limits";
+pub const DEFAULT_CARD_DIR: &str = "/var/run/vgpu/cards";
+/// HAMi-core's default when no cache path is given. Used only off Kubernetes; vgpu-agent exec always sets one.
+pub const DEFAULT_SHARED_CACHE: &str = "/tmp/vgpu.cache";

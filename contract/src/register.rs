@@ -1,0 +1,1 @@
+//! The node register annotation `hami.io/node-nvidia-register`. Owned by the scheduler work.

@@ -1,0 +1,1 @@
+//! Helpers for vgpu integration tests.

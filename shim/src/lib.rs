@@ -1,0 +1,1 @@
+//! libvgpu.so
