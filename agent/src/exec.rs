@@ -45,8 +45,12 @@ fn find_shim(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return std::fs::canonicalize(p).map_err(|e| format!("--shim {}: {e}", p.display()));
     }
-    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("libvgpu.so")));
-    let candidates = beside.into_iter().chain([PathBuf::from(env::CONTAINER_DIR).join("libvgpu.so")]);
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("libvgpu.so")));
+    let candidates = beside
+        .into_iter()
+        .chain([PathBuf::from(env::CONTAINER_DIR).join("libvgpu.so")]);
     for c in candidates {
         if c.exists() {
             return std::fs::canonicalize(&c).map_err(|e| format!("{}: {e}", c.display()));
@@ -62,10 +66,20 @@ fn card_total_mib(device: Option<&str>) -> Result<u64, String> {
     if let Some(d) = device {
         cmd.args(["-i", d]);
     }
-    let out = cmd.output().map_err(|e| format!("--gpumem-percentage needs nvidia-smi to size the card: {e}"))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("--gpumem-percentage needs nvidia-smi to size the card: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let first = text.lines().next().unwrap_or("").trim().trim_end_matches("MiB").trim();
-    first.parse().map_err(|_| format!("cannot read the card's memory from nvidia-smi: {text:?}"))
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_end_matches("MiB")
+        .trim();
+    first
+        .parse()
+        .map_err(|_| format!("cannot read the card's memory from nvidia-smi: {text:?}"))
 }
 
 /// The environment the command gets (without LD_PRELOAD), in order.
@@ -76,7 +90,11 @@ pub fn slice_env(args: &ExecArgs, gpumem_mib: Option<u64>, cache: &Path) -> Vec<
     }
     if let Some(m) = gpumem_mib {
         // With one device chosen it is CUDA ordinal 0 in the command; otherwise the slice applies to each.
-        let name = if args.device.is_some() { format!("{}0", env::MEMORY_LIMIT_PREFIX) } else { env::MEMORY_LIMIT_ALL.to_string() };
+        let name = if args.device.is_some() {
+            format!("{}0", env::MEMORY_LIMIT_PREFIX)
+        } else {
+            env::MEMORY_LIMIT_ALL.to_string()
+        };
         vars.push((name, format!("{m}m")));
     }
     if let Some(c) = args.gpucores {
@@ -105,7 +123,7 @@ pub fn run(args: ExecArgs) -> i32 {
 fn run_inner(args: &ExecArgs) -> Result<i32, String> {
     let shim = find_shim(args.shim.as_deref())?;
     let gpumem = match (args.gpumem, args.gpumem_percentage) {
-        (Some(m), _) if m == 0 => return Err("--gpumem must be at least 1 MiB".into()),
+        (Some(0), _) => return Err("--gpumem must be at least 1 MiB".into()),
         (Some(m), _) => Some(m),
         (None, Some(p)) => Some(card_total_mib(args.device.as_deref())? * p / 100),
         (None, None) => None,
@@ -128,13 +146,17 @@ fn run_inner(args: &ExecArgs) -> Result<i32, String> {
     for (k, v) in slice_env(args, gpumem, &cache) {
         cmd.env(k, v);
     }
-    let status = cmd.status().map_err(|e| format!("{}: {e}", args.command[0]));
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{}: {e}", args.command[0]));
     if ours {
         let _ = std::fs::remove_file(&cache);
     }
     let status = status?;
     use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 #[cfg(test)]
@@ -150,7 +172,19 @@ mod tests {
 
     #[test]
     fn env_for_one_device_and_for_all() {
-        let t = T::parse_from(["x", "--gpumem", "4000", "--gpucores", "30", "--policy", "force", "--device", "1", "--", "python3"]);
+        let t = T::parse_from([
+            "x",
+            "--gpumem",
+            "4000",
+            "--gpucores",
+            "30",
+            "--policy",
+            "force",
+            "--device",
+            "1",
+            "--",
+            "python3",
+        ]);
         let v = slice_env(&t.a, Some(4000), Path::new("/tmp/c.cache"));
         let get = |k: &str| v.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("CUDA_VISIBLE_DEVICES"), Some("1"));
@@ -160,14 +194,28 @@ mod tests {
         assert_eq!(get("CUDA_DEVICE_MEMORY_SHARED_CACHE"), Some("/tmp/c.cache"));
         let t = T::parse_from(["x", "--gpumem", "4000", "--", "python3"]);
         let v = slice_env(&t.a, Some(4000), Path::new("/tmp/c.cache"));
-        assert!(v.iter().any(|(k, v)| k == "CUDA_DEVICE_MEMORY_LIMIT" && v == "4000m"));
+        assert!(v
+            .iter()
+            .any(|(k, v)| k == "CUDA_DEVICE_MEMORY_LIMIT" && v == "4000m"));
     }
 
     #[test]
     fn bad_input_is_refused() {
-        assert!(T::try_parse_from(["x", "--gpumem", "10", "--gpumem-percentage", "50", "--", "a"]).is_err());
+        assert!(T::try_parse_from([
+            "x",
+            "--gpumem",
+            "10",
+            "--gpumem-percentage",
+            "50",
+            "--",
+            "a"
+        ])
+        .is_err());
         assert!(T::try_parse_from(["x", "--gpucores", "150", "--", "a"]).is_err());
         assert!(T::try_parse_from(["x", "--policy", "strict", "--", "a"]).is_err());
-        assert!(T::try_parse_from(["x", "--gpumem", "10"]).is_err(), "a command is required");
+        assert!(
+            T::try_parse_from(["x", "--gpumem", "10"]).is_err(),
+            "a command is required"
+        );
     }
 }

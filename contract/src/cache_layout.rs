@@ -420,6 +420,16 @@ impl CacheRegion {
         self.slot_word(slot, S_CONTEXT).fetch_add(bytes, SeqCst);
     }
 
+    /// The largest CUDA context any live process of the container was measured to hold: what a new process's
+    /// context will about take.
+    pub fn max_context_bytes(&self) -> u64 {
+        (0..self.high_water())
+            .filter(|&s| self.slot_word(s, S_OWNER).load(SeqCst) as u32 != 0)
+            .map(|s| self.slot_word(s, S_CONTEXT).load(SeqCst))
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn add_launches(&self, slot: usize, n: u64) {
         self.slot_word(slot, S_LAUNCHES).fetch_add(n, SeqCst);
     }

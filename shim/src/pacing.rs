@@ -92,7 +92,7 @@ fn wait_needed(plan: u64, now: u64) -> Result<(), u64> {
 
 /// Called by every launch hook before the real launch.
 #[inline]
-pub fn before_launch() {
+pub fn before_launch(stream: CUstream) {
     match STATE.load(Relaxed) {
         OFF => return,
         ON => {}
@@ -116,38 +116,71 @@ pub fn before_launch() {
         }
         return;
     }
-    if wait_needed(plan, now_ns()).is_err() {
-        hold(d);
+    if wait_needed(plan, now_ns()).is_err() && !capturing(stream) {
+        hold(d, stream);
     }
 }
 
+/// A synchronize that waited at least this long saw the GPU still working when it began.
+const WAITED_NS: u64 = 20_000;
+
+/// When the program's last synchronize that really waited returned (monotonic ns): the GPU had just finished
+/// its work then. Lets the overrun of a window be measured when the program synchronizes by itself.
+static SYNC_WAITED_UNTIL: AtomicU64 = AtomicU64::new(0);
+
+/// Wraps a synchronize call of the program to note when the GPU finished.
+pub fn observe_sync(call: impl FnOnce() -> CUresult) -> CUresult {
+    if STATE.load(Relaxed) != ON {
+        return call();
+    }
+    let t0 = now_ns();
+    let rc = call();
+    let t1 = now_ns();
+    if t1 - t0 >= WAITED_NS {
+        SYNC_WAITED_UNTIL.fetch_max(t1, Relaxed);
+    }
+    rc
+}
+
+/// How long the GPU kept working past the window that ended at `end`, measured now (at `t0`, before any
+/// further launch). Either our own synchronize waits (the GPU was still busy: it finished when it returns),
+/// or the program's own synchronize already waited after `end`, or the GPU was idle and nothing is owed.
+fn overrun_since(end: u64) -> u64 {
+    let t0 = now_ns();
+    let rc = call_real!(
+        crate::hooks::real_fns::cuCtxSynchronize,
+        unsafe extern "C" fn() -> CUresult,
+        CUDA_ERROR_NOT_FOUND,
+        ()
+    );
+    let t1 = now_ns();
+    if rc != CUDA_SUCCESS {
+        return 0;
+    }
+    let finished = if t1 - t0 >= WAITED_NS {
+        t1
+    } else {
+        SYNC_WAITED_UNTIL.load(Relaxed)
+    };
+    finished.saturating_sub(end).min(MAX_DEBT_NS)
+}
+
 #[cold]
-fn hold(d: &DevicePace) {
+fn hold(d: &DevicePace, stream: CUstream) {
     d.waiting.fetch_add(1, SeqCst);
     let start = now_ns();
-    // The window just closed (or we are early): measure how long the GPU kept running past its end.
+    // Right after our window closed: measure the overrun once per window, to pay it from the next ones.
     let plan = d.plan.load(Relaxed);
-    if plan != FREE {
+    if plan != FREE && !capturing(stream) {
         let (off, len) = decode(plan);
         let pos = start % PERIOD_NS;
-        let period_start = start - pos;
-        let end = if pos >= off + len {
-            period_start + off + len
-        } else {
-            period_start + off + len - PERIOD_NS
-        };
-        if d.drained_for.swap(end, SeqCst) != end {
-            let rc = call_real!(
-                used::cuCtxSynchronize,
-                unsafe extern "C" fn() -> CUresult,
-                CUDA_ERROR_NOT_FOUND,
-                ()
-            );
-            let done = now_ns();
-            if rc == CUDA_SUCCESS && done > end && done - end < PERIOD_NS {
-                let _ = d.debt_ns.fetch_update(SeqCst, SeqCst, |x| {
-                    Some((x + (done - end)).min(MAX_DEBT_NS))
-                });
+        let end = start - pos + off + len;
+        if pos >= off + len && d.drained_for.swap(end, SeqCst) != end {
+            let owed = overrun_since(end);
+            if owed > 0 {
+                let _ = d
+                    .debt_ns
+                    .fetch_update(SeqCst, SeqCst, |x| Some((x + owed).min(MAX_DEBT_NS)));
             }
         }
     }
@@ -160,6 +193,19 @@ fn hold(d: &DevicePace) {
     }
     d.throttled_ns.fetch_add(now_ns() - start, Relaxed);
     d.waiting.fetch_sub(1, SeqCst);
+}
+
+/// Launches into a stream being captured into a graph do not run now: they are not held, and nothing may
+/// synchronize while a capture is open.
+fn capturing(stream: CUstream) -> bool {
+    let mut status: std::ffi::c_int = 0;
+    let rc = call_real!(
+        used::cuStreamIsCapturing,
+        unsafe extern "C" fn(CUstream, *mut std::ffi::c_int) -> CUresult,
+        CUDA_ERROR_NOT_FOUND,
+        (stream, &mut status)
+    );
+    rc == CUDA_SUCCESS && status != 0
 }
 
 fn sleep_until(t: u64) {

@@ -44,7 +44,10 @@ pub fn init_real_dlsym() {
 }
 
 /// The real dlsym.
-pub fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+///
+/// # Safety
+/// `name` is null or a NUL-terminated string, and `handle` a dlopen handle or pseudo-handle, as for dlsym.
+pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
     init_real_dlsym();
     let f = VGPU_REAL_DLSYM.load(Acquire);
     if f == 0 {
@@ -106,7 +109,8 @@ impl Real {
         if h.is_null() {
             return p;
         }
-        let p = real_dlsym(h, self.name.as_ptr());
+        // SAFETY: h is a dlopen handle and the name a NUL-terminated literal.
+        let p = unsafe { real_dlsym(h, self.name.as_ptr()) };
         if !p.is_null() {
             self.ptr.store(p, Release);
         }

@@ -3,7 +3,7 @@
 
 use super::real_fns as r;
 use crate::cuda::*;
-use crate::pacing::before_launch;
+use crate::pacing::{before_launch, observe_sync};
 use crate::real::{call_real, CU_MISSING};
 use std::ffi::{c_uint, c_void};
 
@@ -52,7 +52,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     p: *mut *mut c_void,
     e: *mut *mut c_void,
 ) -> CUresult {
-    before_launch();
+    before_launch(s);
     call_real!(
         r::cuLaunchKernel,
         LaunchF,
@@ -77,7 +77,7 @@ pub unsafe extern "C" fn cuLaunchKernel_ptsz(
     p: *mut *mut c_void,
     e: *mut *mut c_void,
 ) -> CUresult {
-    before_launch();
+    before_launch(s);
     call_real!(
         r::cuLaunchKernel_ptsz,
         LaunchF,
@@ -101,7 +101,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     s: CUstream,
     p: *mut *mut c_void,
 ) -> CUresult {
-    before_launch();
+    before_launch(s);
     call_real!(
         r::cuLaunchCooperativeKernel,
         CoopF,
@@ -125,7 +125,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
     s: CUstream,
     p: *mut *mut c_void,
 ) -> CUresult {
-    before_launch();
+    before_launch(s);
     call_real!(
         r::cuLaunchCooperativeKernel_ptsz,
         CoopF,
@@ -143,7 +143,7 @@ pub unsafe extern "C" fn cuLaunchKernelEx(
     p: *mut *mut c_void,
     e: *mut *mut c_void,
 ) -> CUresult {
-    before_launch();
+    before_launch(launch_config_stream(config));
     call_real!(r::cuLaunchKernelEx, ExF, CU_MISSING, (config, f, p, e))
 }
 
@@ -156,7 +156,7 @@ pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
     p: *mut *mut c_void,
     e: *mut *mut c_void,
 ) -> CUresult {
-    before_launch();
+    before_launch(launch_config_stream(config));
     call_real!(r::cuLaunchKernelEx_ptsz, ExF, CU_MISSING, (config, f, p, e))
 }
 
@@ -164,7 +164,7 @@ pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
 /// As cuda.h.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphLaunch(g: *mut c_void, s: CUstream) -> CUresult {
-    before_launch();
+    before_launch(s);
     call_real!(r::cuGraphLaunch, GraphF, CU_MISSING, (g, s))
 }
 
@@ -172,6 +172,72 @@ pub unsafe extern "C" fn cuGraphLaunch(g: *mut c_void, s: CUstream) -> CUresult 
 /// As cuda.h.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphLaunch_ptsz(g: *mut c_void, s: CUstream) -> CUresult {
-    before_launch();
+    before_launch(s);
     call_real!(r::cuGraphLaunch_ptsz, GraphF, CU_MISSING, (g, s))
+}
+
+/// The stream of a `CUlaunchConfig`: after gridDim (3 x u32), blockDim (3 x u32) and sharedMemBytes (u32).
+fn launch_config_stream(config: *const c_void) -> CUstream {
+    if config.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: config points to the caller's CUlaunchConfig, whose hStream field sits at byte 32 (7 u32 fields,
+    // padded to pointer alignment), as cuda.h lays it out.
+    unsafe { *(config as *const u8).add(32).cast::<CUstream>() }
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
+    observe_sync(|| {
+        call_real!(
+            r::cuCtxSynchronize,
+            unsafe extern "C" fn() -> CUresult,
+            CU_MISSING,
+            ()
+        )
+    })
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamSynchronize(s: CUstream) -> CUresult {
+    observe_sync(|| {
+        call_real!(
+            r::cuStreamSynchronize,
+            unsafe extern "C" fn(CUstream) -> CUresult,
+            CU_MISSING,
+            (s)
+        )
+    })
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamSynchronize_ptsz(s: CUstream) -> CUresult {
+    observe_sync(|| {
+        call_real!(
+            r::cuStreamSynchronize_ptsz,
+            unsafe extern "C" fn(CUstream) -> CUresult,
+            CU_MISSING,
+            (s)
+        )
+    })
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuEventSynchronize(e: *mut c_void) -> CUresult {
+    observe_sync(|| {
+        call_real!(
+            r::cuEventSynchronize,
+            unsafe extern "C" fn(*mut c_void) -> CUresult,
+            CU_MISSING,
+            (e)
+        )
+    })
 }

@@ -444,3 +444,107 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
     }
     rc
 }
+
+/// Refuses a new context on `dev` when the container has no room left for one: a context is device memory
+/// too, and without this check a second process of a full container would push it past its slice by a
+/// whole context (about 500 MiB for PyTorch on an H100) before its first allocation.
+fn context_admitted(dev: CUdevice, what: &str) -> bool {
+    let Some(p) = process::get() else { return true };
+    let Some(dev) = usize::try_from(dev).ok().filter(|d| *d < MAX_DEVICES) else {
+        return true;
+    };
+    let Some(limit) = p.limit(dev) else {
+        return true;
+    };
+    if p.context_bytes(dev) > 0 {
+        return true;
+    }
+    let need = p.region.max_context_bytes();
+    let used = p.container_used(dev);
+    if used.saturating_add(need) <= limit {
+        return true;
+    }
+    log::error(&format!(
+        "Device {dev} OOM {} / {limit}: {what} refused: a new CUDA context (about {need} bytes, as measured in this container) does not fit beside the {used} bytes the container holds",
+        used + need
+    ));
+    false
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut CUcontext, dev: CUdevice) -> CUresult {
+    if !context_admitted(dev, "cuDevicePrimaryCtxRetain") {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    call_real!(
+        r::cuDevicePrimaryCtxRetain,
+        unsafe extern "C" fn(*mut CUcontext, CUdevice) -> CUresult,
+        CU_MISSING,
+        (ctx, dev)
+    )
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate_v2(
+    ctx: *mut CUcontext,
+    flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    if !context_admitted(dev, "cuCtxCreate_v2") {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    call_real!(
+        r::cuCtxCreate_v2,
+        unsafe extern "C" fn(*mut CUcontext, c_uint, CUdevice) -> CUresult,
+        CU_MISSING,
+        (ctx, flags, dev)
+    )
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate_v3(
+    ctx: *mut CUcontext,
+    params: *mut c_void,
+    n: std::ffi::c_int,
+    flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    if !context_admitted(dev, "cuCtxCreate_v3") {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    type F = unsafe extern "C" fn(
+        *mut CUcontext,
+        *mut c_void,
+        std::ffi::c_int,
+        c_uint,
+        CUdevice,
+    ) -> CUresult;
+    call_real!(
+        r::cuCtxCreate_v3,
+        F,
+        CU_MISSING,
+        (ctx, params, n, flags, dev)
+    )
+}
+
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate_v4(
+    ctx: *mut CUcontext,
+    params: *mut c_void,
+    flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    if !context_admitted(dev, "cuCtxCreate_v4") {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    type F = unsafe extern "C" fn(*mut CUcontext, *mut c_void, c_uint, CUdevice) -> CUresult;
+    call_real!(r::cuCtxCreate_v4, F, CU_MISSING, (ctx, params, flags, dev))
+}

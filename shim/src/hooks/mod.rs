@@ -60,6 +60,10 @@ hook_table! {
     Cuda: memory::cuMipmappedArrayDestroy,
     Cuda: memory::cuMemGetInfo_v2,
     Cuda: memory::cuDeviceTotalMem_v2,
+    Cuda: memory::cuDevicePrimaryCtxRetain,
+    Cuda: memory::cuCtxCreate_v2,
+    Cuda: memory::cuCtxCreate_v3,
+    Cuda: memory::cuCtxCreate_v4,
     Cuda: launch::cuLaunchKernel,
     Cuda: launch::cuLaunchKernel_ptsz,
     Cuda: launch::cuLaunchKernelEx,
@@ -68,6 +72,10 @@ hook_table! {
     Cuda: launch::cuLaunchCooperativeKernel_ptsz,
     Cuda: launch::cuGraphLaunch,
     Cuda: launch::cuGraphLaunch_ptsz,
+    Cuda: launch::cuCtxSynchronize,
+    Cuda: launch::cuStreamSynchronize,
+    Cuda: launch::cuStreamSynchronize_ptsz,
+    Cuda: launch::cuEventSynchronize,
     Cuda: resolve::cuGetProcAddress,
     Cuda: resolve::cuGetProcAddress_v2,
     Nvml: nvml::nvmlDeviceGetMemoryInfo,
@@ -83,12 +91,7 @@ pub mod used {
     pub static cuDeviceGetCount: Real = Real::new(c"cuDeviceGetCount", Lib::Cuda);
     pub static cuCtxGetCurrent: Real = Real::new(c"cuCtxGetCurrent", Lib::Cuda);
     pub static cuCtxSetCurrent: Real = Real::new(c"cuCtxSetCurrent", Lib::Cuda);
-    pub static cuCtxSynchronize: Real = Real::new(c"cuCtxSynchronize", Lib::Cuda);
-    pub static cuDevicePrimaryCtxRetain: Real = Real::new(c"cuDevicePrimaryCtxRetain", Lib::Cuda);
-    pub static cuEventCreate: Real = Real::new(c"cuEventCreate", Lib::Cuda);
-    pub static cuEventRecord: Real = Real::new(c"cuEventRecord", Lib::Cuda);
-    pub static cuEventQuery: Real = Real::new(c"cuEventQuery", Lib::Cuda);
-    pub static cuEventDestroy_v2: Real = Real::new(c"cuEventDestroy_v2", Lib::Cuda);
+    pub static cuStreamIsCapturing: Real = Real::new(c"cuStreamIsCapturing", Lib::Cuda);
     pub static nvmlInit_v2: Real = Real::new(c"nvmlInit_v2", Lib::Nvml);
     pub static nvmlDeviceGetHandleByUUID: Real = Real::new(c"nvmlDeviceGetHandleByUUID", Lib::Nvml);
     pub static nvmlDeviceGetIndex: Real = Real::new(c"nvmlDeviceGetIndex", Lib::Nvml);

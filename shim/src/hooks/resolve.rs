@@ -13,7 +13,8 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 /// # Safety
 /// `name` is a NUL-terminated string or null, as for dlsym.
 unsafe extern "C" fn vgpu_dlsym_impl(handle: *mut c_void, name: *const c_char) -> *mut c_void {
-    let found = real_dlsym(handle, name);
+    // SAFETY: our caller's arguments, passed on unchanged under dlsym's own contract.
+    let found = unsafe { real_dlsym(handle, name) };
     if found.is_null() || name.is_null() {
         return found;
     }
