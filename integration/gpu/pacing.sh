@@ -15,10 +15,12 @@ slice() {  # slice NAME CORES POLICY ARGS...: the matmul loop as its own contain
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.3f", a/b; else print "n/a" }'; }
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-base=$(mm $D 4096 | overall); small=$(mm $D 256 | overall)
+python3 $G/nvml_sampler.py $((D - 3)) > $T/u100.txt &
+base=$(mm $D 4096 | overall); wait; small=$(mm $D 256 | overall)
 echo "unlimited bf16 matmul n=4096: $base TFLOP/s; n=256 (launch-bound): $small TFLOP/s"
+echo "    unlimited NVML: $(tail -1 $T/u100.txt)"
 for c in 10 30 50 70; do
-  python3 $G/util_sampler.py $((D - 2)) > $T/u$c.txt &
+  python3 $G/nvml_sampler.py $((D - 3)) > $T/u$c.txt &
   r=$(slice f$c $c force $D 4096 | overall); wait
   echo "force $c%: $r TFLOP/s = $(ratio $r $base) of unlimited | NVML $(tail -1 $T/u$c.txt)"
   echo "    NVML 1 s means: $(head -1 $T/u$c.txt | cut -d: -f2)"
@@ -32,5 +34,7 @@ slice r30 30 default $((D + 4)) 4096 > $T/c.txt & (sleep 3; slice r50 50 default
 echo "default 30 while a default 50 runs from ~3 s for $((D / 2)) s, then alone (TFLOP/s per second; unlimited = $base):"
 echo "    $(grep window $T/c.txt | awk '{printf "%s ", $3} END {print ""}')"
 echo "    the 50's windows: $(grep window $T/d.txt | awk '{printf "%s ", $3} END {print ""}')"
-r=$(slice s30 30 force $D 256 | overall); echo "small kernels n=256 force 30%: $(ratio $r $small) of unlimited"
+python3 $G/nvml_sampler.py $((D - 3)) > $T/us.txt &
+r=$(slice s30 30 force $D 256 | overall); wait
+echo "small kernels n=256 force 30%: $(ratio $r $small) of unlimited | NVML $(tail -1 $T/us.txt)"
 rm -rf $T
