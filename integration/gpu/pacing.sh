@@ -19,6 +19,7 @@ python3 $G/nvml_sampler.py $((D - 3)) > $T/u100.txt &
 base=$(mm $D 4096 | overall); wait; small=$(mm $D 256 | overall)
 echo "unlimited bf16 matmul n=4096: $base TFLOP/s; n=256 (launch-bound): $small TFLOP/s"
 echo "    unlimited NVML: $(tail -1 $T/u100.txt)"
+r=$(slice n0 0 force $D 256 | overall); echo "n=256 with the shim and no SM limit: $(ratio $r $small) of unlimited"
 for c in 10 30 50 70; do
   python3 $G/nvml_sampler.py $((D - 3)) > $T/u$c.txt &
   r=$(slice f$c $c force $D 4096 | overall); wait
