@@ -11,7 +11,14 @@
 //!   16 last active (CLOCK_MONOTONIC ns): refreshed while a process of the container launches or waits
 //!   24 launches (sum reported by the container's processes)
 //!   32 nanoseconds its launches were held back
+//!   40 debt: nanoseconds the container's work ran past its windows, still to be paid
+//!   48 last payment: period index << 24 | microseconds paid out of that period's window
+//!   56 overrun record: end of the window (ns, low 40 bits of its period-aligned microseconds) << 24 |
+//!      the largest overrun a process of the container measured for it (microseconds)
 //! ```
+//! The debt is the container's, not a process's: all of its processes launch in the same window, so all of
+//! them must be held back while it is paid. One process pays it each period (a compare-and-swap on the
+//! payment word); the others read what was paid.
 //! Entries are claimed with one compare-and-swap on `key`; an entry idle for [`STALE_NS`] may be taken over.
 //! No locks: a process may die at any instruction and the others go on.
 
@@ -32,6 +39,9 @@ const E_SHARE: usize = 1;
 const E_ACTIVE: usize = 2;
 const E_LAUNCHES: usize = 3;
 const E_THROTTLED: usize = 4;
+const E_DEBT: usize = 5;
+const E_PAID: usize = 6;
+const E_OVERRUN: usize = 7;
 
 /// One entry as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +193,60 @@ impl CardFile {
             .fetch_add(throttled_ns, SeqCst);
     }
 
+    /// Reports that this process's work ran `ns` past the container's window that ended at `end_ns`.
+    /// Processes of one container drain their queues at once, so the container owes the largest of their
+    /// overruns for a window, not their sum: reports for one window are kept as a maximum, which joins the
+    /// debt (capped at `cap_ns`) when the first report for a later window arrives.
+    pub fn report_overrun(&self, entry: usize, end_ns: u64, ns: u64, cap_ns: u64) {
+        let tag = (end_ns / 1000) & ((1 << 40) - 1);
+        let us = (ns / 1000).min(0xff_ffff);
+        let rec = self.word(entry, E_OVERRUN);
+        loop {
+            let cur = rec.load(SeqCst);
+            let (cur_tag, cur_us) = (cur >> 24, cur & 0xff_ffff);
+            if cur_tag == tag {
+                if us <= cur_us
+                    || rec
+                        .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
+                        .is_ok()
+                {
+                    return;
+                }
+            } else if cur_tag > tag {
+                return; // a report for a window already closed out
+            } else if rec
+                .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
+                .is_ok()
+            {
+                let owed = cur_us * 1000;
+                let _ = self
+                    .word(entry, E_DEBT)
+                    .fetch_update(SeqCst, SeqCst, |d| Some((d + owed).min(cap_ns)));
+                return;
+            }
+        }
+    }
+
+    /// What period `period`'s window of `len_ns` gives up to the container's debt: paid once per period by the
+    /// first process to ask, the same answer for every other.
+    pub fn pay_debt(&self, entry: usize, period: u64, len_ns: u64) -> u64 {
+        let paid = self.word(entry, E_PAID);
+        loop {
+            let cur = paid.load(SeqCst);
+            if cur >> 24 == period & ((1 << 40) - 1) {
+                return (cur & 0xff_ffff) * 1000;
+            }
+            let debt = self.word(entry, E_DEBT);
+            let pay_us = (debt.load(SeqCst).min(len_ns) / 1000).min(0xff_ffff);
+            let next = ((period & ((1 << 40) - 1)) << 24) | pay_us;
+            if paid.compare_exchange(cur, next, SeqCst, SeqCst).is_ok() {
+                let _ =
+                    debt.fetch_update(SeqCst, SeqCst, |d| Some(d.saturating_sub(pay_us * 1000)));
+                return pay_us * 1000;
+            }
+        }
+    }
+
     pub fn entries(&self) -> Vec<Entry> {
         (0..ENTRIES)
             .filter_map(|index| {
@@ -220,6 +284,40 @@ mod tests {
         assert_eq!(c.join(999, 1, 0, 3_000), None, "full");
         // Much later, idle entries are taken over.
         assert!(c.join(999, 1, 0, 3_000 + STALE_NS + 1).is_some());
+    }
+
+    #[test]
+    fn debt_is_paid_once_per_period_for_the_whole_container() {
+        let c = CardFile::private();
+        let e = c.join(7, 30, 1, 1).unwrap();
+        // Two processes report on window 1 (the larger counts), then a report on window 2 closes window 1 out.
+        c.report_overrun(e, 1_000_000_000, 8_000_000, 50_000_000);
+        c.report_overrun(e, 1_000_000_000, 3_000_000, 50_000_000);
+        assert_eq!(
+            c.pay_debt(e, 9, 5_000_000),
+            0,
+            "nothing owed until the window is closed out"
+        );
+        c.report_overrun(e, 1_050_000_000, 1_000, 50_000_000);
+        assert_eq!(
+            c.pay_debt(e, 10, 5_000_000),
+            5_000_000,
+            "a window pays at most its length"
+        );
+        assert_eq!(
+            c.pay_debt(e, 10, 5_000_000),
+            5_000_000,
+            "a second process sees the same payment"
+        );
+        assert_eq!(
+            c.pay_debt(e, 11, 5_000_000),
+            3_000_000,
+            "the rest next period"
+        );
+        assert_eq!(c.pay_debt(e, 12, 5_000_000), 0);
+        c.report_overrun(e, 1_100_000_000, 80_000_000, 50_000_000);
+        c.report_overrun(e, 1_150_000_000, 0, 50_000_000);
+        assert_eq!(c.pay_debt(e, 13, 60_000_000), 50_000_000, "capped");
     }
 
     #[test]

@@ -44,7 +44,12 @@ struct DevicePace {
     launches: AtomicU64,
     waiting: AtomicU32,
     throttled_ns: AtomicU64,
+    /// The last overrun measured by a held launch, and the end of the window it follows.
     debt_ns: AtomicU64,
+    overrun_end: AtomicU64,
+    /// Launches held back, and the overrun they measured in total (for the exit report).
+    holds: AtomicU64,
+    overrun_total_ns: AtomicU64,
     /// End of the window whose overrun was measured last (so it is measured once).
     drained_for: AtomicU64,
     used: AtomicBool,
@@ -57,6 +62,9 @@ const DP: DevicePace = DevicePace {
     waiting: AtomicU32::new(0),
     throttled_ns: AtomicU64::new(0),
     debt_ns: AtomicU64::new(0),
+    overrun_end: AtomicU64::new(0),
+    holds: AtomicU64::new(0),
+    overrun_total_ns: AtomicU64::new(0),
     drained_for: AtomicU64::new(0),
     used: AtomicBool::new(false),
 };
@@ -177,11 +185,10 @@ fn hold(d: &DevicePace, stream: CUstream) {
         let end = start - pos + off + len;
         if pos >= off + len && d.drained_for.swap(end, SeqCst) != end {
             let owed = overrun_since(end);
-            if owed > 0 {
-                let _ = d
-                    .debt_ns
-                    .fetch_update(SeqCst, SeqCst, |x| Some((x + owed).min(MAX_DEBT_NS)));
-            }
+            // Handed to the monitor, which reports it on the container's card entry.
+            d.overrun_end.store(end, SeqCst);
+            d.debt_ns.store(owed, SeqCst);
+            d.overrun_total_ns.fetch_add(owed, Relaxed);
         }
     }
     loop {
@@ -192,6 +199,7 @@ fn hold(d: &DevicePace, stream: CUstream) {
         }
     }
     d.throttled_ns.fetch_add(now_ns() - start, Relaxed);
+    d.holds.fetch_add(1, Relaxed);
     d.waiting.fetch_sub(1, SeqCst);
 }
 
@@ -291,9 +299,6 @@ struct Joined {
     entry: usize,
     last_launches: u64,
     last_throttled: u64,
-    last_period: u64,
-    /// Debt paid out of the current period's window.
-    paid: u64,
 }
 
 fn join(dev: usize, p: &process::Process, key: u64, share: u32) -> Option<Joined> {
@@ -324,8 +329,6 @@ fn join(dev: usize, p: &process::Process, key: u64, share: u32) -> Option<Joined
         entry,
         last_launches: 0,
         last_throttled: 0,
-        last_period: u64::MAX,
-        paid: 0,
     })
 }
 
@@ -373,19 +376,36 @@ fn monitor(ctx: usize) {
             let plan = match window::plan(&j.card.entries(), j.entry, p.cfg.policy, now) {
                 Plan::Free => FREE,
                 Plan::Window { offset_ns, len_ns } => {
-                    // Once per period, pay the debt out of this period's window.
-                    let period = now / PERIOD_NS;
-                    if period != j.last_period {
-                        j.last_period = period;
-                        j.paid = d.debt_ns.load(SeqCst).min(len_ns);
-                        d.debt_ns.fetch_sub(j.paid, SeqCst);
+                    let end = d.overrun_end.swap(0, SeqCst);
+                    if end != 0 {
+                        j.card
+                            .report_overrun(j.entry, end, d.debt_ns.load(SeqCst), MAX_DEBT_NS);
                     }
-                    encode(offset_ns, len_ns.saturating_sub(j.paid))
+                    let paid = j.card.pay_debt(j.entry, now / PERIOD_NS, len_ns);
+                    encode(offset_ns, len_ns.saturating_sub(paid))
                 }
             };
             d.plan.store(plan, Relaxed);
         }
         sleep_until(now + TICK_NS);
+    }
+}
+
+/// One line per paced device at exit (info level): what pacing did to this process.
+pub fn report() {
+    if STATE.load(Relaxed) != ON {
+        return;
+    }
+    for (dev, d) in DEVICES.iter().enumerate() {
+        let launches = d.launches.load(Relaxed);
+        if launches > 0 {
+            log::info(&format!(
+                "pacing device {dev}: {launches} launches, {} held back for {} ms in total, {} ms of overrun past windows measured",
+                d.holds.load(Relaxed),
+                d.throttled_ns.load(Relaxed) / 1_000_000,
+                d.overrun_total_ns.load(Relaxed) / 1_000_000
+            ));
+        }
     }
 }
 

@@ -265,6 +265,7 @@ fn register_handlers() {
 }
 
 extern "C" fn at_exit() {
+    crate::pacing::report();
     if let Some(p) = existing() {
         if p.pid == std::process::id() {
             p.region.release(p.slot, p.pid);

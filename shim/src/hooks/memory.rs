@@ -460,10 +460,17 @@ fn context_admitted(dev: CUdevice, what: &str) -> bool {
         return true;
     }
     let need = p.region.max_context_bytes();
-    let used = p.container_used(dev);
-    if used.saturating_add(need) <= limit {
+    let fits = || p.container_used(dev).saturating_add(need) <= limit;
+    if fits()
+        || (p
+            .region
+            .reclaim_dead(vgpu_contract::cache_layout::pid_alive)
+            > 0
+            && fits())
+    {
         return true;
     }
+    let used = p.container_used(dev);
     log::error(&format!(
         "Device {dev} OOM {} / {limit}: {what} refused: a new CUDA context (about {need} bytes, as measured in this container) does not fit beside the {used} bytes the container holds",
         used + need
