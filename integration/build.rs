@@ -95,6 +95,7 @@ fn main() {
         "cuda_allockinds",
         "cuda_launch",
         "cuda_procaddr",
+        "cuda_fork",
     ] {
         let src = format!("{}.c", name.trim_end_matches("_dl"));
         gcc(&out.join(name), &["-o", &o(name), &src, "-ldl"]);

@@ -13,7 +13,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 /// Directory holding the simulated `libcuda.so.1`, `libnvidia-ml.so.1`, `nvidia-smi` and the clients
-/// `cuda_oom` (linked), `cuda_oom_dl`, `cuda_allockinds`, `cuda_launch`, `cuda_procaddr`.
+/// `cuda_oom` (linked), `cuda_oom_dl`, `cuda_allockinds`, `cuda_launch`, `cuda_procaddr`, `cuda_fork`.
 pub fn sim_dir() -> PathBuf {
     PathBuf::from(env!("VGPU_SIM_DIR"))
 }
@@ -196,6 +196,14 @@ impl Sim {
             .collect()
     }
 
+    /// The slots of the container `name`'s cache file as the agent would read them (empty if it has none).
+    pub fn cache_slots(&self, name: &str) -> Vec<vgpu_contract::cache_layout::SlotView> {
+        match vgpu_contract::cache_layout::CacheRegion::open_existing(&self.cache_path(name)) {
+            Ok(r) => r.slots(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Device `dev`'s utilization over the last second (NVML's gpu %).
     pub fn smi_utilization(&self, dev: usize) -> u32 {
         let out = self.smi(&[
@@ -261,6 +269,26 @@ impl Out {
             .find_map(|l| l.strip_prefix("Hit the limit after "))?;
         let (mib, rc) = l.split_once(" MiB: rc=")?;
         Some((mib.parse().ok()?, rc.trim().parse().ok()?))
+    }
+    /// Every `Device D OOM REQUESTED / LIMIT` on stderr (the shim's refusal line) as (D, REQUESTED, LIMIT).
+    pub fn oom_lines(&self) -> Vec<(usize, u64, u64)> {
+        self.stderr
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find("Device ")? + "Device ".len()..];
+                let mut w = rest.split_whitespace();
+                let dev = w.next()?.parse().ok()?;
+                (w.next()? == "OOM").then_some(())?;
+                let req = w.next()?.parse().ok()?;
+                (w.next()? == "/").then_some(())?;
+                let limit = w.next()?.trim_end_matches(':').parse().ok()?;
+                Some((dev, req, limit))
+            })
+            .collect()
+    }
+    /// Whether the process ended by itself with status 0 (not by a signal, not killed for taking too long).
+    pub fn exited_cleanly(&self) -> bool {
+        self.status.code() == Some(0)
     }
     /// Lines of stdout starting with `prefix`.
     pub fn lines_with<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {

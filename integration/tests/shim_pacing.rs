@@ -1,0 +1,178 @@
+//! The shim's compute slices against the simulated GPU, where a kernel runs `gridDimX` microseconds and
+//! `cuda_launch` reports the kernel time it completed per second of wall time ("busy").
+//!
+//! Shares are judged against an unlimited run on the same machine, so a slow or loaded CI box moves both sides.
+//! The tests run one at a time: they measure time, and two at once would compete for the simulated card and
+//! for the CPU.
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+use vgpu_integration::{run, Out, Running, Sim};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn busy(out: &Out) -> f64 {
+    out.assert_ok();
+    out.f64_after("overall", "busy")
+        .unwrap_or_else(|| panic!("no overall line: {out:#?}"))
+}
+
+/// Busy of an unlimited 2 s run (no shim), measured once, with the lock held.
+fn baseline() -> f64 {
+    static BASE: OnceLock<f64> = OnceLock::new();
+    *BASE.get_or_init(|| {
+        let sim = Sim::new();
+        let b = busy(&sim.run("cuda_launch", &["-s", "2"]));
+        assert!(b > 0.8, "the simulated card itself is too slow here: {b}");
+        b
+    })
+}
+
+/// `cuda_launch ARGS` in container `container` with `CUDA_DEVICE_SM_LIMIT=limit` and the given policy.
+fn paced(sim: &Sim, container: &str, limit: &str, policy: &str) -> std::process::Command {
+    let mut c = sim.shim_cmd("cuda_launch", container);
+    c.env("CUDA_DEVICE_SM_LIMIT", limit)
+        .env("GPU_CORE_UTILIZATION_POLICY", policy);
+    c
+}
+
+fn assert_share(what: &str, got: f64, base: f64, want: f64, tol: f64, out: &Out) {
+    let share = got / base;
+    assert!(
+        (want - tol..=want + tol).contains(&share),
+        "{what}: {share:.3} of unlimited ({got:.3} / {base:.3}), want {want} ± {tol}\n{out:#?}"
+    );
+}
+
+#[test]
+fn force_holds_30_percent_on_an_idle_card() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    let out = run(paced(&sim, "f", "30", "force").args(["-s", "2"]));
+    assert_share("force 30", busy(&out), base, 0.30, 0.05, &out);
+    // Not an average of a free second and an idle one: each whole second holds the share too.
+    let s1 = out.f64_after("second 1", "busy").unwrap();
+    assert!((0.2..=0.4).contains(&(s1 / base)), "{out:#?}");
+}
+
+#[test]
+fn every_launch_entry_point_is_paced() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    for args in [
+        &["-m", "dlsym", "-a", "ex"][..],
+        &["-m", "ptsz", "-a", "coop"],
+        &["-m", "proc", "-a", "graph"],
+        &["-m", "dlsym", "-a", "kernel", "-n", "2"],
+    ] {
+        let out = run(paced(&sim, "paths", "30", "force")
+            .args(args)
+            .args(["-s", "1.5"]));
+        assert_share(&format!("{args:?}"), busy(&out), base, 0.30, 0.05, &out);
+    }
+}
+
+#[test]
+fn default_alone_and_disable_run_free() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    for policy in ["default", "disable"] {
+        let out = run(paced(&sim, policy, "30", policy).args(["-s", "1.5"]));
+        assert!(busy(&out) / base >= 0.9, "{policy}: {out:#?}");
+        assert_eq!(out.stderr, "", "{policy}");
+    }
+}
+
+#[test]
+fn bad_sm_limit_or_policy_is_reported_and_not_paced() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    for (limit, policy, message) in [
+        ("abc", "force", "abc"),
+        ("150", "force", "150"),
+        // An unknown policy means `default`: alone on the card, that runs free.
+        ("30", "strict", "strict"),
+    ] {
+        let out = run(paced(&sim, "bad", limit, policy).args(["-s", "1"]));
+        assert!(
+            busy(&out) / base >= 0.9,
+            "{limit} {policy}: not paced: {out:#?}"
+        );
+        assert!(
+            out.stderr.contains(message) && out.stderr.contains("vgpu ERROR"),
+            "{limit} {policy}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn two_containers_at_30_and_50_share_the_card() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    let a = Running::spawn(paced(&sim, "a", "30", "force").args(["-s", "2.5"]));
+    let b = Running::spawn(paced(&sim, "b", "50", "force").args(["-s", "2.5"]));
+    let (a, b) = (a.finish(), b.finish());
+    assert_share("container at 30", busy(&a), base, 0.30, 0.07, &a);
+    assert_share("container at 50", busy(&b), base, 0.50, 0.07, &b);
+}
+
+/// The share is the container's: two processes of one container at 30 get 30 between them.
+#[test]
+fn processes_of_one_container_share_its_compute_share() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    let p1 = Running::spawn(paced(&sim, "one", "30", "force").args(["-s", "2.5"]));
+    let p2 = Running::spawn(paced(&sim, "one", "30", "force").args(["-s", "2.5"]));
+    let (p1, p2) = (p1.finish(), p2.finish());
+    let total = busy(&p1) + busy(&p2);
+    assert!(
+        (0.23..=0.37).contains(&(total / base)),
+        "two processes of a 30% container together got {:.3} of unlimited\n{p1:#?}\n{p2:#?}",
+        total / base
+    );
+}
+
+/// `default` runs free alone, falls back to its share while a neighbour wants time, and rises again after.
+#[test]
+fn default_yields_to_a_neighbour_and_takes_the_card_back() {
+    let _g = serial();
+    let sim = Sim::new();
+    let mut d = Running::spawn(paced(&sim, "d", "30", "default").args(["-s", "5.5"]));
+    d.wait_line("second 1", WAIT).expect("default runs");
+    let mut f = Running::spawn(paced(&sim, "f", "50", "force").args(["-s", "1.5"]));
+    f.wait_line("second 1", WAIT).expect("force runs");
+    // NVML's view over the last second, both slices active for all of it.
+    let util = sim.smi_process_utilization();
+    let (dp, fp) = (d.pid(), f.pid());
+    let of = |pid: u32| util.iter().find(|(p, _)| *p == pid).map(|(_, u)| *u);
+    assert!(
+        of(dp).is_some_and(|u| (20..=40).contains(&u)),
+        "default at 30 next to a neighbour: {util:?}"
+    );
+    assert!(
+        of(fp).is_some_and(|u| (40..=60).contains(&u)),
+        "force at 50: {util:?}"
+    );
+    f.finish().assert_ok();
+    // Within a second of the neighbour stopping, the default slice has the card again.
+    std::thread::sleep(Duration::from_millis(1300));
+    let util = sim.smi_process_utilization();
+    let alone = util.iter().find(|(p, _)| *p == dp).map(|(_, u)| *u);
+    assert!(
+        alone.is_some_and(|u| u >= 85),
+        "default alone again: {util:?}"
+    );
+    d.finish().assert_ok();
+}
