@@ -208,19 +208,17 @@ fn two_containers_hold_independently_on_one_card() {
     b.wait_line("Holding 3584 MiB", WAIT)
         .expect("b fills its own slice, whatever a holds");
     assert_eq!(sim.smi_memory(0), (2 * 3884, 16384));
-    // A third process of a finds a's slice full: its context alone leaves no room for a chunk.
+    // A third process of a finds a's slice full: even its CUDA context does not fit, so creating the context
+    // is refused (the container would otherwise hold a whole context more than its slice).
     let late = run(capped(&sim, "cuda_oom_dl", "a").arg("-i"));
-    late.assert_ok();
-    assert_eq!(late.hit_limit(), Some((0, 2)), "{late:#?}");
+    assert!(late.stdout.contains("context failed: rc=2"), "{late:#?}");
     assert_eq!(
         late.oom_lines(),
-        vec![(0, (3884 + 300 + 512) * MIB, LIMIT)],
+        vec![(0, (3884 + 300) * MIB, LIMIT)],
         "{late:#?}"
     );
-    assert!(
-        late.stdout.contains("total=4000 MiB free=0 MiB"),
-        "{late:#?}"
-    );
+    assert!(late.stderr.contains("cuDevicePrimaryCtxRetain refused"), "{late:#?}");
+    assert_eq!(sim.smi_memory(0), (2 * 3884, 16384), "the refused context took nothing");
     let (pa, pb) = (a.pid(), b.pid());
     let slots_a = sim.cache_slots("a");
     assert_eq!(
