@@ -23,10 +23,21 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
     let object = out_dir.join("vgpu-agent-ebpf.o");
 
-    for p in ["src", "common/src", "common/Cargo.toml", "Cargo.toml", "Cargo.lock"] {
+    for p in [
+        "src",
+        "common/src",
+        "common/Cargo.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(p).display());
     }
-    for v in ["VGPU_EBPF_OBJECT", "VGPU_REQUIRE_EBPF", "VGPU_EBPF_TOOLCHAIN", "PATH"] {
+    for v in [
+        "VGPU_EBPF_OBJECT",
+        "VGPU_REQUIRE_EBPF",
+        "VGPU_EBPF_TOOLCHAIN",
+        "PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     println!("cargo:rustc-env=VGPU_EBPF_OBJECT_PATH={}", object.display());
@@ -51,14 +62,23 @@ fn main() {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 fn debian_toolchain() -> Option<PathBuf> {
     let rustc = PathBuf::from("/usr/bin/rustc");
-    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().ok()?;
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
     let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout).ok()?.trim());
-    sysroot.join("lib/rustlib").join(BPF_TARGET).is_dir().then_some(rustc)
+    sysroot
+        .join("lib/rustlib")
+        .join(BPF_TARGET)
+        .is_dir()
+        .then_some(rustc)
 }
 
 fn nightly_with_rust_src() -> bool {
@@ -69,7 +89,11 @@ fn nightly_with_rust_src() -> bool {
         .ok()
         .filter(|o| o.status.success())
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .is_some_and(|s| Path::new(s.trim()).join("lib/rustlib/src/rust/library/core").is_dir())
+        .is_some_and(|s| {
+            Path::new(s.trim())
+                .join("lib/rustlib/src/rust/library/core")
+                .is_dir()
+        })
 }
 
 fn build(ebpf_dir: &Path, target_dir: &Path, object: &Path) -> Result<String, String> {
@@ -84,28 +108,53 @@ fn build(ebpf_dir: &Path, target_dir: &Path, object: &Path) -> Result<String, St
         how = "debian-rustc-web";
     } else if (wanted.is_empty() || wanted == "nightly") && nightly_with_rust_src() {
         cmd = Command::new("rustup");
-        cmd.args(["run", "nightly", "cargo"]).env_remove("RUSTUP_TOOLCHAIN").env_remove("RUSTC");
+        cmd.args(["run", "nightly", "cargo"])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC");
         cmd.arg("-Z").arg("build-std=core");
         how = "nightly-build-std";
     } else {
         return Err("no bpfel toolchain: neither Debian's rustc-web with libstd-rust-web-dev-bpf nor a nightly with rust-src".into());
     }
     // The outer cargo's settings are for the host: none of them may leak into the bpfel build.
-    for v in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET", "RUSTDOC", "RUSTC_LINKER"]
-    {
+    for v in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTDOC",
+        "RUSTC_LINKER",
+    ] {
         cmd.env_remove(v);
     }
     cmd.current_dir(ebpf_dir)
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f"))
-        .args(["build", "--release", "--locked", "--target", BPF_TARGET, "--bin", "vgpu-agent-ebpf"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["-C", "debuginfo=2", "-C", "link-arg=--btf"].join("\x1f"),
+        )
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            BPF_TARGET,
+            "--bin",
+            "vgpu-agent-ebpf",
+        ])
         .arg("--target-dir")
         .arg(target_dir);
-    let out = cmd.output().map_err(|e| format!("running cargo for agent-ebpf: {e}"))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running cargo for agent-ebpf: {e}"))?;
     if !out.status.success() {
-        return Err(format!("cargo build of agent-ebpf failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "cargo build of agent-ebpf failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let built = target_dir.join(BPF_TARGET).join("release/vgpu-agent-ebpf");
     fs::copy(&built, object).map_err(|e| format!("copying {}: {e}", built.display()))?;

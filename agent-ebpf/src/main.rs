@@ -6,8 +6,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        bpf_get_attach_cookie,
+        bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_user,
     },
     macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -15,7 +15,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::warn;
-use vgpu_agent_ebpf_common::{CallEvent, InFlightKey, ARGS, DESC_WORDS, FLAG_DESC, FLAG_OUT0, FLAG_OUT1};
+use vgpu_agent_ebpf_common::{
+    CallEvent, InFlightKey, ARGS, DESC_WORDS, FLAG_DESC, FLAG_OUT0, FLAG_OUT1,
+};
 
 /// Arguments of calls in flight. LRU: a thread killed inside a call never reaches its return probe, and
 /// its entry must not pin a slot forever.
@@ -41,7 +43,10 @@ fn cookie<C: EbpfContext>(ctx: &C) -> u64 {
 
 #[uprobe]
 pub fn vgpu_call_entry(ctx: ProbeContext) -> u32 {
-    let key = InFlightKey { pid_tgid: bpf_get_current_pid_tgid(), cookie: cookie(&ctx) };
+    let key = InFlightKey {
+        pid_tgid: bpf_get_current_pid_tgid(),
+        cookie: cookie(&ctx),
+    };
     let mut args = [0u64; ARGS];
     for (i, a) in args.iter_mut().enumerate() {
         *a = ctx.arg(i).unwrap_or(0);

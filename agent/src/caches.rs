@@ -50,7 +50,9 @@ pub fn parse_pod_dir(name: &str) -> Option<(String, String)> {
 }
 
 fn find_caches(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         let Ok(t) = e.file_type() else { continue };
@@ -72,7 +74,10 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), ..Default::default() }
+        Self {
+            dir: dir.into(),
+            ..Default::default()
+        }
     }
 
     /// Picks up new cache files and forgets removed ones.
@@ -88,13 +93,22 @@ impl Mirror {
             match CacheRegion::open_existing(&p) {
                 Ok(region) => {
                     let header = region.header();
-                    let dir_name = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()).unwrap_or("");
+                    let dir_name = p
+                        .parent()
+                        .and_then(|d| d.file_name())
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("");
                     let (pod_uid, container_name) = parse_pod_dir(dir_name).unzip();
                     let cgroup = p
                         .parent()
                         .and_then(|d| std::fs::read_to_string(d.join("cgroup")).ok())
                         .map(|s| s.trim().to_string())
                         .filter(|s| s.starts_with('/'));
+                    tracing::info!(
+                        "mirroring {} (limits {})",
+                        p.display(),
+                        crate::state::limits_text(&header.memory_limits)
+                    );
                     self.errors.remove(&p);
                     self.files.insert(
                         p.clone(),
@@ -134,7 +148,10 @@ impl Mirror {
         let mut total = 0;
         for f in self.files.values_mut().filter(|_| reclaim) {
             let before = f.region.slots();
-            let ns_of: HashMap<(u32, u64), u64> = before.iter().map(|s| ((s.pid, s.start_time), s.pid_ns)).collect();
+            let ns_of: HashMap<(u32, u64), u64> = before
+                .iter()
+                .map(|s| ((s.pid, s.start_time), s.pid_ns))
+                .collect();
             let mut alive = |pid: u32, start: u64| {
                 if start == 0 {
                     return true; // still claiming its slot
@@ -151,7 +168,10 @@ impl Mirror {
             };
             let freed = f.region.reclaim_dead(&mut alive);
             if freed > 0 {
-                tracing::info!("{}: reclaimed {freed} bytes of dead processes", f.path.display());
+                tracing::info!(
+                    "{}: reclaimed {freed} bytes of dead processes",
+                    f.path.display()
+                );
             }
             f.reclaimed_bytes += freed;
             total += freed;
@@ -169,11 +189,20 @@ impl Mirror {
                         procs.host_pid(view.pid_ns, view.pid, view.start_time)
                     };
                     let charged = view.used.iter().sum();
-                    Slot { view, host_pid, charged }
+                    Slot {
+                        view,
+                        host_pid,
+                        charged,
+                    }
                 })
                 .collect();
             if f.cgroup.is_none() {
-                f.cgroup = f.slots.iter().filter_map(|s| procs.by_pid.get(&s.host_pid?)).map(|p| p.cgroup.clone()).next();
+                f.cgroup = f
+                    .slots
+                    .iter()
+                    .filter_map(|s| procs.by_pid.get(&s.host_pid?))
+                    .map(|p| p.cgroup.clone())
+                    .next();
             }
         }
         total
@@ -181,13 +210,19 @@ impl Mirror {
 
     /// The cache file of the container in `cgroup`, by binding or by pod UID.
     pub fn for_cgroup(&self, cgroup: &str, pod_uid: Option<&str>) -> Option<&CacheFile> {
-        self.files.values().find(|f| f.cgroup.as_deref() == Some(cgroup)).or_else(|| {
-            let uid = pod_uid?;
-            let mut same_pod = self.files.values().filter(|f| f.cgroup.is_none() && f.pod_uid.as_deref() == Some(uid));
-            // Only when unambiguous: with two GPU containers in one pod, the pod UID alone cannot tell them apart.
-            let one = same_pod.next()?;
-            same_pod.next().is_none().then_some(one)
-        })
+        self.files
+            .values()
+            .find(|f| f.cgroup.as_deref() == Some(cgroup))
+            .or_else(|| {
+                let uid = pod_uid?;
+                let mut same_pod = self
+                    .files
+                    .values()
+                    .filter(|f| f.cgroup.is_none() && f.pod_uid.as_deref() == Some(uid));
+                // Only when unambiguous: with two GPU containers in one pod, the pod UID alone cannot tell them apart.
+                let one = same_pod.next()?;
+                same_pod.next().is_none().then_some(one)
+            })
     }
 }
 
@@ -215,7 +250,9 @@ mod tests {
         let p = d.join("ctr/x.cache");
         let r = CacheRegion::open_or_create(&p, &info).unwrap();
         let me = std::process::id();
-        let live = r.claim(me, process_start_time(me).unwrap(), own_pid_namespace()).unwrap();
+        let live = r
+            .claim(me, process_start_time(me).unwrap(), own_pid_namespace())
+            .unwrap();
         r.try_charge(live, 0, 1000, None).unwrap();
         // A process that exited: pid 1's start time never matches this made-up one.
         let dead = r.claim(1, 12345, own_pid_namespace()).unwrap();
@@ -230,7 +267,11 @@ mod tests {
         assert_eq!(f.slots.len(), 1);
         assert_eq!((f.slots[0].host_pid, f.slots[0].charged), (Some(me), 1000));
         let my_cgroup = ProcTable::scan().by_pid[&me].cgroup.clone();
-        assert_eq!(f.cgroup.as_deref(), Some(my_cgroup.as_str()), "bound through its live process");
+        assert_eq!(
+            f.cgroup.as_deref(),
+            Some(my_cgroup.as_str()),
+            "bound through its live process"
+        );
         assert!(!f.header_tampered());
 
         // Rewrite the limit in place, as a container that owns its file could.

@@ -19,7 +19,10 @@ pub struct ContainerRef {
 
 /// Parses the kubelet's systemd and cgroupfs layouts with containerd, CRI-O and docker scopes.
 pub fn container_of(cgroup: &str) -> ContainerRef {
-    let mut r = ContainerRef { cgroup: cgroup.to_string(), ..Default::default() };
+    let mut r = ContainerRef {
+        cgroup: cgroup.to_string(),
+        ..Default::default()
+    };
     for part in cgroup.split('/') {
         // systemd: kubepods-burstable-pod1234_5678.slice; cgroupfs: pod1234-5678
         let pod = part
@@ -27,18 +30,29 @@ pub fn container_of(cgroup: &str) -> ContainerRef {
             .and_then(|s| s.rsplit('-').next())
             .and_then(|s| s.strip_prefix("pod"))
             .map(|s| s.replace('_', "-"))
-            .or_else(|| part.strip_prefix("pod").filter(|s| s.len() >= 32).map(str::to_string));
+            .or_else(|| {
+                part.strip_prefix("pod")
+                    .filter(|s| s.len() >= 32)
+                    .map(str::to_string)
+            });
         if let Some(uid) = pod.filter(|u| u.len() >= 32 && cgroup.contains("kubepods")) {
             r.pod_uid = Some(uid);
             continue;
         }
-        let scoped = [("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("docker-", "docker")]
-            .iter()
-            .find_map(|(p, rt)| Some((part.strip_prefix(p)?.strip_suffix(".scope")?, *rt)));
+        let scoped = [
+            ("cri-containerd-", "containerd"),
+            ("crio-", "cri-o"),
+            ("docker-", "docker"),
+        ]
+        .iter()
+        .find_map(|(p, rt)| Some((part.strip_prefix(p)?.strip_suffix(".scope")?, *rt)));
         if let Some((id, rt)) = scoped {
             r.container_id = Some(id.to_string());
             r.runtime = Some(rt);
-        } else if r.pod_uid.is_some() && part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit()) {
+        } else if r.pod_uid.is_some()
+            && part.len() == 64
+            && part.bytes().all(|b| b.is_ascii_hexdigit())
+        {
             // cgroupfs layout: the container id is the bare directory name under the pod.
             r.container_id = Some(part.to_string());
         }
@@ -50,7 +64,12 @@ pub fn container_of(cgroup: &str) -> ContainerRef {
 pub fn cgroup2_mount() -> PathBuf {
     std::fs::read_to_string("/proc/self/mounts")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.split(' ').nth(2) == Some("cgroup2")).and_then(|l| l.split(' ').nth(1)).map(PathBuf::from))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.split(' ').nth(2) == Some("cgroup2"))
+                .and_then(|l| l.split(' ').nth(1))
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
@@ -62,7 +81,10 @@ pub struct CgroupIds {
 
 impl CgroupIds {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), known: HashMap::new() }
+        Self {
+            root: root.into(),
+            known: HashMap::new(),
+        }
     }
 
     /// The path of cgroup `id`; `hint` is a cgroup path that probably is it (from /proc/PID/cgroup),
@@ -82,7 +104,9 @@ impl CgroupIds {
     }
 
     fn inode(&self, rel: &str) -> Option<u64> {
-        std::fs::metadata(self.root.join(rel.trim_start_matches('/'))).ok().map(|m| m.ino())
+        std::fs::metadata(self.root.join(rel.trim_start_matches('/')))
+            .ok()
+            .map(|m| m.ino())
     }
 
     fn walk(&mut self, rel: &Path, depth: usize) {
@@ -94,7 +118,9 @@ impl CgroupIds {
         if depth > 8 {
             return;
         }
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
         for e in rd.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 self.walk(&rel.join(e.file_name()), depth + 1);
@@ -121,20 +147,35 @@ mod tests {
         assert_eq!(r.container_id.as_deref(), Some(CID));
         assert_eq!(r.runtime, Some("containerd"));
 
-        let crio = format!("/kubepods.slice/kubepods-pod{}.slice/crio-{CID}.scope", UID.replace('-', "_"));
+        let crio = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/crio-{CID}.scope",
+            UID.replace('-', "_")
+        );
         assert_eq!(container_of(&crio).runtime, Some("cri-o"));
         assert_eq!(container_of(&crio).pod_uid.as_deref(), Some(UID));
 
         let cgroupfs = format!("/kubepods/besteffort/pod{UID}/{CID}");
         let r = container_of(&cgroupfs);
-        assert_eq!((r.pod_uid.as_deref(), r.container_id.as_deref()), (Some(UID), Some(CID)));
+        assert_eq!(
+            (r.pod_uid.as_deref(), r.container_id.as_deref()),
+            (Some(UID), Some(CID))
+        );
     }
 
     #[test]
     fn bare_paths_stay_bare() {
         let r = container_of("/vgpu-test/slice-a");
-        assert_eq!(r, ContainerRef { cgroup: "/vgpu-test/slice-a".into(), ..Default::default() });
-        assert_eq!(container_of("/user.slice/user-0.slice/session-1.scope").pod_uid, None);
+        assert_eq!(
+            r,
+            ContainerRef {
+                cgroup: "/vgpu-test/slice-a".into(),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            container_of("/user.slice/user-0.slice/session-1.scope").pod_uid,
+            None
+        );
     }
 
     #[test]

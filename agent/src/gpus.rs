@@ -29,17 +29,31 @@ impl Gpus {
     pub fn open() -> Self {
         let mut last = String::new();
         // The default name first; then where GPU operator and driver containers put the library.
-        for lib in ["libnvidia-ml.so", "libnvidia-ml.so.1", "/usr/local/nvidia/lib64/libnvidia-ml.so.1"] {
+        for lib in [
+            "libnvidia-ml.so",
+            "libnvidia-ml.so.1",
+            "/usr/local/nvidia/lib64/libnvidia-ml.so.1",
+        ] {
             match Nvml::builder().lib_path(OsStr::new(lib)).init() {
-                Ok(nvml) => return Self { nvml: Some(nvml), error: None },
+                Ok(nvml) => {
+                    return Self {
+                        nvml: Some(nvml),
+                        error: None,
+                    }
+                }
                 Err(e) => last = format!("NVML unavailable ({lib}: {e})"),
             }
         }
-        Self { nvml: None, error: Some(last) }
+        Self {
+            nvml: None,
+            error: Some(last),
+        }
     }
 
     pub fn sample(&self) -> Vec<GpuSample> {
-        let Some(nvml) = &self.nvml else { return vec![] };
+        let Some(nvml) = &self.nvml else {
+            return vec![];
+        };
         let n = nvml.device_count().unwrap_or(0);
         (0..n)
             .filter_map(|i| {
@@ -49,7 +63,16 @@ impl Gpus {
                     .running_compute_processes()
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|p| (p.pid, if let UsedGpuMemory::Used(b) = p.used_gpu_memory { b } else { 0 }))
+                    .map(|p| {
+                        (
+                            p.pid,
+                            if let UsedGpuMemory::Used(b) = p.used_gpu_memory {
+                                b
+                            } else {
+                                0
+                            },
+                        )
+                    })
                     .collect();
                 Some(GpuSample {
                     index: i,

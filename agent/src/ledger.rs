@@ -43,7 +43,11 @@ impl Ledger {
             p.cgroup_id = cgroup_id;
         }
         match call {
-            Call::Alloc { space, handle, bytes } => {
+            Call::Alloc {
+                space,
+                handle,
+                bytes,
+            } => {
                 // A handle the driver hands out again was freed by a call we did not see: replace it.
                 if let Some(old) = p.allocations.insert(key(space, handle), bytes) {
                     p.total -= old;
@@ -57,14 +61,21 @@ impl Ledger {
                 }
             }
             Call::CtxCreate { .. } => p.contexts += 1,
-            Call::PrimaryCtxRelease { .. } | Call::CtxDestroy { .. } => p.contexts = p.contexts.saturating_sub(1),
+            Call::PrimaryCtxRelease { .. } | Call::CtxDestroy { .. } => {
+                p.contexts = p.contexts.saturating_sub(1)
+            }
         }
         p.total
     }
 
     /// Forgets processes that exited (`alive(tgid, start_time)` false); returns the tgids dropped.
     pub fn drop_dead(&mut self, mut alive: impl FnMut(u32, u64) -> bool) -> Vec<u32> {
-        let dead: Vec<u32> = self.procs.iter().filter(|(t, p)| !alive(**t, p.start_time)).map(|(t, _)| *t).collect();
+        let dead: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(t, p)| !alive(**t, p.start_time))
+            .map(|(t, _)| *t)
+            .collect();
         for t in &dead {
             self.procs.remove(t);
         }
@@ -81,18 +92,79 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    const A: Call = Call::Alloc { space: Space::DevicePtr, handle: 0x1000, bytes: 100 };
+    const A: Call = Call::Alloc {
+        space: Space::DevicePtr,
+        handle: 0x1000,
+        bytes: 100,
+    };
 
     #[test]
     fn free_subtracts_what_was_allocated() {
         let mut l = Ledger::default();
         l.apply(7, 1, 9, A);
-        l.apply(7, 1, 9, Call::Alloc { space: Space::MemHandle, handle: 0x1000, bytes: 50 });
-        assert_eq!(l.total(7), 150, "same handle value in another space is another allocation");
-        assert_eq!(l.apply(7, 1, 9, Call::Free { space: Space::DevicePtr, handle: 0x1000 }), 50);
-        assert_eq!(l.apply(7, 1, 9, Call::Free { space: Space::DevicePtr, handle: 0x1000 }), 50, "double free");
-        assert_eq!(l.apply(7, 1, 9, Call::Free { space: Space::DevicePtr, handle: 0x9999 }), 50, "unknown free");
-        l.apply(7, 1, 9, Call::Alloc { space: Space::MemHandle, handle: 0x1000, bytes: 70 });
+        l.apply(
+            7,
+            1,
+            9,
+            Call::Alloc {
+                space: Space::MemHandle,
+                handle: 0x1000,
+                bytes: 50,
+            },
+        );
+        assert_eq!(
+            l.total(7),
+            150,
+            "same handle value in another space is another allocation"
+        );
+        assert_eq!(
+            l.apply(
+                7,
+                1,
+                9,
+                Call::Free {
+                    space: Space::DevicePtr,
+                    handle: 0x1000
+                }
+            ),
+            50
+        );
+        assert_eq!(
+            l.apply(
+                7,
+                1,
+                9,
+                Call::Free {
+                    space: Space::DevicePtr,
+                    handle: 0x1000
+                }
+            ),
+            50,
+            "double free"
+        );
+        assert_eq!(
+            l.apply(
+                7,
+                1,
+                9,
+                Call::Free {
+                    space: Space::DevicePtr,
+                    handle: 0x9999
+                }
+            ),
+            50,
+            "unknown free"
+        );
+        l.apply(
+            7,
+            1,
+            9,
+            Call::Alloc {
+                space: Space::MemHandle,
+                handle: 0x1000,
+                bytes: 70,
+            },
+        );
         assert_eq!(l.total(7), 70, "a reissued handle replaces the stale one");
     }
 
@@ -101,7 +173,19 @@ mod tests {
         let mut l = Ledger::default();
         l.apply(7, 1, 9, A);
         l.apply(8, 1, 9, A);
-        assert_eq!(l.apply(7, 2, 9, Call::Alloc { space: Space::DevicePtr, handle: 0x2000, bytes: 5 }), 5);
+        assert_eq!(
+            l.apply(
+                7,
+                2,
+                9,
+                Call::Alloc {
+                    space: Space::DevicePtr,
+                    handle: 0x2000,
+                    bytes: 5
+                }
+            ),
+            5
+        );
         assert_eq!(l.drop_dead(|t, _| t != 8), vec![8]);
         assert_eq!(l.total(8), 0);
         assert_eq!(l.total(7), 5);

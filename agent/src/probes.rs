@@ -12,8 +12,8 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope
 use aya::programs::UProbe;
 use aya::Ebpf;
 use vgpu_agent_ebpf_common::{
-    CallEvent, CALL_PROBES, LAUNCH_SYMBOLS, MAP_DROPS, MAP_EVENTS, MAP_LAUNCHES, PROG_CALL_ENTRY, PROG_CALL_RETURN,
-    PROG_LAUNCH,
+    CallEvent, CALL_PROBES, LAUNCH_SYMBOLS, MAP_DROPS, MAP_EVENTS, MAP_LAUNCHES, PROG_CALL_ENTRY,
+    PROG_CALL_RETURN, PROG_LAUNCH,
 };
 
 /// The object agent/build.rs built (empty when the build machine had no bpfel toolchain).
@@ -57,16 +57,27 @@ impl Probes {
             );
         }
         // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lifting it is harmless on newer ones.
-        let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        let rl = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
         // SAFETY: setrlimit reads the struct we pass; failure only matters on old kernels and shows at load.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) };
         let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object")?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, BpfLog).ok();
         for name in [PROG_CALL_ENTRY, PROG_CALL_RETURN, PROG_LAUNCH] {
             let p: &mut UProbe = ebpf.program_mut(name).context(name)?.try_into()?;
-            p.load().with_context(|| format!("loading {name} (is this root, on a kernel with uprobes?)"))?;
+            p.load().with_context(|| {
+                format!("loading {name} (is this root, on a kernel with uprobes?)")
+            })?;
         }
-        Ok(Self { ebpf, launch_probes, files: HashMap::new(), failed: HashSet::new(), logger })
+        Ok(Self {
+            ebpf,
+            launch_probes,
+            files: HashMap::new(),
+            failed: HashSet::new(),
+            logger,
+        })
     }
 
     pub fn files(&self) -> Vec<AttachedFile> {
@@ -87,7 +98,14 @@ impl Probes {
         let r = self.attach_all(path);
         match r {
             Ok((symbols, launch_symbols)) if symbols > 0 => {
-                self.files.insert(id, AttachedFile { path: path.to_path_buf(), symbols, launch_symbols });
+                self.files.insert(
+                    id,
+                    AttachedFile {
+                        path: path.to_path_buf(),
+                        symbols,
+                        launch_symbols,
+                    },
+                );
                 Ok(true)
             }
             Ok(_) => {
@@ -107,7 +125,10 @@ impl Probes {
             let mut ok = true;
             for prog in [PROG_CALL_ENTRY, PROG_CALL_RETURN] {
                 let p: &mut UProbe = self.ebpf.program_mut(prog).context(prog)?.try_into()?;
-                let point = UProbeAttachPoint { location: UProbeAttachLocation::Symbol(sym), cookie: Some(*cookie) };
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::Symbol(sym),
+                    cookie: Some(*cookie),
+                };
                 if let Err(e) = p.attach(point, path, UProbeScope::AllProcesses) {
                     // Older drivers lack newer entry points (cuCtxCreate_v4, ...): skip those.
                     tracing::debug!("{}: {sym}: {e}", path.display());
@@ -119,7 +140,11 @@ impl Probes {
         }
         let mut launch_symbols = 0;
         if self.launch_probes {
-            let p: &mut UProbe = self.ebpf.program_mut(PROG_LAUNCH).context(PROG_LAUNCH)?.try_into()?;
+            let p: &mut UProbe = self
+                .ebpf
+                .program_mut(PROG_LAUNCH)
+                .context(PROG_LAUNCH)?
+                .try_into()?;
             for sym in LAUNCH_SYMBOLS {
                 launch_symbols += p.attach(*sym, path, UProbeScope::AllProcesses).is_ok() as usize;
             }
@@ -128,14 +153,23 @@ impl Probes {
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        Ok(RingBuf::try_from(self.ebpf.take_map(MAP_EVENTS).context(MAP_EVENTS)?)?)
+        Ok(RingBuf::try_from(
+            self.ebpf.take_map(MAP_EVENTS).context(MAP_EVENTS)?,
+        )?)
     }
 
     /// Launches counted per tgid since the process was first seen (summed over CPUs).
     pub fn launch_counts(&self) -> HashMap<u32, u64> {
-        let Some(m) = self.ebpf.map(MAP_LAUNCHES) else { return HashMap::new() };
-        let Ok(map) = PerCpuHashMap::<_, u32, u64>::try_from(m) else { return HashMap::new() };
-        map.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.iter().sum())).collect()
+        let Some(m) = self.ebpf.map(MAP_LAUNCHES) else {
+            return HashMap::new();
+        };
+        let Ok(map) = PerCpuHashMap::<_, u32, u64>::try_from(m) else {
+            return HashMap::new();
+        };
+        map.iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (k, v.iter().sum()))
+            .collect()
     }
 
     pub fn forget_launches(&mut self, tgids: &[u32]) {
@@ -149,8 +183,12 @@ impl Probes {
     }
 
     pub fn drops(&self) -> u64 {
-        let Some(m) = self.ebpf.map(MAP_DROPS) else { return 0 };
-        let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else { return 0 };
+        let Some(m) = self.ebpf.map(MAP_DROPS) else {
+            return 0;
+        };
+        let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else {
+            return 0;
+        };
         a.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 

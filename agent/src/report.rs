@@ -135,7 +135,11 @@ pub fn render_text(r: &Report) -> String {
                 format!(
                     "{}{}{}",
                     p.pid,
-                    if p.charged_bytes.is_none() { "(no shim)" } else { "" },
+                    if p.charged_bytes.is_none() {
+                        "(no shim)"
+                    } else {
+                        ""
+                    },
                     if p.partial { "(partial)" } else { "" }
                 )
             })
@@ -143,7 +147,11 @@ pub fn render_text(r: &Report) -> String {
         s += &format!(
             "{:<50} {:>9}  {:>7}  {:>7}  {:>7}  {:>8.0}  {}\n",
             name,
-            if c.limit_bytes == 0 { "-".into() } else { mib(c.limit_bytes) },
+            if c.limit_bytes == 0 {
+                "-".into()
+            } else {
+                mib(c.limit_bytes)
+            },
             mib(c.charged_bytes),
             mib(c.ebpf_bytes),
             mib(c.nvml_bytes),

@@ -58,9 +58,17 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> i32 {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     match rt.block_on(serve(args)) {
         Ok(()) => 0,
         Err(e) => {
@@ -76,7 +84,11 @@ fn attach(state: &mut State, probes: &mut Probes, path: &Path) {
     match probes.attach_file(path) {
         Ok(true) => {
             tracing::info!("probing {}", path.display());
-            state.libcuda_files = probes.files().iter().map(|f| f.path.display().to_string()).collect();
+            state.libcuda_files = probes
+                .files()
+                .iter()
+                .map(|f| f.path.display().to_string())
+                .collect();
         }
         Ok(false) => {}
         Err(e) => tracing::warn!("not probing {}: {e:#}", path.display()),
@@ -104,7 +116,13 @@ async fn serve(args: RunArgs) -> Result<()> {
         bail!("only --standalone is available in this build: the Kubernetes side (device plugin, registration) is not part of it yet");
     }
     let mut probes = Probes::load(args.launch_probes)?;
-    let mut state = State::new(args.policy, args.cache_dir.clone(), args.cgroup_root.clone().unwrap_or_else(crate::cgroups::cgroup2_mount));
+    let mut state = State::new(
+        args.policy,
+        args.cache_dir.clone(),
+        args.cgroup_root
+            .clone()
+            .unwrap_or_else(crate::cgroups::cgroup2_mount),
+    );
     state.launch_probes = args.launch_probes;
     if let Ok(text) = std::fs::read_to_string(&args.state_file) {
         match serde_json::from_str::<Ledger>(&text) {
@@ -114,20 +132,34 @@ async fn serve(args: RunArgs) -> Result<()> {
     } else {
         state.procs = ProcTable::scan();
     }
-    for p in args.libcuda.iter().cloned().chain(host_libcuda_candidates()) {
+    for p in args
+        .libcuda
+        .iter()
+        .cloned()
+        .chain(host_libcuda_candidates())
+    {
         attach(&mut state, &mut probes, &p);
     }
     // Attach before adopting: a process seen mapping libcuda now is older than the probes.
     for pid in rescan_libcuda(&mut state, &mut probes) {
         state.adopt_running(pid);
     }
+    // Cache files as they are now are the limits the agent holds containers to (a later rewrite is flagged).
+    state.mirror.rescan();
     if probes.files().is_empty() {
-        tracing::warn!("no libcuda file found yet; will probe any that a process maps (or pass --libcuda)");
+        tracing::warn!(
+            "no libcuda file found yet; will probe any that a process maps (or pass --libcuda)"
+        );
     }
     let ring = probes.take_events()?;
     let gpus = Gpus::open();
     state.nvml_status = gpus.error.clone().unwrap_or_else(|| "NVML ok".into());
-    tracing::info!("policy {:?}, {}, cache dir {}", args.policy, state.nvml_status, args.cache_dir.display());
+    tracing::info!(
+        "policy {:?}, {}, cache dir {}",
+        args.policy,
+        state.nvml_status,
+        args.cache_dir.display()
+    );
     let shared: Shared = Arc::new(Mutex::new((state, probes)));
 
     // Events: drained as soon as the ring buffer signals, so enforcement acts within milliseconds.
@@ -140,7 +172,9 @@ async fn serve(args: RunArgs) -> Result<()> {
             Err(_) => return tracing::error!("could not register the ring buffer with tokio"),
         };
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             let mut batch = vec![];
             while let Some(item) = guard.get_inner_mut().next() {
                 if let Some(ev) = parse_event(&item) {
@@ -164,7 +198,8 @@ async fn serve(args: RunArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
     let _ = std::fs::remove_file(&args.socket);
-    let listener = tokio::net::UnixListener::bind(&args.socket).with_context(|| args.socket.display().to_string())?;
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| args.socket.display().to_string())?;
     // Only root may read the node's view (it names every container's processes).
     std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))?;
     let so_shared = shared.clone();
@@ -187,7 +222,9 @@ async fn serve(args: RunArgs) -> Result<()> {
                 async move { crate::metrics::render(&snapshot(&s)) }
             }),
         );
-        let l = tokio::net::TcpListener::bind(&args.metrics_addr).await.with_context(|| args.metrics_addr.clone())?;
+        let l = tokio::net::TcpListener::bind(&args.metrics_addr)
+            .await
+            .with_context(|| args.metrics_addr.clone())?;
         tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
         tokio::spawn(async move {
             let _ = axum::serve(l, app).await;
@@ -213,7 +250,11 @@ pub fn snapshot(shared: &Shared) -> Report {
         pid: std::process::id(),
         policy: format!("{:?}", state.policy).to_lowercase(),
         ebpf_built_with: crate::probes::BUILT_WITH.into(),
-        libcuda_files: probes.files().iter().map(|f| f.path.display().to_string()).collect(),
+        libcuda_files: probes
+            .files()
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect(),
         launch_probes: probes.launch_probes(),
         events: state.events,
         dropped_events: probes.drops(),
@@ -236,7 +277,10 @@ fn save_state(shared: &Shared, path: &Path) {
     }
     // Written aside and renamed, so a crash mid-write never leaves half a ledger.
     let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+    if std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .is_err()
+    {
         tracing::warn!("could not save {}", path.display());
     }
 }

@@ -57,7 +57,10 @@ pub struct State {
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, to time a kill from the allocation's uprobe.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid out-pointer for clock_gettime.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -99,6 +102,8 @@ impl State {
             if procs.alive(tgid, p.start_time) {
                 // The agent was away for a moment: calls made meanwhile were not seen.
                 p.partial = true;
+                self.pid_cgroup
+                    .insert(tgid, procs.by_pid[&tgid].cgroup.clone());
                 self.ledger.procs.insert(tgid, p);
             }
         }
@@ -124,7 +129,11 @@ impl State {
         }
         let hint = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok();
         let hint = hint.as_deref().and_then(crate::procs::parse_cgroup);
-        let path = self.cgroups.path(cgroup_id, hint.as_deref()).or(hint).unwrap_or_else(|| format!("cgroup-id:{cgroup_id}"));
+        let path = self
+            .cgroups
+            .path(cgroup_id, hint.as_deref())
+            .or(hint)
+            .unwrap_or_else(|| format!("cgroup-id:{cgroup_id}"));
         self.pid_cgroup.insert(tgid, path.clone());
         path
     }
@@ -162,7 +171,11 @@ impl State {
                     .and_then(|f| f.slots.iter().find(|s| s.host_pid == Some(*t)))
                     .map_or(0, |s| s.charged.saturating_sub(s.view.context_bytes));
                 // Older than the probes: what its cache slot charges is the better floor.
-                let seen = if p.partial { p.total.max(charged) } else { p.total };
+                let seen = if p.partial {
+                    p.total.max(charged)
+                } else {
+                    p.total
+                };
                 (*t, seen, charged)
             })
             .collect()
@@ -171,7 +184,13 @@ impl State {
     /// Over the limit: log and count once per crossing; under enforce, kill the processes that account for
     /// the excess, those the cache file does not know about first.
     pub fn check_limit(&mut self, cgroup: &str, event_ts: Option<u64>) {
-        let Some(limit) = self.file_for(cgroup).map(CacheFile::limit).filter(|l| *l > 0) else { return };
+        let Some(limit) = self
+            .file_for(cgroup)
+            .map(CacheFile::limit)
+            .filter(|l| *l > 0)
+        else {
+            return;
+        };
         let mut members = self.members(cgroup);
         members.retain(|(t, _, _)| {
             let start = self.ledger.procs.get(t).map_or(0, |p| p.start_time);
@@ -195,7 +214,9 @@ impl State {
             return;
         }
         // Largest uncharged share first: a process without the shim, or one whose file under-reports.
-        members.sort_by_key(|(_, seen, charged)| std::cmp::Reverse((seen.saturating_sub(*charged), *seen)));
+        members.sort_by_key(|(_, seen, charged)| {
+            std::cmp::Reverse((seen.saturating_sub(*charged), *seen))
+        });
         for (tgid, seen, _) in members {
             if total <= limit {
                 break;
@@ -207,7 +228,8 @@ impl State {
             }
             // SAFETY: kill(2) with a pid we just checked names the process that made the allocations.
             let rc = unsafe { libc::kill(tgid as i32, libc::SIGKILL) };
-            let latency_ms = event_ts.map_or(0.0, |t| monotonic_ns().saturating_sub(t) as f64 / 1e6);
+            let latency_ms =
+                event_ts.map_or(0.0, |t| monotonic_ns().saturating_sub(t) as f64 / 1e6);
             tracing::warn!(
                 "enforce: killed pid {tgid} of {cgroup} holding {} MiB (container at {} MiB, limit {} MiB) {latency_ms:.1} ms after the allocation (rc {rc})",
                 seen >> 20,
@@ -246,11 +268,14 @@ impl State {
         self.mirror.sweep(&self.procs);
         if let Some(counts) = launches {
             let now = Instant::now();
-            let dt = self.last_launch_sample.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+            let dt = self
+                .last_launch_sample
+                .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
             for (t, n) in &counts {
                 let prev = self.launch_prev.insert(*t, *n).unwrap_or(*n);
                 if dt > 0.0 {
-                    self.launch_rate.insert(*t, n.saturating_sub(prev) as f64 / dt);
+                    self.launch_rate
+                        .insert(*t, n.saturating_sub(prev) as f64 / dt);
                 }
             }
             self.last_launch_sample = Some(now);
@@ -267,14 +292,16 @@ impl State {
         let mut warnings: HashMap<String, Vec<String>> = HashMap::new();
         let mut streaks = HashMap::new();
         for c in cgroups {
-            let Some(file) = self.file_for(c) else { continue };
+            let Some(file) = self.file_for(c) else {
+                continue;
+            };
             let mut w = vec![];
             if file.header_tampered() {
                 w.push(format!(
-                    "cache file {} header changed since first seen (limits {:?} -> {:?}); holding the first",
+                    "cache file {} header changed since first seen (limits {} -> {}); holding the first",
                     file.path.display(),
-                    nonzero(&file.first_header.memory_limits),
-                    nonzero(&file.header_now.memory_limits)
+                    limits_text(&file.first_header.memory_limits),
+                    limits_text(&file.header_now.memory_limits)
                 ));
             }
             let file_pids: HashMap<u32, (u64, u64)> = file
@@ -282,12 +309,19 @@ impl State {
                 .iter()
                 .filter_map(|s| Some((s.host_pid?, (s.charged, s.view.context_bytes))))
                 .collect();
-            for (tgid, p) in self.ledger.procs.iter().filter(|(t, _)| self.pid_cgroup.get(t) == Some(c)) {
+            for (tgid, p) in self
+                .ledger
+                .procs
+                .iter()
+                .filter(|(t, _)| self.pid_cgroup.get(t) == Some(c))
+            {
                 if p.partial {
                     continue; // its history before the probes is unknown, so no comparison is fair
                 }
                 let msg = match file_pids.get(tgid) {
-                    None if p.total > 0 => format!("pid {tgid} holds {} MiB without the shim", p.total >> 20),
+                    None if p.total > 0 => {
+                        format!("pid {tgid} holds {} MiB without the shim", p.total >> 20)
+                    }
                     Some((charged, ctx)) => {
                         let charged = charged.saturating_sub(*ctx);
                         if charged.abs_diff(p.total) <= tolerance(charged, p.total) {
@@ -325,8 +359,11 @@ impl State {
     }
 
     pub fn report(&self) -> Report {
-        let nvml_of: HashMap<u32, u64> =
-            self.gpus.iter().flat_map(|g| g.processes.iter().copied()).fold(HashMap::new(), |mut m, (p, b)| {
+        let nvml_of: HashMap<u32, u64> = self
+            .gpus
+            .iter()
+            .flat_map(|g| g.processes.iter().copied())
+            .fold(HashMap::new(), |mut m, (p, b)| {
                 *m.entry(p).or_default() += b;
                 m
             });
@@ -351,7 +388,10 @@ impl State {
             .map(|t| (*t, self.pid_cgroup.get(t).cloned().unwrap_or_default()))
             .collect();
         let mut reports: BTreeMap<String, ContainerReport> = BTreeMap::new();
-        fn get<'a>(reports: &'a mut BTreeMap<String, ContainerReport>, key: &str) -> &'a mut ContainerReport {
+        fn get<'a>(
+            reports: &'a mut BTreeMap<String, ContainerReport>,
+            key: &str,
+        ) -> &'a mut ContainerReport {
             reports.entry(key.to_string()).or_insert_with(|| {
                 let r = container_of(key);
                 ContainerReport {
@@ -364,7 +404,10 @@ impl State {
             })
         }
         for f in self.mirror.files.values() {
-            let key = f.cgroup.clone().unwrap_or_else(|| f.path.display().to_string());
+            let key = f
+                .cgroup
+                .clone()
+                .unwrap_or_else(|| f.path.display().to_string());
             let c = get(&mut reports, &key);
             c.cache_file = Some(f.path.display().to_string());
             c.limit_bytes = f.limit();
@@ -385,7 +428,8 @@ impl State {
                 p.context_bytes = s.view.context_bytes;
             }
             if f.header_tampered() && f.cgroup.is_none() {
-                c.warnings.push("cache file header changed since first seen".into());
+                c.warnings
+                    .push("cache file header changed since first seen".into());
             }
         }
         // NVML-only processes (neither probed nor in a cache file) still belong to their container.
@@ -393,7 +437,14 @@ impl State {
             if !by_pid.contains_key(pid) {
                 if let Some(p) = self.procs.by_pid.get(pid) {
                     pid_container.insert(*pid, p.cgroup.clone());
-                    by_pid.insert(*pid, PidReport { pid: *pid, nvml_bytes: *bytes, ..Default::default() });
+                    by_pid.insert(
+                        *pid,
+                        PidReport {
+                            pid: *pid,
+                            nvml_bytes: *bytes,
+                            ..Default::default()
+                        },
+                    );
                 }
             }
         }
@@ -435,11 +486,26 @@ impl State {
                 })
                 .collect(),
             containers: reports.into_values().collect(),
-            notes: self.mirror.errors.iter().map(|(p, e)| format!("{}: {e}", p.display())).collect(),
+            notes: self
+                .mirror
+                .errors
+                .iter()
+                .map(|(p, e)| format!("{}: {e}", p.display()))
+                .collect(),
         }
     }
 }
 
-fn nonzero(l: &[u64]) -> Vec<u64> {
-    l.iter().copied().filter(|v| *v != 0).collect()
+/// The non-zero per-device limits, in MiB, for messages.
+pub fn limits_text(l: &[u64]) -> String {
+    let v: Vec<String> = l
+        .iter()
+        .filter(|v| **v != 0)
+        .map(|v| format!("{} MiB", v >> 20))
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }

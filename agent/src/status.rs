@@ -42,7 +42,10 @@ pub fn from_cache_files(dir: PathBuf, why: &str) -> Report {
         .files
         .values()
         .map(|f| ContainerReport {
-            key: f.cgroup.clone().unwrap_or_else(|| f.path.display().to_string()),
+            key: f
+                .cgroup
+                .clone()
+                .unwrap_or_else(|| f.path.display().to_string()),
             cgroup: f.cgroup.clone(),
             pod_uid: f.pod_uid.clone(),
             container_name: f.container_name.clone(),
@@ -50,7 +53,11 @@ pub fn from_cache_files(dir: PathBuf, why: &str) -> Report {
             limit_bytes: f.limit(),
             sm_limit: f.first_header.sm_limit,
             charged_bytes: f.slots.iter().map(|s| s.charged).sum(),
-            throttled_ms: f.slots.iter().map(|s| s.view.throttled_ns / 1_000_000).sum(),
+            throttled_ms: f
+                .slots
+                .iter()
+                .map(|s| s.view.throttled_ns / 1_000_000)
+                .sum(),
             pids: f
                 .slots
                 .iter()
@@ -65,14 +72,29 @@ pub fn from_cache_files(dir: PathBuf, why: &str) -> Report {
                 .slots
                 .iter()
                 .filter(|s| s.host_pid.is_none())
-                .map(|s| format!("slot {} (pid {} in its namespace) belongs to a process that is gone", s.view.index, s.view.pid))
+                .map(|s| {
+                    format!(
+                        "slot {} (pid {} in its namespace) belongs to a process that is gone",
+                        s.view.index, s.view.pid
+                    )
+                })
                 .collect(),
             ..Default::default()
         })
         .collect();
     let mut notes = vec![format!("no agent: {why}")];
-    notes.extend(m.errors.iter().map(|(p, e)| format!("{}: {e}", p.display())));
-    Report { source: "cache-files".into(), agent: None, gpus: vec![], containers, notes }
+    notes.extend(
+        m.errors
+            .iter()
+            .map(|(p, e)| format!("{}: {e}", p.display())),
+    );
+    Report {
+        source: "cache-files".into(),
+        agent: None,
+        gpus: vec![],
+        containers,
+        notes,
+    }
 }
 
 pub fn run(args: StatusArgs) -> i32 {

@@ -47,21 +47,36 @@ use kind::*;
 /// Every call probed at entry and return: (exported symbol, cookie).
 pub const CALL_PROBES: &[(&str, u64)] = &[
     ("cuMemAlloc_v2", MEM_ALLOC | FLAG_OUT0),
-    ("cuMemAllocPitch_v2", MEM_ALLOC_PITCH | FLAG_OUT0 | FLAG_OUT1),
+    (
+        "cuMemAllocPitch_v2",
+        MEM_ALLOC_PITCH | FLAG_OUT0 | FLAG_OUT1,
+    ),
     ("cuMemAllocManaged", MEM_ALLOC_MANAGED | FLAG_OUT0),
     ("cuMemAllocAsync", MEM_ALLOC_ASYNC | FLAG_OUT0),
     ("cuMemAllocAsync_ptsz", MEM_ALLOC_ASYNC | FLAG_OUT0),
-    ("cuMemAllocFromPoolAsync", MEM_ALLOC_FROM_POOL_ASYNC | FLAG_OUT0),
-    ("cuMemAllocFromPoolAsync_ptsz", MEM_ALLOC_FROM_POOL_ASYNC | FLAG_OUT0),
+    (
+        "cuMemAllocFromPoolAsync",
+        MEM_ALLOC_FROM_POOL_ASYNC | FLAG_OUT0,
+    ),
+    (
+        "cuMemAllocFromPoolAsync_ptsz",
+        MEM_ALLOC_FROM_POOL_ASYNC | FLAG_OUT0,
+    ),
     ("cuMemFree_v2", MEM_FREE),
     ("cuMemFreeAsync", MEM_FREE_ASYNC),
     ("cuMemFreeAsync_ptsz", MEM_FREE_ASYNC),
     ("cuMemCreate", MEM_CREATE | FLAG_OUT0),
     ("cuMemRelease", MEM_RELEASE),
     ("cuArrayCreate_v2", ARRAY_CREATE | FLAG_OUT0 | FLAG_DESC),
-    ("cuArray3DCreate_v2", ARRAY_3D_CREATE | FLAG_OUT0 | FLAG_DESC),
+    (
+        "cuArray3DCreate_v2",
+        ARRAY_3D_CREATE | FLAG_OUT0 | FLAG_DESC,
+    ),
     ("cuArrayDestroy", ARRAY_DESTROY),
-    ("cuMipmappedArrayCreate", MIPMAPPED_ARRAY_CREATE | FLAG_OUT0 | FLAG_DESC),
+    (
+        "cuMipmappedArrayCreate",
+        MIPMAPPED_ARRAY_CREATE | FLAG_OUT0 | FLAG_DESC,
+    ),
     ("cuMipmappedArrayDestroy", MIPMAPPED_ARRAY_DESTROY),
     ("cuCtxCreate_v2", CTX_CREATE_V2 | FLAG_OUT0),
     ("cuCtxCreate_v3", CTX_CREATE_V3 | FLAG_OUT0),
