@@ -175,13 +175,15 @@ async fn serve(args: RunArgs) -> Result<()> {
             let Ok(mut guard) = fd.readable_mut().await else {
                 return;
             };
+            // Clear readiness before draining: the kernel wakes a reader only when it had caught up, so an
+            // event landing between a drain and a later clear_ready would never be signalled again.
+            guard.clear_ready();
             let mut batch = vec![];
             while let Some(item) = guard.get_inner_mut().next() {
                 if let Some(ev) = parse_event(&item) {
                     batch.push(ev);
                 }
             }
-            guard.clear_ready();
             let mut g = ev_shared.lock().unwrap();
             for ev in &batch {
                 g.0.on_event(ev);
