@@ -86,7 +86,11 @@ impl std::fmt::Display for CacheError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Io(p, e) => write!(f, "shared cache {}: {e}", p.display()),
-            Self::Corrupt(p, why) => write!(f, "shared cache {}: not a vgpu cache file ({why})", p.display()),
+            Self::Corrupt(p, why) => write!(
+                f,
+                "shared cache {}: not a vgpu cache file ({why})",
+                p.display()
+            ),
             Self::Version(p, v) => write!(
                 f,
                 "shared cache {}: layout version {v}, this build reads version {VERSION}",
@@ -120,8 +124,13 @@ pub struct SlotView {
 
 /// Backing memory of a region: a shared file mapping, or process-private memory when no usable file exists.
 enum Backing {
-    Mapped { ptr: *mut libc::c_void },
-    Private(Box<[AtomicU64]>),
+    Mapped {
+        ptr: *mut libc::c_void,
+    },
+    /// Owns the words `words` points into.
+    Private {
+        _words: Box<[AtomicU64]>,
+    },
 }
 
 /// A mapped cache file (or a private stand-in with the same rules).
@@ -147,7 +156,8 @@ impl Drop for CacheRegion {
 
 fn header_bytes(info: &HeaderInfo) -> Vec<u8> {
     let mut buf = vec![0u8; FILE_BYTES];
-    let mut put = |word: usize, v: u64| buf[word * W..word * W + W].copy_from_slice(&v.to_ne_bytes());
+    let mut put =
+        |word: usize, v: u64| buf[word * W..word * W + W].copy_from_slice(&v.to_ne_bytes());
     put(H_MAGIC, MAGIC);
     put(H_VERSION, VERSION as u64 | ((SLOTS as u64) << 32));
     put(H_HIGH_WATER, 0);
@@ -165,7 +175,10 @@ impl CacheRegion {
         match File::options().read(true).write(true).open(path) {
             Ok(f) => Self::map(path, f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
                 let tmp = dir.join(format!(
                     ".{}.{}.tmp",
                     path.file_name().and_then(|n| n.to_str()).unwrap_or("cache"),
@@ -188,7 +201,11 @@ impl CacheRegion {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(io(e)),
                 }
-                let f = File::options().read(true).write(true).open(path).map_err(io)?;
+                let f = File::options()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(io)?;
                 Self::map(path, f)
             }
             Err(e) => Err(io(e)),
@@ -206,15 +223,22 @@ impl CacheRegion {
     }
 
     fn map(path: &Path, f: File) -> Result<Self, CacheError> {
-        let len = f.metadata().map_err(|e| CacheError::Io(path.to_path_buf(), e))?.len();
+        let len = f
+            .metadata()
+            .map_err(|e| CacheError::Io(path.to_path_buf(), e))?
+            .len();
         // Check the size before mapping: touching a mapping past the end of a file raises SIGBUS.
         if len < HEADER_BYTES as u64 {
-            return Err(CacheError::Corrupt(path.to_path_buf(), "shorter than a header"));
+            return Err(CacheError::Corrupt(
+                path.to_path_buf(),
+                "shorter than a header",
+            ));
         }
         let mut head = [0u8; 16];
         let n = {
             use std::os::unix::fs::FileExt;
-            f.read_at(&mut head, 0).map_err(|e| CacheError::Io(path.to_path_buf(), e))?
+            f.read_at(&mut head, 0)
+                .map_err(|e| CacheError::Io(path.to_path_buf(), e))?
         };
         if n < 16 || u64::from_ne_bytes(head[..8].try_into().unwrap()) != MAGIC {
             return Err(CacheError::Corrupt(path.to_path_buf(), "bad magic"));
@@ -224,7 +248,10 @@ impl CacheRegion {
             return Err(CacheError::Version(path.to_path_buf(), ver as u32));
         }
         if (ver >> 32) as usize != SLOTS || len < FILE_BYTES as u64 {
-            return Err(CacheError::Corrupt(path.to_path_buf(), "wrong size for its version"));
+            return Err(CacheError::Corrupt(
+                path.to_path_buf(),
+                "wrong size for its version",
+            ));
         }
         // SAFETY: mapping a regular file we hold open, of at least FILE_BYTES bytes (checked above), shared so
         // every process sees the same words. The fd may be closed after mmap; the mapping stays valid.
@@ -239,9 +266,16 @@ impl CacheRegion {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(CacheError::Io(path.to_path_buf(), io::Error::last_os_error()));
+            return Err(CacheError::Io(
+                path.to_path_buf(),
+                io::Error::last_os_error(),
+            ));
         }
-        Ok(Self { words: ptr as *const AtomicU64, backing: Backing::Mapped { ptr }, path: Some(path.to_path_buf()) })
+        Ok(Self {
+            words: ptr as *const AtomicU64,
+            backing: Backing::Mapped { ptr },
+            path: Some(path.to_path_buf()),
+        })
     }
 
     /// A region in this process's own memory: the same accounting rules, shared with no one. Used when the
@@ -253,7 +287,11 @@ impl CacheRegion {
             .map(|c| AtomicU64::new(u64::from_ne_bytes(c.try_into().unwrap())))
             .collect();
         let ptr = words.as_ptr();
-        Self { words: ptr, backing: Backing::Private(words), path: None }
+        Self {
+            words: ptr,
+            backing: Backing::Private { _words: words },
+            path: None,
+        }
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -281,7 +319,11 @@ impl CacheRegion {
             *l = self.word(H_LIMITS + i).load(SeqCst);
         }
         let sm = self.word(H_SM).load(SeqCst);
-        HeaderInfo { memory_limits, sm_limit: sm as u32, policy: (sm >> 32) as u32 }
+        HeaderInfo {
+            memory_limits,
+            sm_limit: sm as u32,
+            policy: (sm >> 32) as u32,
+        }
     }
 
     /// Records which card a CUDA ordinal is (first 8 bytes of its UUID). Every process writes the same value,
@@ -293,7 +335,11 @@ impl CacheRegion {
     }
 
     pub fn uuid_hint(&self, dev: usize) -> u64 {
-        if dev < MAX_DEVICES { self.word(H_UUIDS + dev).load(SeqCst) } else { 0 }
+        if dev < MAX_DEVICES {
+            self.word(H_UUIDS + dev).load(SeqCst)
+        } else {
+            0
+        }
     }
 
     fn high_water(&self) -> usize {
@@ -309,7 +355,10 @@ impl CacheRegion {
                 continue;
             }
             let gen = (cur >> 32) + 1;
-            if owner.compare_exchange(cur, (gen << 32) | pid as u64, SeqCst, SeqCst).is_ok() {
+            if owner
+                .compare_exchange(cur, (gen << 32) | pid as u64, SeqCst, SeqCst)
+                .is_ok()
+            {
                 self.word(H_HIGH_WATER).fetch_max(slot as u64 + 1, SeqCst);
                 self.slot_word(slot, S_PIDNS).store(pid_ns, SeqCst);
                 for k in [S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT] {
@@ -334,18 +383,29 @@ impl CacheRegion {
 
     /// Total charged on `dev` by every slot.
     pub fn device_total(&self, dev: usize) -> u64 {
-        (0..self.high_water()).map(|s| self.slot_word(s, S_USED + dev).load(SeqCst)).sum()
+        (0..self.high_water())
+            .map(|s| self.slot_word(s, S_USED + dev).load(SeqCst))
+            .sum()
     }
 
     /// Charges `bytes` on `dev` to `slot` if the container's total stays within `limit`.
-    pub fn try_charge(&self, slot: usize, dev: usize, bytes: u64, limit: Option<u64>) -> Result<(), OverLimit> {
+    pub fn try_charge(
+        &self,
+        slot: usize,
+        dev: usize,
+        bytes: u64,
+        limit: Option<u64>,
+    ) -> Result<(), OverLimit> {
         let mine = self.slot_word(slot, S_USED + dev);
         mine.fetch_add(bytes, SeqCst);
         let Some(limit) = limit else { return Ok(()) };
         let total = self.device_total(dev);
         if total > limit {
             mine.fetch_sub(bytes, SeqCst);
-            return Err(OverLimit { requested_total: total, limit });
+            return Err(OverLimit {
+                requested_total: total,
+                limit,
+            });
         }
         Ok(())
     }
@@ -358,6 +418,16 @@ impl CacheRegion {
 
     pub fn add_context_bytes(&self, slot: usize, bytes: u64) {
         self.slot_word(slot, S_CONTEXT).fetch_add(bytes, SeqCst);
+    }
+
+    /// The largest CUDA context any live process of the container was measured to hold: what a new process's
+    /// context will about take.
+    pub fn max_context_bytes(&self) -> u64 {
+        (0..self.high_water())
+            .filter(|&s| self.slot_word(s, S_OWNER).load(SeqCst) as u32 != 0)
+            .map(|s| self.slot_word(s, S_CONTEXT).load(SeqCst))
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn add_launches(&self, slot: usize, n: u64) {
@@ -407,11 +477,17 @@ impl CacheRegion {
             }
             let pid = state & !RECLAIMING;
             // A reclaimer that died half-way is itself reclaimable; its own start time is unknown here.
-            let start = if state & RECLAIMING != 0 { 0 } else { self.slot_word(slot, S_START).load(SeqCst) };
+            let start = if state & RECLAIMING != 0 {
+                0
+            } else {
+                self.slot_word(slot, S_START).load(SeqCst)
+            };
             if alive(pid, start) {
                 continue;
             }
-            let bytes: u64 = (0..MAX_DEVICES).map(|d| self.slot_word(slot, S_USED + d).load(SeqCst)).sum();
+            let bytes: u64 = (0..MAX_DEVICES)
+                .map(|d| self.slot_word(slot, S_USED + d).load(SeqCst))
+                .sum();
             if self.clear_slot(slot, cur, std::process::id()) {
                 freed += bytes;
             }
@@ -478,7 +554,11 @@ mod tests {
     }
 
     fn tmpdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("vgpu-cache-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let d = std::env::temp_dir().join(format!(
+            "vgpu-cache-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
@@ -491,8 +571,18 @@ mod tests {
         assert_ne!(a, b);
         r.try_charge(a, 0, 600, Some(1000)).unwrap();
         let e = r.try_charge(b, 0, 500, Some(1000)).unwrap_err();
-        assert_eq!(e, OverLimit { requested_total: 1100, limit: 1000 });
-        assert_eq!(r.device_total(0), 600, "a refused charge leaves nothing behind");
+        assert_eq!(
+            e,
+            OverLimit {
+                requested_total: 1100,
+                limit: 1000
+            }
+        );
+        assert_eq!(
+            r.device_total(0),
+            600,
+            "a refused charge leaves nothing behind"
+        );
         r.try_charge(b, 0, 400, Some(1000)).unwrap();
         r.uncharge(a, 0, 600);
         r.uncharge(a, 0, 600);
@@ -522,20 +612,33 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         let r1 = CacheRegion::open_or_create(&p, &info(1 << 30)).unwrap();
         let r2 = CacheRegion::open_or_create(&p, &info(0)).unwrap();
-        assert_eq!(r2.header().memory_limits[0], 1 << 30, "the first creator's header stays");
+        assert_eq!(
+            r2.header().memory_limits[0],
+            1 << 30,
+            "the first creator's header stays"
+        );
         let s = r1.claim(1, 1, 1).unwrap();
         r1.try_charge(s, 0, 4096, None).unwrap();
         assert_eq!(r2.device_total(0), 4096);
 
         std::fs::write(d.join("bad.cache"), b"not a cache").unwrap();
-        assert!(matches!(CacheRegion::open_or_create(&d.join("bad.cache"), &info(0)), Err(CacheError::Corrupt(..))));
+        assert!(matches!(
+            CacheRegion::open_or_create(&d.join("bad.cache"), &info(0)),
+            Err(CacheError::Corrupt(..))
+        ));
         let mut other = header_bytes(&info(0));
         other[8] = 9;
         std::fs::write(d.join("v9.cache"), &other).unwrap();
-        assert!(matches!(CacheRegion::open_or_create(&d.join("v9.cache"), &info(0)), Err(CacheError::Version(_, 9))));
+        assert!(matches!(
+            CacheRegion::open_or_create(&d.join("v9.cache"), &info(0)),
+            Err(CacheError::Version(_, 9))
+        ));
         let short = &header_bytes(&info(0))[..HEADER_BYTES + 10];
         std::fs::write(d.join("short.cache"), short).unwrap();
-        assert!(matches!(CacheRegion::open_or_create(&d.join("short.cache"), &info(0)), Err(CacheError::Corrupt(..))));
+        assert!(matches!(
+            CacheRegion::open_or_create(&d.join("short.cache"), &info(0)),
+            Err(CacheError::Corrupt(..))
+        ));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -577,6 +680,9 @@ mod tests {
         let me = std::process::id();
         let t = process_start_time(me).unwrap();
         assert!(pid_alive(me, t));
-        assert!(!pid_alive(me, t + 1), "a reused pid is not the same process");
+        assert!(
+            !pid_alive(me, t + 1),
+            "a reused pid is not the same process"
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod annotations;
 pub mod cache_layout;
+pub mod card_layout;
 pub mod env;
 pub mod limits;
 pub mod register;

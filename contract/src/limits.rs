@@ -19,7 +19,10 @@ impl fmt::Display for ParseError {
 impl std::error::Error for ParseError {}
 
 fn err(value: &str, why: &'static str) -> ParseError {
-    ParseError { value: value.to_string(), why }
+    ParseError {
+        value: value.to_string(),
+        why,
+    }
 }
 
 /// A memory limit as HAMi writes it: `4000m` (MiB), `4g` (GiB), `512k` (KiB) or plain bytes; suffixes are
@@ -35,13 +38,23 @@ pub fn parse_memory(value: &str) -> Result<Option<u64>, ParseError> {
         b'g' => (&v[..v.len() - 1], 1u64 << 30),
         b't' => (&v[..v.len() - 1], 1u64 << 40),
         b'0'..=b'9' => (v, 1),
-        _ => return Err(err(value, "expected a number with an optional k, m, g or t suffix")),
+        _ => {
+            return Err(err(
+                value,
+                "expected a number with an optional k, m, g or t suffix",
+            ))
+        }
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(err(value, "expected a number with an optional k, m, g or t suffix"));
+        return Err(err(
+            value,
+            "expected a number with an optional k, m, g or t suffix",
+        ));
     }
     let n: u64 = digits.parse().map_err(|_| err(value, "number too large"))?;
-    let bytes = n.checked_mul(mult).ok_or_else(|| err(value, "number too large"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| err(value, "number too large"))?;
     Ok((bytes > 0).then_some(bytes))
 }
 
@@ -133,7 +146,16 @@ mod tests {
         assert_eq!(parse_memory("1048576").unwrap(), Some(MIB));
         assert_eq!(parse_memory(" 512k ").unwrap(), Some(512 << 10));
         assert_eq!(parse_memory("0").unwrap(), None);
-        for bad in ["", "m", "abc", "4x", "-4m", "4.5g", "99999999999999999999", "18446744073709551615g"] {
+        for bad in [
+            "",
+            "m",
+            "abc",
+            "4x",
+            "-4m",
+            "4.5g",
+            "99999999999999999999",
+            "18446744073709551615g",
+        ] {
             assert!(parse_memory(bad).is_err(), "{bad} should be refused");
         }
     }

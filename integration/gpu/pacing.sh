@@ -1,0 +1,41 @@
+#!/bin/bash
+# Issue 3 evidence on a real GPU: compute slices as ratios to an unlimited run in the same script, with NVML
+# utilization sampled at 10 Hz for the single-slice cases. Needs target/release/libvgpu.so, PyTorch, pynvml.
+# usage: bash integration/gpu/pacing.sh [SECONDS per case]
+set -u
+cd "$(dirname "$0")/../.."
+R=$PWD; S=$R/target/release/libvgpu.so; G=$R/bench/gpu; D=${1:-10}; T=$(mktemp -d)
+export VGPU_CARD_DIR=$T/cards
+mm() { timeout $((D + 60)) python3 $G/matmul_loop.py "$@" 2>&1; }
+overall() { grep -o 'overall [0-9.]*' | awk '{print $2}'; }
+slice() {  # slice NAME CORES POLICY ARGS...: the matmul loop as its own container (own cache file)
+  local n=$1 c=$2 p=$3; shift 3
+  GPU_CORE_UTILIZATION_POLICY=$p LD_PRELOAD=$S CUDA_DEVICE_MEMORY_LIMIT_0=20000m CUDA_DEVICE_SM_LIMIT=$c \
+    CUDA_DEVICE_MEMORY_SHARED_CACHE=$T/$n.cache mm "$@"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.3f", a/b; else print "n/a" }'; }
+echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+python3 $G/nvml_sampler.py $((D - 3)) > $T/u100.txt &
+base=$(mm $D 4096 | overall); wait; small=$(mm $D 256 | overall)
+echo "unlimited bf16 matmul n=4096: $base TFLOP/s; n=256 (launch-bound): $small TFLOP/s"
+echo "    unlimited NVML: $(tail -1 $T/u100.txt)"
+r=$(slice n0 0 force $D 256 | overall); echo "n=256 with the shim and no SM limit: $(ratio $r $small) of unlimited"
+for c in 10 30 50 70; do
+  python3 $G/nvml_sampler.py $((D - 3)) > $T/u$c.txt &
+  r=$(slice f$c $c force $D 4096 | overall); wait
+  echo "force $c%: $r TFLOP/s = $(ratio $r $base) of unlimited | NVML $(tail -1 $T/u$c.txt)"
+  echo "    NVML 1 s means: $(head -1 $T/u$c.txt | cut -d: -f2)"
+done
+r=$(slice d30 30 default $D 4096 | overall); echo "default 30% alone: $(ratio $r $base) of unlimited"
+slice c30 30 force $D 4096 > $T/a.txt & slice c50 50 force $D 4096 > $T/b.txt; wait
+echo "force 30 + force 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
+slice e30 30 default $D 4096 > $T/a.txt & slice e50 50 default $D 4096 > $T/b.txt; wait
+echo "default 30 + default 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
+slice r30 30 default $((D + 4)) 4096 > $T/c.txt & (sleep 3; slice r50 50 default $((D / 2)) 4096 > $T/d.txt); wait
+echo "default 30 while a default 50 runs from ~3 s for $((D / 2)) s, then alone (TFLOP/s per second; unlimited = $base):"
+echo "    $(grep window $T/c.txt | awk '{printf "%s ", $3} END {print ""}')"
+echo "    the 50's windows: $(grep window $T/d.txt | awk '{printf "%s ", $3} END {print ""}')"
+python3 $G/nvml_sampler.py $((D - 3)) > $T/us.txt &
+r=$(slice s30 30 force $D 256 | overall); wait
+echo "small kernels n=256 force 30%: $(ratio $r $small) of unlimited | NVML $(tail -1 $T/us.txt)"
+rm -rf $T

@@ -1,0 +1,424 @@
+//! Compute slices: holds kernel launches outside the container's window (see [`crate::window`]).
+//!
+//! The control loop: a monitor thread (started on the first launch of a process whose slice has an SM limit)
+//! keeps the container's card entry alive, reads the card every [`TICK_NS`], and publishes for each device a
+//! plan word: "free", or the window's offset and length within the period. A launch reads the plan; inside its
+//! window (or free) it goes straight to the driver; outside, it sleeps until the window opens.
+//!
+//! Work still running when a window closes is measured, not guessed: the first launch held back after a
+//! window synchronizes the context, and the time the GPU kept running past the window end becomes debt that
+//! shortens the container's next windows. So the share is GPU time actually used, whatever the kernel sizes.
+//!
+//! Cost: with no SM limit a launch pays one relaxed load. Under a limit, inside its window: three atomics and
+//! one vDSO clock read; no syscall, no lock, no allocation.
+
+use crate::hooks::used;
+use crate::process::{self, now_ns};
+use crate::real::call_real;
+use crate::window::{self, Plan, PERIOD_NS};
+use crate::{cuda::*, log};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use vgpu_contract::cache_layout::MAX_DEVICES;
+use vgpu_contract::card_layout::CardFile;
+use vgpu_contract::limits::CorePolicy;
+
+/// How often the monitor re-reads the card and refreshes activity.
+pub const TICK_NS: u64 = 5_000_000;
+/// Debt is capped at one period, so a long stall never starves a slice for long.
+const MAX_DEBT_NS: u64 = PERIOD_NS;
+
+const UNDECIDED: u8 = 0;
+const OFF: u8 = 1;
+const ON: u8 = 2;
+static STATE: AtomicU8 = AtomicU8::new(UNDECIDED);
+static MONITOR_STARTED: AtomicBool = AtomicBool::new(false);
+/// 1 when the process sees one device, so the launch path needs no driver call to know it.
+static SINGLE_DEVICE: AtomicU8 = AtomicU8::new(0);
+
+/// Plan word: 0 = free; else WINDOWED | offset_us << 32 | len_us (len_us may be 0: nothing this period).
+const FREE: u64 = 0;
+const WINDOWED: u64 = 1 << 63;
+
+struct DevicePace {
+    plan: AtomicU64,
+    launches: AtomicU64,
+    waiting: AtomicU32,
+    throttled_ns: AtomicU64,
+    debt_ns: AtomicU64,
+    /// End of the window whose overrun was measured last (so it is measured once).
+    drained_for: AtomicU64,
+    used: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const DP: DevicePace = DevicePace {
+    plan: AtomicU64::new(FREE),
+    launches: AtomicU64::new(0),
+    waiting: AtomicU32::new(0),
+    throttled_ns: AtomicU64::new(0),
+    debt_ns: AtomicU64::new(0),
+    drained_for: AtomicU64::new(0),
+    used: AtomicBool::new(false),
+};
+static DEVICES: [DevicePace; MAX_DEVICES] = [DP; MAX_DEVICES];
+
+fn encode(offset_ns: u64, len_ns: u64) -> u64 {
+    WINDOWED | ((offset_ns / 1000) << 32) | (len_ns / 1000)
+}
+
+/// Offset and length of the window in ns, from a non-free plan word.
+fn decode(plan: u64) -> (u64, u64) {
+    (
+        ((plan & !WINDOWED) >> 32) * 1000,
+        (plan & 0xffff_ffff) * 1000,
+    )
+}
+
+/// Where `now` stands against a window: Ok if inside, else how long until the next one opens.
+fn wait_needed(plan: u64, now: u64) -> Result<(), u64> {
+    if plan == FREE {
+        return Ok(());
+    }
+    let (off, len) = decode(plan);
+    let pos = now % PERIOD_NS;
+    if pos >= off && pos < off + len {
+        Ok(())
+    } else if pos < off {
+        Err(off - pos)
+    } else {
+        Err(PERIOD_NS - pos + off)
+    }
+}
+
+/// Called by every launch hook before the real launch.
+#[inline]
+pub fn before_launch(stream: CUstream) {
+    match STATE.load(Relaxed) {
+        OFF => return,
+        ON => {}
+        _ => {
+            if !decide() {
+                return;
+            }
+        }
+    }
+    let dev = if SINGLE_DEVICE.load(Relaxed) == 1 {
+        0
+    } else {
+        crate::hooks::memory::current_device().unwrap_or(0)
+    };
+    let d = &DEVICES[dev];
+    d.launches.fetch_add(1, Relaxed);
+    let plan = d.plan.load(Relaxed);
+    if plan == FREE {
+        if !d.used.load(Relaxed) {
+            d.used.store(true, Relaxed);
+        }
+        return;
+    }
+    if wait_needed(plan, now_ns()).is_err() && !capturing(stream) {
+        hold(d, stream);
+    }
+}
+
+/// A synchronize that waited at least this long saw the GPU still working when it began.
+const WAITED_NS: u64 = 20_000;
+
+/// When the program's last synchronize that really waited returned (monotonic ns): the GPU had just finished
+/// its work then. Lets the overrun of a window be measured when the program synchronizes by itself.
+static SYNC_WAITED_UNTIL: AtomicU64 = AtomicU64::new(0);
+
+/// Wraps a synchronize call of the program to note when the GPU finished.
+pub fn observe_sync(call: impl FnOnce() -> CUresult) -> CUresult {
+    if STATE.load(Relaxed) != ON {
+        return call();
+    }
+    let t0 = now_ns();
+    let rc = call();
+    let t1 = now_ns();
+    if t1 - t0 >= WAITED_NS {
+        SYNC_WAITED_UNTIL.fetch_max(t1, Relaxed);
+    }
+    rc
+}
+
+/// How long the GPU kept working past the window that ended at `end`, measured now (at `t0`, before any
+/// further launch). Either our own synchronize waits (the GPU was still busy: it finished when it returns),
+/// or the program's own synchronize already waited after `end`, or the GPU was idle and nothing is owed.
+fn overrun_since(end: u64) -> u64 {
+    let t0 = now_ns();
+    let rc = call_real!(
+        crate::hooks::real_fns::cuCtxSynchronize,
+        unsafe extern "C" fn() -> CUresult,
+        CUDA_ERROR_NOT_FOUND,
+        ()
+    );
+    let t1 = now_ns();
+    if rc != CUDA_SUCCESS {
+        return 0;
+    }
+    let finished = if t1 - t0 >= WAITED_NS {
+        t1
+    } else {
+        SYNC_WAITED_UNTIL.load(Relaxed)
+    };
+    finished.saturating_sub(end).min(MAX_DEBT_NS)
+}
+
+#[cold]
+fn hold(d: &DevicePace, stream: CUstream) {
+    d.waiting.fetch_add(1, SeqCst);
+    let start = now_ns();
+    // Right after our window closed: measure the overrun once per window, to pay it from the next ones.
+    let plan = d.plan.load(Relaxed);
+    if plan != FREE && !capturing(stream) {
+        let (off, len) = decode(plan);
+        let pos = start % PERIOD_NS;
+        let end = start - pos + off + len;
+        if pos >= off + len && d.drained_for.swap(end, SeqCst) != end {
+            let owed = overrun_since(end);
+            if owed > 0 {
+                let _ = d
+                    .debt_ns
+                    .fetch_update(SeqCst, SeqCst, |x| Some((x + owed).min(MAX_DEBT_NS)));
+            }
+        }
+    }
+    loop {
+        let now = now_ns();
+        match wait_needed(d.plan.load(Relaxed), now) {
+            Ok(()) => break,
+            Err(ns) => sleep_until(now + ns.min(TICK_NS)),
+        }
+    }
+    d.throttled_ns.fetch_add(now_ns() - start, Relaxed);
+    d.waiting.fetch_sub(1, SeqCst);
+}
+
+/// Launches into a stream being captured into a graph do not run now: they are not held, and nothing may
+/// synchronize while a capture is open.
+fn capturing(stream: CUstream) -> bool {
+    let mut status: std::ffi::c_int = 0;
+    let rc = call_real!(
+        used::cuStreamIsCapturing,
+        unsafe extern "C" fn(CUstream, *mut std::ffi::c_int) -> CUresult,
+        CUDA_ERROR_NOT_FOUND,
+        (stream, &mut status)
+    );
+    rc == CUDA_SUCCESS && status != 0
+}
+
+fn sleep_until(t: u64) {
+    let ts = libc::timespec {
+        tv_sec: (t / 1_000_000_000) as i64,
+        tv_nsec: (t % 1_000_000_000) as i64,
+    };
+    // SAFETY: ts is a valid timespec; a null remainder is allowed with TIMER_ABSTIME.
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
+}
+
+/// First launch of the process: pace or not, and start the monitor if so.
+#[cold]
+fn decide() -> bool {
+    let on = process::get()
+        .is_some_and(|p| p.cfg.sm_limit.is_some() && p.cfg.policy != CorePolicy::Disable);
+    if !on {
+        STATE.store(OFF, Relaxed);
+        return false;
+    }
+    let mut n: std::ffi::c_int = 0;
+    let rc = call_real!(
+        used::cuDeviceGetCount,
+        unsafe extern "C" fn(*mut std::ffi::c_int) -> CUresult,
+        CUDA_ERROR_NOT_FOUND,
+        (&mut n)
+    );
+    SINGLE_DEVICE.store((rc == CUDA_SUCCESS && n == 1) as u8, Relaxed);
+    if !MONITOR_STARTED.swap(true, SeqCst) {
+        let ctx = current_context();
+        if std::thread::Builder::new()
+            .name("vgpu-pacer".into())
+            .spawn(move || monitor(ctx))
+            .is_err()
+        {
+            log::error("cannot start the pacing thread: compute limit not enforced");
+            STATE.store(OFF, Relaxed);
+            return false;
+        }
+    }
+    STATE.store(ON, Relaxed);
+    true
+}
+
+fn current_context() -> usize {
+    let mut ctx: CUcontext = std::ptr::null_mut();
+    call_real!(
+        used::cuCtxGetCurrent,
+        unsafe extern "C" fn(*mut CUcontext) -> CUresult,
+        CUDA_ERROR_NOT_FOUND,
+        (&mut ctx)
+    );
+    ctx as usize
+}
+
+/// Identity of this container on the card: its cache file (device, inode), or this process alone.
+fn container_key(p: &process::Process) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match p
+        .region
+        .path()
+        .and_then(|path| std::fs::metadata(path).ok())
+    {
+        Some(m) => {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino()).hash(&mut h)
+        }
+        None => ("pid", p.pid, p.region.path().is_none()).hash(&mut h),
+    }
+    h.finish() | 1
+}
+
+struct Joined {
+    card: CardFile,
+    entry: usize,
+    last_launches: u64,
+    last_throttled: u64,
+    last_period: u64,
+    /// Debt paid out of the current period's window.
+    paid: u64,
+}
+
+fn join(dev: usize, p: &process::Process, key: u64, share: u32) -> Option<Joined> {
+    let uuid = crate::context::cuda_uuid(dev)
+        .map(|u| format_uuid(&u))
+        .unwrap_or_else(|| format!("dev{dev}"));
+    let card = CardFile::open(&p.cfg.card_dir, &uuid).unwrap_or_else(|e| {
+        log::warn(&format!(
+            "card directory {}: {e}; pacing this container without coordinating with other slices",
+            p.cfg.card_dir.display()
+        ));
+        CardFile::private()
+    });
+    let entry = card.join(key, share, p.cfg.policy.code(), now_ns());
+    if entry.is_none() {
+        log::error("the card's slice table is full; pacing this container alone");
+    }
+    let (card, entry) = match entry {
+        Some(e) => (card, e),
+        None => {
+            let c = CardFile::private();
+            let e = c.join(key, share, p.cfg.policy.code(), now_ns())?;
+            (c, e)
+        }
+    };
+    Some(Joined {
+        card,
+        entry,
+        last_launches: 0,
+        last_throttled: 0,
+        last_period: u64::MAX,
+        paid: 0,
+    })
+}
+
+fn monitor(ctx: usize) {
+    // Make the launching thread's context current here too, so driver calls made on its behalf resolve.
+    if ctx != 0 {
+        call_real!(
+            used::cuCtxSetCurrent,
+            unsafe extern "C" fn(CUcontext) -> CUresult,
+            CUDA_ERROR_NOT_FOUND,
+            (ctx as CUcontext)
+        );
+    }
+    let Some(p) = process::get() else { return };
+    let Some(share) = p.cfg.sm_limit else { return };
+    let key = container_key(p);
+    let mut joined: Vec<Option<Joined>> = (0..MAX_DEVICES).map(|_| None).collect();
+    loop {
+        let now = now_ns();
+        for (dev, d) in DEVICES.iter().enumerate() {
+            let launches = d.launches.load(Relaxed);
+            if launches == 0 && d.waiting.load(Relaxed) == 0 {
+                continue;
+            }
+            if joined[dev].is_none() {
+                joined[dev] = join(dev, p, key, share);
+            }
+            let Some(j) = joined[dev].as_mut() else {
+                continue;
+            };
+            let throttled = d.throttled_ns.load(Relaxed);
+            if launches != j.last_launches || d.waiting.load(Relaxed) > 0 {
+                j.card.touch(j.entry, now);
+            }
+            j.card.add_stats(
+                j.entry,
+                launches - j.last_launches,
+                throttled - j.last_throttled,
+            );
+            p.region.add_launches(p.slot, launches - j.last_launches);
+            p.region
+                .add_throttled_ns(p.slot, throttled - j.last_throttled);
+            j.last_launches = launches;
+            j.last_throttled = throttled;
+            let plan = match window::plan(&j.card.entries(), j.entry, p.cfg.policy, now) {
+                Plan::Free => FREE,
+                Plan::Window { offset_ns, len_ns } => {
+                    // Once per period, pay the debt out of this period's window.
+                    let period = now / PERIOD_NS;
+                    if period != j.last_period {
+                        j.last_period = period;
+                        j.paid = d.debt_ns.load(SeqCst).min(len_ns);
+                        d.debt_ns.fetch_sub(j.paid, SeqCst);
+                    }
+                    encode(offset_ns, len_ns.saturating_sub(j.paid))
+                }
+            };
+            d.plan.store(plan, Relaxed);
+        }
+        sleep_until(now + TICK_NS);
+    }
+}
+
+/// In a forked child: no monitor thread exists; start over on its first launch.
+pub fn forked_child() {
+    STATE.store(UNDECIDED, Relaxed);
+    MONITOR_STARTED.store(false, Relaxed);
+    for d in &DEVICES {
+        d.plan.store(FREE, Relaxed);
+        d.launches.store(0, Relaxed);
+        d.waiting.store(0, Relaxed);
+        d.debt_ns.store(0, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn inside_and_outside_the_window() {
+        let plan = encode(10 * MS, 15 * MS);
+        assert_eq!(wait_needed(plan, 5 * PERIOD_NS + 12 * MS), Ok(()));
+        assert_eq!(wait_needed(plan, 5 * PERIOD_NS + 2 * MS), Err(8 * MS));
+        assert_eq!(
+            wait_needed(plan, 5 * PERIOD_NS + 30 * MS),
+            Err(PERIOD_NS - 30 * MS + 10 * MS)
+        );
+        assert_eq!(wait_needed(FREE, 1), Ok(()));
+        assert!(
+            wait_needed(encode(0, 0), 3).is_err(),
+            "an empty window holds everything"
+        );
+    }
+}
