@@ -1,0 +1,275 @@
+//! Prometheus text exposition from a status snapshot: HAMi's names (legacy and current node-monitor ones) so
+//! existing dashboards keep working, and vgpu's own beside them. Documented in docs/agent.md.
+
+use std::fmt::Write;
+
+use crate::report::{ContainerReport, GpuReport, Report};
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, l: &[(&str, &str)], v: f64) {
+        let _ = writeln!(self.0, "{name}{} {v}", labels(l));
+    }
+}
+
+type GpuFamily = (&'static str, &'static str, bool, fn(&GpuReport) -> f64);
+type CtrFamily = (
+    &'static str,
+    &'static str,
+    Labels,
+    fn(&ContainerReport) -> f64,
+);
+
+#[derive(Clone, Copy)]
+enum Labels {
+    /// HAMi's legacy per-container labels.
+    Legacy,
+    /// HAMi's current node-monitor labels.
+    Current,
+    /// vgpu's own: what the agent knows off Kubernetes too.
+    Ours,
+}
+
+fn container_labels(set: Labels, c: &ContainerReport, uuid: &str) -> Vec<(&'static str, String)> {
+    let pod = c.pod_uid.clone().unwrap_or_default();
+    let name = c.container_name.clone().unwrap_or_else(|| c.key.clone());
+    match set {
+        Labels::Legacy => vec![
+            ("podnamespace", String::new()),
+            ("podname", pod),
+            ("ctrname", name),
+            ("vdeviceid", "0".into()),
+            ("deviceuuid", uuid.into()),
+        ],
+        Labels::Current => vec![
+            ("namespace", String::new()),
+            ("pod", pod),
+            ("container", name),
+            ("vdevice_index", "0".into()),
+            ("device_uuid", uuid.into()),
+        ],
+        Labels::Ours => vec![
+            ("cgroup", c.cgroup.clone().unwrap_or_default()),
+            ("pod_uid", pod),
+            ("container", c.container_name.clone().unwrap_or_default()),
+            ("cache_file", c.cache_file.clone().unwrap_or_default()),
+        ],
+    }
+}
+
+pub fn render(r: &Report) -> String {
+    let mut o = Out(String::new());
+    let gpu_families: [GpuFamily; 5] = [
+        (
+            "HostGPUMemoryUsage",
+            "GPU device memory used (bytes), HAMi legacy name",
+            false,
+            |g| g.memory_used as f64,
+        ),
+        (
+            "HostCoreUtilization",
+            "GPU utilization (percent), HAMi legacy name",
+            false,
+            |g| g.utilization as f64,
+        ),
+        (
+            "hami_host_gpu_memory_used_bytes",
+            "GPU device memory used (bytes)",
+            true,
+            |g| g.memory_used as f64,
+        ),
+        (
+            "hami_host_gpu_utilization_ratio",
+            "GPU utilization (0-1)",
+            true,
+            |g| g.utilization as f64 / 100.0,
+        ),
+        (
+            "vgpu_host_gpu_memory_total_bytes",
+            "GPU device memory total (bytes)",
+            true,
+            |g| g.memory_total as f64,
+        ),
+    ];
+    for (name, help, current, f) in gpu_families {
+        o.family(name, "gauge", help);
+        for g in &r.gpus {
+            let idx = g.index.to_string();
+            let l = if current {
+                [
+                    ("device_index", idx.as_str()),
+                    ("device_uuid", g.uuid.as_str()),
+                    ("device_type", g.name.as_str()),
+                ]
+            } else {
+                [
+                    ("deviceidx", idx.as_str()),
+                    ("deviceuuid", g.uuid.as_str()),
+                    ("devicetype", g.name.as_str()),
+                ]
+            };
+            o.sample(name, &l, f(g));
+        }
+    }
+
+    // Per container. Off Kubernetes the pod fields are empty and the container label names the cgroup.
+    let uuid = r.gpus.first().map(|g| g.uuid.clone()).unwrap_or_default();
+    let families: [CtrFamily; 12] = [
+        (
+            "vGPU_device_memory_usage_in_bytes",
+            "memory charged in the container's cache (bytes), HAMi legacy name",
+            Labels::Legacy,
+            |c| c.charged_bytes as f64,
+        ),
+        (
+            "vGPU_device_memory_limit_in_bytes",
+            "the container's memory limit (bytes), HAMi legacy name",
+            Labels::Legacy,
+            |c| c.limit_bytes as f64,
+        ),
+        (
+            "hami_vgpu_memory_used_bytes",
+            "memory charged in the container's cache (bytes)",
+            Labels::Current,
+            |c| c.charged_bytes as f64,
+        ),
+        (
+            "hami_vgpu_memory_limit_bytes",
+            "the container's memory limit (bytes)",
+            Labels::Current,
+            |c| c.limit_bytes as f64,
+        ),
+        (
+            "vgpu_container_ebpf_memory_bytes",
+            "device memory the uprobes saw the container's processes hold (bytes)",
+            Labels::Ours,
+            |c| c.ebpf_bytes as f64,
+        ),
+        (
+            "vgpu_container_charged_memory_bytes",
+            "memory charged in the container's cache file (bytes)",
+            Labels::Ours,
+            |c| c.charged_bytes as f64,
+        ),
+        (
+            "vgpu_container_nvml_memory_bytes",
+            "NVML's per-process used memory summed over the container (bytes)",
+            Labels::Ours,
+            |c| c.nvml_bytes as f64,
+        ),
+        (
+            "vgpu_container_limit_bytes",
+            "the container's memory limit (bytes, 0 = none)",
+            Labels::Ours,
+            |c| c.limit_bytes as f64,
+        ),
+        (
+            "vgpu_container_launches_per_second",
+            "kernel launches per second (launch probes on)",
+            Labels::Ours,
+            |c| c.launches_per_s,
+        ),
+        (
+            "vgpu_container_throttled_seconds",
+            "time the shim held the container's launches back",
+            Labels::Ours,
+            |c| c.throttled_ms as f64 / 1000.0,
+        ),
+        (
+            "vgpu_container_over_limit",
+            "1 while the uprobes see the container past its limit",
+            Labels::Ours,
+            |c| c.over_limit as u8 as f64,
+        ),
+        (
+            "vgpu_container_warnings",
+            "number of warnings on the container (see vgpu-agent status)",
+            Labels::Ours,
+            |c| c.warnings.len() as f64,
+        ),
+    ];
+    for (name, help, set, value) in families {
+        o.family(name, "gauge", help);
+        for c in &r.containers {
+            let l = container_labels(set, c, &uuid);
+            let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            o.sample(name, &l, value(c));
+        }
+    }
+    o.family(
+        "vgpu_process_ebpf_memory_bytes",
+        "gauge",
+        "device memory the uprobes saw a process hold (bytes)",
+    );
+    for c in &r.containers {
+        for p in &c.pids {
+            let pid = p.pid.to_string();
+            o.sample(
+                "vgpu_process_ebpf_memory_bytes",
+                &[("pid", &pid), ("cgroup", &c.key)],
+                p.ebpf_bytes as f64,
+            );
+        }
+    }
+    if let Some(a) = &r.agent {
+        let counters: [(&str, &str, f64); 5] = [
+            (
+                "vgpu_agent_events_total",
+                "uprobe events processed",
+                a.events as f64,
+            ),
+            (
+                "vgpu_agent_dropped_events_total",
+                "uprobe events lost to a full ring buffer",
+                a.dropped_events as f64,
+            ),
+            (
+                "vgpu_agent_violations_total",
+                "times a container went past its limit",
+                a.violations as f64,
+            ),
+            (
+                "vgpu_agent_kills_total",
+                "processes killed under the enforce policy",
+                a.kills.len() as f64,
+            ),
+            (
+                "vgpu_agent_reclaimed_bytes_total",
+                "bytes reclaimed from dead processes' cache slots",
+                a.reclaimed_bytes as f64,
+            ),
+        ];
+        for (n, h, v) in counters {
+            o.family(n, "counter", h);
+            o.sample(n, &[], v);
+        }
+        o.family("vgpu_agent_libcuda_files", "gauge", "libcuda files probed");
+        o.sample(
+            "vgpu_agent_libcuda_files",
+            &[],
+            a.libcuda_files.len() as f64,
+        );
+    }
+    o.0
+}

@@ -1,0 +1,318 @@
+//! `vgpu-agent run`: loads and attaches the probes, follows their events, sweeps the node every interval,
+//! serves `status` on a root-only unix socket and Prometheus metrics on a port.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::io::AsyncWriteExt;
+
+use crate::gpus::Gpus;
+use crate::ledger::Ledger;
+use crate::probes::{host_libcuda_candidates, parse_event, Probes};
+use crate::procs::{mapped_libcuda, ProcTable};
+use crate::report::{AgentInfo, Report};
+use crate::state::{Policy, State};
+
+pub const DEFAULT_CACHE_DIR: &str = "/usr/local/vgpu/containers";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Run without Kubernetes (no kubelet, no API server): the host view, status and metrics only.
+    #[arg(long)]
+    pub standalone: bool,
+    /// What to do about a container past its limit.
+    #[arg(long, value_enum, default_value = "report")]
+    pub policy: Policy,
+    /// Probe this libcuda file too (repeatable). The host's driver files and any libcuda a process maps are
+    /// found on their own.
+    #[arg(long = "libcuda")]
+    pub libcuda: Vec<PathBuf>,
+    /// Where the containers' shared-cache files are (searched recursively for *.cache).
+    #[arg(long, default_value = DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    #[arg(long, default_value = crate::status::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Prometheus metrics address; "off" for none.
+    #[arg(long, default_value = "0.0.0.0:9394")]
+    pub metrics_addr: String,
+    /// Count kernel launches per process (uprobes on cuLaunchKernel & co.). Off by default: each launch then
+    /// costs about 0.5 us more (see docs/agent.md).
+    #[arg(long)]
+    pub launch_probes: bool,
+    /// Sweep interval: exited processes dropped, cache files reclaimed and checked, NVML sampled.
+    #[arg(long, default_value_t = 500)]
+    pub interval_ms: u64,
+    /// Rescan /proc/*/maps for new libcuda files this often.
+    #[arg(long, default_value_t = 5000)]
+    pub libcuda_rescan_ms: u64,
+    /// The ledger is saved here so a restarted agent keeps what it saw (nothing lost, nothing counted twice).
+    #[arg(long, default_value = "/run/vgpu/agent-state.json")]
+    pub state_file: PathBuf,
+    /// The cgroup2 mount (default: found in /proc/self/mounts).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> i32 {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(serve(args)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            1
+        }
+    }
+}
+
+type Shared = Arc<Mutex<(State, Probes)>>;
+
+fn attach(state: &mut State, probes: &mut Probes, path: &Path) {
+    match probes.attach_file(path) {
+        Ok(true) => {
+            tracing::info!("probing {}", path.display());
+            state.libcuda_files = probes
+                .files()
+                .iter()
+                .map(|f| f.path.display().to_string())
+                .collect();
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!("not probing {}: {e:#}", path.display()),
+    }
+}
+
+/// Finds libcuda files mapped by running processes; returns the pids that map one.
+fn rescan_libcuda(state: &mut State, probes: &mut Probes) -> Vec<u32> {
+    let mut users = vec![];
+    let root = Path::new("/proc");
+    for pid in crate::procs::pids(root) {
+        let files = mapped_libcuda(root, pid);
+        if !files.is_empty() {
+            users.push(pid);
+        }
+        for f in files {
+            attach(state, probes, &f);
+        }
+    }
+    users
+}
+
+async fn serve(args: RunArgs) -> Result<()> {
+    if !args.standalone {
+        bail!("only --standalone is available in this build: the Kubernetes side (device plugin, registration) is not part of it yet");
+    }
+    let mut probes = Probes::load(args.launch_probes)?;
+    let mut state = State::new(
+        args.policy,
+        args.cache_dir.clone(),
+        args.cgroup_root
+            .clone()
+            .unwrap_or_else(crate::cgroups::cgroup2_mount),
+    );
+    state.launch_probes = args.launch_probes;
+    if let Ok(text) = std::fs::read_to_string(&args.state_file) {
+        match serde_json::from_str::<Ledger>(&text) {
+            Ok(saved) => state.restore(saved),
+            Err(e) => tracing::warn!("ignoring {}: {e}", args.state_file.display()),
+        }
+    } else {
+        state.procs = ProcTable::scan();
+    }
+    for p in args
+        .libcuda
+        .iter()
+        .cloned()
+        .chain(host_libcuda_candidates())
+    {
+        attach(&mut state, &mut probes, &p);
+    }
+    // Attach before adopting: a process seen mapping libcuda now is older than the probes.
+    for pid in rescan_libcuda(&mut state, &mut probes) {
+        state.adopt_running(pid);
+    }
+    // Cache files as they are now are the limits the agent holds containers to (a later rewrite is flagged).
+    state.mirror.rescan();
+    if probes.files().is_empty() {
+        tracing::warn!(
+            "no libcuda file found yet; will probe any that a process maps (or pass --libcuda)"
+        );
+    }
+    let ring = probes.take_events()?;
+    let gpus = Gpus::open();
+    state.nvml_status = gpus.error.clone().unwrap_or_else(|| "NVML ok".into());
+    tracing::info!(
+        "policy {:?}, {}, cache dir {}",
+        args.policy,
+        state.nvml_status,
+        args.cache_dir.display()
+    );
+    let shared: Shared = Arc::new(Mutex::new((state, probes)));
+
+    // Events: drained as soon as the ring buffer signals, so enforcement acts within milliseconds.
+    let ev_shared = shared.clone();
+    tokio::spawn(async move {
+        // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, so the fd stays open for as long as
+        // it is registered.
+        let mut fd = match unsafe { AsyncFd::register(ring) } {
+            Ok(fd) => fd,
+            Err(_) => return tracing::error!("could not register the ring buffer with tokio"),
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            // Clear readiness before draining: the kernel wakes a reader only when it had caught up, so an
+            // event landing between a drain and a later clear_ready would never be signalled again.
+            guard.clear_ready();
+            let mut batch = vec![];
+            while let Some(item) = guard.get_inner_mut().next() {
+                if let Some(ev) = parse_event(&item) {
+                    batch.push(ev);
+                }
+            }
+            let mut g = ev_shared.lock().unwrap();
+            for ev in &batch {
+                g.0.on_event(ev);
+            }
+        }
+    });
+
+    // Sweeps run on a thread of their own: /proc scans and NVML calls block.
+    let sw_shared = shared.clone();
+    let sw_args = args.clone();
+    std::thread::spawn(move || sweep_loop(sw_shared, gpus, sw_args));
+
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = tokio::net::UnixListener::bind(&args.socket)
+        .with_context(|| args.socket.display().to_string())?;
+    // Only root may read the node's view (it names every container's processes).
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))?;
+    let so_shared = shared.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let json = serde_json::to_vec(&snapshot(&so_shared)).unwrap_or_default();
+            tokio::spawn(async move {
+                let _ = conn.write_all(&json).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+
+    if args.metrics_addr != "off" {
+        let m_shared = shared.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let s = m_shared.clone();
+                async move { crate::metrics::render(&snapshot(&s)) }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind(&args.metrics_addr)
+            .await
+            .with_context(|| args.metrics_addr.clone())?;
+        tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    save_state(&shared, &args.state_file);
+    let _ = std::fs::remove_file(&args.socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+pub fn snapshot(shared: &Shared) -> Report {
+    let g = shared.lock().unwrap();
+    let (state, probes) = &*g;
+    let mut r = state.report();
+    r.agent = Some(AgentInfo {
+        pid: std::process::id(),
+        policy: format!("{:?}", state.policy).to_lowercase(),
+        ebpf_built_with: crate::probes::BUILT_WITH.into(),
+        libcuda_files: probes
+            .files()
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect(),
+        launch_probes: probes.launch_probes(),
+        events: state.events,
+        dropped_events: probes.drops(),
+        violations: state.violations,
+        kills: state.kills.clone(),
+        reclaimed_bytes: state.mirror.files.values().map(|f| f.reclaimed_bytes).sum(),
+        nvml: state.nvml_status.clone(),
+    });
+    r
+}
+
+fn save_state(shared: &Shared, path: &Path) {
+    let text = {
+        let mut g = shared.lock().unwrap();
+        g.0.dirty = false;
+        serde_json::to_string(&g.0.ledger).unwrap_or_default()
+    };
+    if let Some(d) = path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    // Written aside and renamed, so a crash mid-write never leaves half a ledger.
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .is_err()
+    {
+        tracing::warn!("could not save {}", path.display());
+    }
+}
+
+fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
+    let interval = Duration::from_millis(args.interval_ms.max(50));
+    let mut last_rescan = Instant::now();
+    loop {
+        std::thread::sleep(interval);
+        let procs = ProcTable::scan();
+        let samples = gpus.sample();
+        let rescan = last_rescan.elapsed() >= Duration::from_millis(args.libcuda_rescan_ms);
+        let dirty;
+        {
+            let mut g = shared.lock().unwrap();
+            let (state, probes) = &mut *g;
+            if rescan {
+                rescan_libcuda(state, probes);
+                last_rescan = Instant::now();
+            }
+            let launches = probes.launch_probes().then(|| probes.launch_counts());
+            state.gpus = samples;
+            let dead = state.sweep(procs, launches);
+            probes.forget_launches(&dead);
+            probes.flush_log();
+            state.dropped = probes.drops();
+            dirty = state.dirty;
+        }
+        if dirty {
+            save_state(&shared, &args.state_file);
+        }
+    }
+}

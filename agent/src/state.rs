@@ -1,0 +1,511 @@
+//! The agent's view of the node: per-process memory from the uprobes, the mirrored cache files, NVML; the
+//! checks (over the limit, disagreeing with the cache file) and what the policy does about them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vgpu_agent_ebpf_common::CallEvent;
+
+use crate::caches::{CacheFile, Mirror};
+use crate::cgroups::{container_of, CgroupIds};
+use crate::decode::{decode, Call};
+use crate::gpus::GpuSample;
+use crate::ledger::Ledger;
+use crate::procs::ProcTable;
+use crate::report::{ContainerReport, GpuReport, KillRecord, PidReport, Report};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Policy {
+    /// Kill the process that takes its container past its limit.
+    Enforce,
+    /// Log it, count it and show it; kill nothing.
+    Report,
+}
+
+/// A cache file and the uprobes disagree when they differ by more than this (the shim charges before it
+/// calls the driver, so the two views can differ for the length of one call).
+pub fn tolerance(a: u64, b: u64) -> u64 {
+    (16 << 20).max(a.max(b) / 50)
+}
+
+pub struct State {
+    pub policy: Policy,
+    pub ledger: Ledger,
+    pub cgroups: CgroupIds,
+    pub mirror: Mirror,
+    pub procs: ProcTable,
+    pub gpus: Vec<GpuSample>,
+    pub nvml_status: String,
+    pub events: u64,
+    pub dropped: u64,
+    pub violations: u64,
+    pub kills: Vec<KillRecord>,
+    pub libcuda_files: Vec<String>,
+    pub launch_probes: bool,
+    pub dirty: bool,
+    pid_cgroup: HashMap<u32, String>,
+    launch_prev: HashMap<u32, u64>,
+    launch_rate: HashMap<u32, f64>,
+    last_launch_sample: Option<Instant>,
+    over: HashSet<String>,
+    killed: HashSet<(u32, u64)>,
+    /// Consecutive sweeps a (cgroup, pid) disagreed with its cache file.
+    streaks: HashMap<(String, u32), u32>,
+    warnings: HashMap<String, Vec<String>>,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, to time a kill from the allocation's uprobe.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer for clock_gettime.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl State {
+    pub fn new(policy: Policy, cache_dir: PathBuf, cgroup_root: PathBuf) -> Self {
+        Self {
+            policy,
+            ledger: Ledger::default(),
+            cgroups: CgroupIds::new(cgroup_root),
+            mirror: Mirror::new(cache_dir),
+            procs: ProcTable::default(),
+            gpus: vec![],
+            nvml_status: String::new(),
+            events: 0,
+            dropped: 0,
+            violations: 0,
+            kills: vec![],
+            libcuda_files: vec![],
+            launch_probes: false,
+            dirty: false,
+            pid_cgroup: HashMap::new(),
+            launch_prev: HashMap::new(),
+            launch_rate: HashMap::new(),
+            last_launch_sample: None,
+            over: HashSet::new(),
+            killed: HashSet::new(),
+            streaks: HashMap::new(),
+            warnings: HashMap::new(),
+        }
+    }
+
+    /// Restores a ledger saved by an earlier run: only processes still alive with the same start time, so a
+    /// restart neither loses their memory nor counts it twice.
+    pub fn restore(&mut self, saved: Ledger) {
+        let procs = ProcTable::scan();
+        for (tgid, mut p) in saved.procs {
+            if procs.alive(tgid, p.start_time) {
+                // The agent was away for a moment: calls made meanwhile were not seen.
+                p.partial = true;
+                self.pid_cgroup
+                    .insert(tgid, procs.by_pid[&tgid].cgroup.clone());
+                self.ledger.procs.insert(tgid, p);
+            }
+        }
+        self.procs = procs;
+    }
+
+    /// Processes that already use CUDA when the agent starts and were not restored: their memory before now
+    /// is unknown to the uprobes, so they are marked partial.
+    pub fn adopt_running(&mut self, tgid: u32) {
+        if let Some(p) = self.procs.by_pid.get(&tgid) {
+            let e = self.ledger.procs.entry(tgid).or_default();
+            if e.start_time == 0 {
+                e.start_time = p.start_time;
+                e.partial = true;
+                self.pid_cgroup.insert(tgid, p.cgroup.clone());
+            }
+        }
+    }
+
+    fn cgroup_of(&mut self, tgid: u32, cgroup_id: u64) -> String {
+        if let Some(c) = self.pid_cgroup.get(&tgid) {
+            return c.clone();
+        }
+        let hint = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok();
+        let hint = hint.as_deref().and_then(crate::procs::parse_cgroup);
+        let path = self
+            .cgroups
+            .path(cgroup_id, hint.as_deref())
+            .or(hint)
+            .unwrap_or_else(|| format!("cgroup-id:{cgroup_id}"));
+        self.pid_cgroup.insert(tgid, path.clone());
+        path
+    }
+
+    /// Applies one uprobe event; an allocation is checked against its container's limit at once.
+    pub fn on_event(&mut self, ev: &CallEvent) {
+        self.events += 1;
+        let Some(call) = decode(ev) else { return };
+        let start = match self.ledger.procs.get(&ev.tgid) {
+            Some(p) if p.start_time != 0 => p.start_time,
+            _ => vgpu_contract::cache_layout::process_start_time(ev.tgid).unwrap_or(0),
+        };
+        let cgroup = self.cgroup_of(ev.tgid, ev.cgroup_id);
+        self.ledger.apply(ev.tgid, start, ev.cgroup_id, call);
+        self.dirty = true;
+        if matches!(call, Call::Alloc { .. }) {
+            self.check_limit(&cgroup, Some(ev.ts_ns));
+        }
+    }
+
+    fn file_for(&self, cgroup: &str) -> Option<&CacheFile> {
+        let pod = container_of(cgroup).pod_uid;
+        self.mirror.for_cgroup(cgroup, pod.as_deref())
+    }
+
+    /// (tgid, bytes the uprobes saw, bytes its cache slot charges minus its context) per process of `cgroup`.
+    fn members(&self, cgroup: &str) -> Vec<(u32, u64, u64)> {
+        let file = self.file_for(cgroup);
+        self.ledger
+            .procs
+            .iter()
+            .filter(|(t, _)| self.pid_cgroup.get(t).map(String::as_str) == Some(cgroup))
+            .map(|(t, p)| {
+                let charged = file
+                    .and_then(|f| f.slots.iter().find(|s| s.host_pid == Some(*t)))
+                    .map_or(0, |s| s.charged.saturating_sub(s.view.context_bytes));
+                // Older than the probes: what its cache slot charges is the better floor.
+                let seen = if p.partial {
+                    p.total.max(charged)
+                } else {
+                    p.total
+                };
+                (*t, seen, charged)
+            })
+            .collect()
+    }
+
+    /// Over the limit: log and count once per crossing; under enforce, kill the processes that account for
+    /// the excess, those the cache file does not know about first.
+    pub fn check_limit(&mut self, cgroup: &str, event_ts: Option<u64>) {
+        let Some(limit) = self
+            .file_for(cgroup)
+            .map(CacheFile::limit)
+            .filter(|l| *l > 0)
+        else {
+            return;
+        };
+        let mut members = self.members(cgroup);
+        members.retain(|(t, _, _)| {
+            let start = self.ledger.procs.get(t).map_or(0, |p| p.start_time);
+            !self.killed.contains(&(*t, start))
+        });
+        let mut total: u64 = members.iter().map(|m| m.1).sum();
+        if total <= limit {
+            self.over.remove(cgroup);
+            return;
+        }
+        if self.over.insert(cgroup.to_string()) {
+            self.violations += 1;
+            tracing::warn!(
+                "container {cgroup}: uprobes see {} MiB on the device, limit {} MiB (policy {:?})",
+                total >> 20,
+                limit >> 20,
+                self.policy
+            );
+        }
+        if self.policy != Policy::Enforce {
+            return;
+        }
+        // Largest uncharged share first: a process without the shim, or one whose file under-reports.
+        members.sort_by_key(|(_, seen, charged)| {
+            std::cmp::Reverse((seen.saturating_sub(*charged), *seen))
+        });
+        for (tgid, seen, _) in members {
+            if total <= limit {
+                break;
+            }
+            let start = self.ledger.procs.get(&tgid).map_or(0, |p| p.start_time);
+            // Never signal a pid that now names another process.
+            if vgpu_contract::cache_layout::process_start_time(tgid) != Some(start) {
+                continue;
+            }
+            // SAFETY: kill(2) with a pid we just checked names the process that made the allocations.
+            let rc = unsafe { libc::kill(tgid as i32, libc::SIGKILL) };
+            let latency_ms =
+                event_ts.map_or(0.0, |t| monotonic_ns().saturating_sub(t) as f64 / 1e6);
+            tracing::warn!(
+                "enforce: killed pid {tgid} of {cgroup} holding {} MiB (container at {} MiB, limit {} MiB) {latency_ms:.1} ms after the allocation (rc {rc})",
+                seen >> 20,
+                total >> 20,
+                limit >> 20
+            );
+            self.killed.insert((tgid, start));
+            self.kills.push(KillRecord {
+                pid: tgid,
+                cgroup: cgroup.to_string(),
+                seen_bytes: seen,
+                limit_bytes: limit,
+                latency_ms,
+                unix_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            });
+            total -= seen;
+        }
+    }
+
+    /// The periodic pass: drop exited processes, reclaim dead slots, check every container.
+    pub fn sweep(&mut self, procs: ProcTable, launches: Option<HashMap<u32, u64>>) -> Vec<u32> {
+        self.procs = procs;
+        let dead = self.ledger.drop_dead(|t, s| self.procs.alive(t, s));
+        for t in &dead {
+            self.pid_cgroup.remove(t);
+            self.launch_prev.remove(t);
+            self.launch_rate.remove(t);
+        }
+        self.killed.retain(|(t, s)| self.procs.alive(*t, *s));
+        if !dead.is_empty() {
+            self.dirty = true;
+        }
+        self.mirror.rescan();
+        self.mirror.sweep(&self.procs);
+        if let Some(counts) = launches {
+            let now = Instant::now();
+            let dt = self
+                .last_launch_sample
+                .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+            for (t, n) in &counts {
+                let prev = self.launch_prev.insert(*t, *n).unwrap_or(*n);
+                if dt > 0.0 {
+                    self.launch_rate
+                        .insert(*t, n.saturating_sub(prev) as f64 / dt);
+                }
+            }
+            self.last_launch_sample = Some(now);
+        }
+        let cgroups: HashSet<String> = self.pid_cgroup.values().cloned().collect();
+        for c in &cgroups {
+            self.check_limit(c, None);
+        }
+        self.check_agreement(&cgroups);
+        dead
+    }
+
+    fn check_agreement(&mut self, cgroups: &HashSet<String>) {
+        let mut warnings: HashMap<String, Vec<String>> = HashMap::new();
+        let mut streaks = HashMap::new();
+        for c in cgroups {
+            let Some(file) = self.file_for(c) else {
+                continue;
+            };
+            let mut w = vec![];
+            if file.header_tampered() {
+                w.push(format!(
+                    "cache file {} header changed since first seen (limits {} -> {}); holding the first",
+                    file.path.display(),
+                    limits_text(&file.first_header.memory_limits),
+                    limits_text(&file.header_now.memory_limits)
+                ));
+            }
+            let file_pids: HashMap<u32, (u64, u64)> = file
+                .slots
+                .iter()
+                .filter_map(|s| Some((s.host_pid?, (s.charged, s.view.context_bytes))))
+                .collect();
+            for (tgid, p) in self
+                .ledger
+                .procs
+                .iter()
+                .filter(|(t, _)| self.pid_cgroup.get(t) == Some(c))
+            {
+                if p.partial {
+                    continue; // its history before the probes is unknown, so no comparison is fair
+                }
+                let msg = match file_pids.get(tgid) {
+                    None if p.total > 0 => {
+                        format!("pid {tgid} holds {} MiB without the shim", p.total >> 20)
+                    }
+                    Some((charged, ctx)) => {
+                        let charged = charged.saturating_sub(*ctx);
+                        if charged.abs_diff(p.total) <= tolerance(charged, p.total) {
+                            continue;
+                        }
+                        format!(
+                            "pid {tgid}: cache file charges {} MiB, uprobes saw {} MiB (tampered or stale cache?)",
+                            charged >> 20,
+                            p.total >> 20
+                        )
+                    }
+                    None => continue,
+                };
+                let key = (c.clone(), *tgid);
+                let n = self.streaks.get(&key).copied().unwrap_or(0) + 1;
+                streaks.insert(key, n);
+                // Twice in a row: one sweep can fall between the shim's charge and the driver call.
+                if n >= 2 {
+                    w.push(msg);
+                }
+            }
+            if !w.is_empty() {
+                warnings.insert(c.clone(), w);
+            }
+        }
+        for (c, ws) in &warnings {
+            if self.warnings.get(c) != Some(ws) {
+                for w in ws {
+                    tracing::warn!("container {c}: {w}");
+                }
+            }
+        }
+        self.streaks = streaks;
+        self.warnings = warnings;
+    }
+
+    pub fn report(&self) -> Report {
+        let nvml_of: HashMap<u32, u64> = self
+            .gpus
+            .iter()
+            .flat_map(|g| g.processes.iter().copied())
+            .fold(HashMap::new(), |mut m, (p, b)| {
+                *m.entry(p).or_default() += b;
+                m
+            });
+        let mut by_pid: HashMap<u32, PidReport> = HashMap::new();
+        for (t, p) in &self.ledger.procs {
+            by_pid.insert(
+                *t,
+                PidReport {
+                    pid: *t,
+                    ebpf_bytes: p.total,
+                    nvml_bytes: nvml_of.get(t).copied().unwrap_or(0),
+                    launches_per_s: self.launch_rate.get(t).copied().unwrap_or(0.0),
+                    partial: p.partial,
+                    ..Default::default()
+                },
+            );
+        }
+        let mut pid_container: HashMap<u32, String> = self
+            .ledger
+            .procs
+            .keys()
+            .map(|t| (*t, self.pid_cgroup.get(t).cloned().unwrap_or_default()))
+            .collect();
+        let mut reports: BTreeMap<String, ContainerReport> = BTreeMap::new();
+        fn get<'a>(
+            reports: &'a mut BTreeMap<String, ContainerReport>,
+            key: &str,
+        ) -> &'a mut ContainerReport {
+            reports.entry(key.to_string()).or_insert_with(|| {
+                let r = container_of(key);
+                ContainerReport {
+                    key: key.to_string(),
+                    cgroup: key.starts_with('/').then(|| key.to_string()),
+                    pod_uid: r.pod_uid,
+                    container_id: r.container_id,
+                    ..Default::default()
+                }
+            })
+        }
+        for f in self.mirror.files.values() {
+            let key = f
+                .cgroup
+                .clone()
+                .unwrap_or_else(|| f.path.display().to_string());
+            let c = get(&mut reports, &key);
+            c.cache_file = Some(f.path.display().to_string());
+            c.limit_bytes = f.limit();
+            c.sm_limit = f.first_header.sm_limit;
+            c.container_name = f.container_name.clone();
+            c.pod_uid = c.pod_uid.clone().or(f.pod_uid.clone());
+            for s in &f.slots {
+                c.charged_bytes += s.charged;
+                c.throttled_ms += s.view.throttled_ns / 1_000_000;
+                let Some(hp) = s.host_pid else { continue };
+                pid_container.insert(hp, key.clone());
+                let p = by_pid.entry(hp).or_insert_with(|| PidReport {
+                    pid: hp,
+                    nvml_bytes: nvml_of.get(&hp).copied().unwrap_or(0),
+                    ..Default::default()
+                });
+                p.charged_bytes = Some(s.charged);
+                p.context_bytes = s.view.context_bytes;
+            }
+            if f.header_tampered() && f.cgroup.is_none() {
+                c.warnings
+                    .push("cache file header changed since first seen".into());
+            }
+        }
+        // NVML-only processes (neither probed nor in a cache file) still belong to their container.
+        for (pid, bytes) in &nvml_of {
+            if !by_pid.contains_key(pid) {
+                if let Some(p) = self.procs.by_pid.get(pid) {
+                    pid_container.insert(*pid, p.cgroup.clone());
+                    by_pid.insert(
+                        *pid,
+                        PidReport {
+                            pid: *pid,
+                            nvml_bytes: *bytes,
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        }
+        for (pid, p) in by_pid {
+            let key = pid_container.get(&pid).cloned().unwrap_or_default();
+            let c = get(&mut reports, &key);
+            c.ebpf_bytes += p.ebpf_bytes;
+            c.nvml_bytes += p.nvml_bytes;
+            c.launches_per_s += p.launches_per_s;
+            c.pids.push(p);
+        }
+        for (key, c) in reports.iter_mut() {
+            c.pids.sort_by_key(|p| p.pid);
+            c.over_limit = self.over.contains(key);
+            if c.over_limit {
+                c.warnings.push(format!(
+                    "over its limit: uprobes see {} MiB, limit {} MiB",
+                    c.ebpf_bytes >> 20,
+                    c.limit_bytes >> 20
+                ));
+            }
+            if let Some(w) = self.warnings.get(key) {
+                c.warnings.extend(w.iter().cloned());
+            }
+        }
+        Report {
+            source: "agent".into(),
+            agent: None,
+            gpus: self
+                .gpus
+                .iter()
+                .map(|g| GpuReport {
+                    index: g.index,
+                    uuid: g.uuid.clone(),
+                    name: g.name.clone(),
+                    memory_total: g.memory_total,
+                    memory_used: g.memory_used,
+                    utilization: g.utilization,
+                })
+                .collect(),
+            containers: reports.into_values().collect(),
+            notes: self
+                .mirror
+                .errors
+                .iter()
+                .map(|(p, e)| format!("{}: {e}", p.display()))
+                .collect(),
+        }
+    }
+}
+
+/// The non-zero per-device limits, in MiB, for messages.
+pub fn limits_text(l: &[u64]) -> String {
+    let v: Vec<String> = l
+        .iter()
+        .filter(|v| **v != 0)
+        .map(|v| format!("{} MiB", v >> 20))
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
