@@ -32,9 +32,20 @@ pub struct CacheFile {
 }
 
 impl CacheFile {
-    /// The container's memory limit in bytes (all devices together; 0 = none).
+    /// The container's memory limit in bytes over the devices it holds memory on; with nothing charged yet,
+    /// one device's limit. A limit set for every ordinal (`CUDA_DEVICE_MEMORY_LIMIT`) must not count once per
+    /// ordinal: a one-GPU container would get sixteen slices. 0 = none.
     pub fn limit(&self) -> u64 {
-        self.first_header.memory_limits.iter().sum()
+        let limits = &self.first_header.memory_limits;
+        let held: u64 = (0..limits.len())
+            .filter(|&d| self.slots.iter().any(|s| s.view.used[d] > 0))
+            .map(|d| limits[d])
+            .sum();
+        if held > 0 {
+            held
+        } else {
+            limits.iter().copied().max().unwrap_or(0)
+        }
     }
 
     pub fn header_tampered(&self) -> bool {

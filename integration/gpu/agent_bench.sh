@@ -7,12 +7,13 @@ set -u
 . "$(dirname "$0")/agent_lib.sh"
 header
 ROUNDS=${ROUNDS:-15}
+export METRICS_ADDR=off
 step() { python3 $G/train_step.py 512 200 | awk '{print $3}'; }
 : > $T/none; : > $T/default; : > $T/launch
 for r in $(seq $ROUNDS); do
   step >> $T/none
-  agent_start --policy report --metrics-addr off; step >> $T/default; agent_stop
-  agent_start --policy report --metrics-addr off --launch-probes; step >> $T/launch; agent_stop
+  agent_start --policy report; step >> $T/default; agent_stop
+  agent_start --policy report --launch-probes; step >> $T/launch; agent_stop
   echo "round $r: none $(tail -1 $T/none) default $(tail -1 $T/default) launch-probes $(tail -1 $T/launch)"
 done
 python3 - $T <<'PY'
@@ -27,5 +28,5 @@ PY
 echo; echo "### empty-kernel launches (bench/gpu/launch_bench.cu)"
 nvcc -O2 -o $T/launch_bench $G/launch_bench.cu
 echo "-- no agent"; $T/launch_bench
-agent_start --policy report --metrics-addr off; echo "-- agent, default probes"; $T/launch_bench; agent_stop
-agent_start --policy report --metrics-addr off --launch-probes; echo "-- agent, --launch-probes"; $T/launch_bench; agent_stop
+agent_start --policy report; echo "-- agent, default probes"; $T/launch_bench; agent_stop
+agent_start --policy report --launch-probes; echo "-- agent, --launch-probes"; $T/launch_bench; agent_stop

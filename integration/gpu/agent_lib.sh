@@ -11,7 +11,7 @@ in_cg() { local cg=$1; shift; sh -c "echo \$\$ > $CG/$cg/cgroup.procs && exec \"
 mkslice() { mkdir -p $CG/$1 $T/caches/$1; echo /$1 > $T/caches/$1/cgroup; }
 agent_start() {
   $A run --standalone --libcuda $LIBCUDA --cache-dir $T/caches --socket $T/agent.sock \
-    --state-file $T/agent-state.json --metrics-addr 127.0.0.1:${METRICS_PORT:-9394} "$@" > $T/agent.log 2>&1 &
+    --state-file $T/agent-state.json --metrics-addr ${METRICS_ADDR:-127.0.0.1:${METRICS_PORT:-9394}} "$@" > $T/agent.log 2>&1 &
   AGENT=$!
   for _ in $(seq 50); do [ -S $T/agent.sock ] && break; sleep 0.1; done
   [ -S $T/agent.sock ] || { echo "agent did not start:"; cat $T/agent.log; exit 1; }

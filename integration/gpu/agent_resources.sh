@@ -13,9 +13,9 @@ measure() { # label seconds
 }
 agent_start --policy report --launch-probes
 measure "idle (launch probes on)" 20
-$T/paced 10000 25 & sleep 3; measure "10k launches/s (launch probes on)" 20; wait
+$T/paced 10000 25 & P=$!; sleep 3; measure "10k launches/s (launch probes on)" 20; wait $P
 status | tail -4
 agent_stop
 agent_start --policy report
-$T/paced 10000 25 & sleep 3; measure "10k launches/s (default probes)" 20; wait
+$T/paced 10000 25 & P=$!; sleep 3; measure "10k launches/s (default probes)" 20; wait $P
 agent_stop

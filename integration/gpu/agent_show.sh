@@ -24,7 +24,8 @@ status
 echo; echo "### 3. the same under --policy report: flagged, not killed"
 agent_stop; agent_start --policy report
 in_cg vgpu-agent-a env -u LD_PRELOAD python3 $B/alloc_chunks.py 6000 500 2 > $T/rogue2.log 2>&1 &
-sleep 6; status; wait; tail -1 $T/rogue2.log
+ROGUE2=$!
+sleep 6; status; wait $ROGUE2; tail -1 $T/rogue2.log
 echo; echo "### 4. metrics"
 curl -s 127.0.0.1:${METRICS_PORT:-9394}/metrics | grep -v '^#' | grep -E "HostGPU|HostCore|vGPU_|hami_|vgpu_container_(ebpf|charged|nvml)|vgpu_agent" | head -40
 agent_stop
