@@ -4,6 +4,7 @@
 //! - [`podspec`]: reading requests, registrations and placements out of Kubernetes objects.
 //! - [`simulate`]: `vgpu-scheduler simulate`, placing the pending pods of a List file.
 
+pub mod events;
 pub mod placement;
 pub mod podspec;
 pub mod simulate;
