@@ -5,6 +5,8 @@
 //! - [`simulate`]: `vgpu-scheduler simulate`, placing the pending pods of a List file.
 
 pub mod events;
+pub mod extender;
+pub mod kubeapi;
 pub mod placement;
 pub mod podspec;
 pub mod simulate;

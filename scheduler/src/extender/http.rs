@@ -1,0 +1,46 @@
+//! The extender's HTTP face. Every answer is HTTP 200 with any error in the `error` / `Error`
+//! field: kube-scheduler treats a non-200 as the extender failing the whole scheduling cycle.
+
+use super::wire::{ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult};
+use super::Extender;
+use crate::kubeapi::ClusterApi;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::sync::Arc;
+
+pub fn router<A: ClusterApi>(ext: Arc<Extender<A>>) -> Router {
+    Router::new()
+        .route("/filter", post(filter::<A>))
+        .route("/bind", post(bind::<A>))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(ext)
+}
+
+async fn filter<A: ClusterApi>(
+    State(ext): State<Arc<Extender<A>>>,
+    body: Bytes,
+) -> Json<ExtenderFilterResult> {
+    match serde_json::from_slice::<ExtenderArgs>(&body) {
+        Ok(args) => Json(ext.filter(args)),
+        Err(e) => Json(ExtenderFilterResult {
+            error: format!("cannot read ExtenderArgs: {e}"),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn bind<A: ClusterApi>(
+    State(ext): State<Arc<Extender<A>>>,
+    body: Bytes,
+) -> Json<ExtenderBindingResult> {
+    match serde_json::from_slice::<ExtenderBindingArgs>(&body) {
+        Ok(args) => Json(ext.bind(args).await),
+        Err(e) => Json(ExtenderBindingResult {
+            error: format!(
+                "cannot read ExtenderBindingArgs (want PodName, PodNamespace, PodUID, Node): {e}"
+            ),
+        }),
+    }
+}
