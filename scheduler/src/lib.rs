@@ -10,3 +10,5 @@ pub mod kubeapi;
 pub mod placement;
 pub mod podspec;
 pub mod simulate;
+pub mod watch;
+pub mod webhook;

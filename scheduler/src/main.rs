@@ -27,6 +27,31 @@ enum Command {
         #[command(flatten)]
         placement: PlacementArgs,
     },
+    /// Run the extender (filter, bind) and the admission webhook against the cluster.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where kube-scheduler reaches the extender (plain HTTP, inside the cluster).
+    #[arg(long, default_value = "0.0.0.0:8888")]
+    extender_listen: std::net::SocketAddr,
+    /// Where the API server reaches the admission webhook (HTTPS).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    webhook_listen: std::net::SocketAddr,
+    /// PEM certificate chain for the webhook; without it and --tls-key the webhook is off.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The schedulerName the webhook gives vGPU pods (the KubeSchedulerConfiguration profile).
+    #[arg(long, default_value = "vgpu-scheduler")]
+    scheduler_name: String,
+    /// Seconds a filter's reservation waits for its bind before it is given back.
+    #[arg(long, default_value_t = 120)]
+    reservation_ttl: u64,
+    #[command(flatten)]
+    placement: PlacementArgs,
 }
 
 #[derive(Args, Clone)]
@@ -72,8 +97,52 @@ fn parse_default_memory(s: &str) -> Result<DefaultMemory, String> {
     }
 }
 
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use vgpu_scheduler::extender::{self, Extender};
+    use vgpu_scheduler::kubeapi::KubeApi;
+    use vgpu_scheduler::watch::{self, Readiness};
+    use vgpu_scheduler::webhook::server::{self as webhook, WebhookState};
+
+    let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("cannot reach the API server: {e}"))?;
+    let api = KubeApi { client: client.clone() };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    extender::spawn_event_writer(api.clone(), rx);
+    let ready = Arc::new(Readiness::default());
+    let mut ext = Extender::new(args.placement.config(), api, tx).with_readiness(ready.clone());
+    ext.reservation_ttl = std::time::Duration::from_secs(args.reservation_ttl);
+    let ext = Arc::new(ext);
+    let _watchers = watch::spawn(client, ext.clone(), ready);
+
+    let ext_listener = tokio::net::TcpListener::bind(args.extender_listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.extender_listen))?;
+    tracing::info!(addr = %args.extender_listen, "extender listening");
+    let extender_srv = axum::serve(ext_listener, extender::http::router(ext.clone()));
+
+    match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = vgpu_scheduler::webhook::tls::server_config(&cert, &key)?;
+            let st = Arc::new(WebhookState { scheduler_name: args.scheduler_name, limits: Box::new(move || ext.cluster_limits()) });
+            let l = tokio::net::TcpListener::bind(args.webhook_listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.webhook_listen))?;
+            tracing::info!(addr = %args.webhook_listen, "webhook listening (TLS)");
+            tokio::select! {
+                r = extender_srv => r?,
+                r = webhook::serve_tls(l, tls, webhook::router(st)) => r?,
+            }
+        }
+        _ => {
+            tracing::warn!("no --tls-cert/--tls-key: the admission webhook is off");
+            extender_srv.await?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VGPU_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         Command::Simulate {
             file,
@@ -90,6 +159,7 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
             print!("{out}");
         }
+        Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(args))?,
     }
     Ok(())
 }

@@ -16,9 +16,11 @@ use crate::placement::ledger::{Ledger, Placement};
 use crate::placement::reason::{FitReason, NodeMiss};
 use crate::placement::Config;
 use crate::podspec;
+use crate::watch::Readiness;
+use crate::webhook::ClusterLimits;
 use k8s_openapi::api::core::v1::Pod;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use vgpu_contract::annotations as ann;
@@ -46,6 +48,8 @@ pub struct Extender<A> {
     cfg: Config,
     api: A,
     events: mpsc::UnboundedSender<PodEvent>,
+    /// Set when watchers feed the ledger: filter refuses until they have listed everything.
+    readiness: Option<Arc<Readiness>>,
     /// How long a reservation waits for its bind before it is given back (kube-scheduler may
     /// drop a pod between filter and bind, e.g. when a later plugin rejects it).
     pub reservation_ttl: Duration,
@@ -92,8 +96,30 @@ impl<A: ClusterApi> Extender<A> {
             cfg,
             api,
             events,
+            readiness: None,
             reservation_ttl: Duration::from_secs(120),
         }
+    }
+
+    pub fn with_readiness(mut self, r: Arc<Readiness>) -> Self {
+        self.readiness = Some(r);
+        self
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.readiness.as_ref().is_none_or(|r| r.is_ready())
+    }
+
+    /// The largest card and the most cards on one node, for the webhook's size checks.
+    pub fn cluster_limits(&self) -> ClusterLimits {
+        let st = self.state.lock().unwrap();
+        let mut l = ClusterLimits::default();
+        for n in st.ledger.nodes() {
+            let healthy = n.cards.iter().filter(|c| c.healthy);
+            l.max_cards_per_node = l.max_cards_per_node.max(Some(healthy.clone().count() as u32));
+            l.max_card_mem_mib = l.max_card_mem_mib.max(healthy.map(|c| c.mem_mib).max());
+        }
+        l
     }
 
     pub fn api(&self) -> &A {
@@ -118,6 +144,12 @@ impl<A: ClusterApi> Extender<A> {
     pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
         let pod = pod_ref(&args.pod);
         let key = format!("{}/{}", pod.namespace, pod.name);
+        if !self.is_ready() {
+            return ExtenderFilterResult {
+                error: "vgpu-scheduler is still listing nodes and pods from the API server; kube-scheduler will retry".into(),
+                ..Default::default()
+            };
+        }
         let (names, node_objects) = match (&args.nodenames, &args.nodes) {
             (Some(names), _) => (names.clone(), None),
             (None, Some(list)) => (
@@ -361,6 +393,15 @@ impl<A: ClusterApi> Extender<A> {
                 tracing::warn!(node = %name, "ignoring the node's GPUs: {e}");
                 st.ledger.remove_node(&name);
             }
+        }
+    }
+
+    /// After a (re)list: forgets nodes the API no longer has.
+    pub fn nodes_resynced(&self, seen: &HashSet<String>) {
+        let mut st = self.state.lock().unwrap();
+        let gone: Vec<String> = st.ledger.nodes().map(|n| n.name.clone()).filter(|n| !seen.contains(n)).collect();
+        for n in gone {
+            st.ledger.remove_node(&n);
         }
     }
 
