@@ -25,8 +25,21 @@ pub fn router(state: Arc<WebhookState>) -> Router {
     Router::new().route("/mutate", post(mutate)).route("/healthz", get(|| async { "ok" })).with_state(state)
 }
 
-async fn mutate(State(st): State<Arc<WebhookState>>, body: Bytes) -> Json<AdmissionReview<DynamicObject>> {
-    Json(review(&st, &body))
+async fn mutate(State(st): State<Arc<WebhookState>>, body: Bytes) -> Json<serde_json::Value> {
+    Json(canonical(review(&st, &body)))
+}
+
+/// kube-core writes the patch as an array of byte values; Go reads that too, but the form the
+/// API documents (and every other webhook sends) is a base64 string, so that is what goes out.
+pub fn canonical(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
+    use base64::Engine;
+    let mut v = serde_json::to_value(review).expect("an AdmissionReview serialises");
+    if let Some(patch) = v.pointer_mut("/response/patch") {
+        if let Some(bytes) = patch.as_array().map(|a| a.iter().filter_map(|b| b.as_u64()).map(|b| b as u8).collect::<Vec<u8>>()) {
+            *patch = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+    }
+    v
 }
 
 pub fn review(st: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObject> {
