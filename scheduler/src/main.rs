@@ -104,8 +104,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use vgpu_scheduler::watch::{self, Readiness};
     use vgpu_scheduler::webhook::server::{self as webhook, WebhookState};
 
-    let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("cannot reach the API server: {e}"))?;
-    let api = KubeApi { client: client.clone() };
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the API server: {e}"))?;
+    let api = KubeApi {
+        client: client.clone(),
+    };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     extender::spawn_event_writer(api.clone(), rx);
     let ready = Arc::new(Readiness::default());
@@ -114,15 +118,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ext = Arc::new(ext);
     let _watchers = watch::spawn(client, ext.clone(), ready);
 
-    let ext_listener = tokio::net::TcpListener::bind(args.extender_listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.extender_listen))?;
+    let ext_listener = tokio::net::TcpListener::bind(args.extender_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.extender_listen))?;
     tracing::info!(addr = %args.extender_listen, "extender listening");
     let extender_srv = axum::serve(ext_listener, extender::http::router(ext.clone()));
 
     match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => {
             let tls = vgpu_scheduler::webhook::tls::server_config(&cert, &key)?;
-            let st = Arc::new(WebhookState { scheduler_name: args.scheduler_name, limits: Box::new(move || ext.cluster_limits()) });
-            let l = tokio::net::TcpListener::bind(args.webhook_listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.webhook_listen))?;
+            let st = Arc::new(WebhookState {
+                scheduler_name: args.scheduler_name,
+                limits: Box::new(move || ext.cluster_limits()),
+            });
+            let l = tokio::net::TcpListener::bind(args.webhook_listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.webhook_listen))?;
             tracing::info!(addr = %args.webhook_listen, "webhook listening (TLS)");
             tokio::select! {
                 r = extender_srv => r?,
@@ -140,7 +151,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VGPU_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VGPU_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {

@@ -42,7 +42,11 @@ pub struct Watchers {
 }
 
 /// Applies one node event to the extender; `seen` collects names during a relist.
-pub fn on_node_event<A: ClusterApi>(ext: &Extender<A>, ev: &Event<Node>, seen: &mut HashSet<String>) -> bool {
+pub fn on_node_event<A: ClusterApi>(
+    ext: &Extender<A>,
+    ev: &Event<Node>,
+    seen: &mut HashSet<String>,
+) -> bool {
     match ev {
         Event::Init => seen.clear(),
         Event::InitApply(n) => {
@@ -60,7 +64,11 @@ pub fn on_node_event<A: ClusterApi>(ext: &Extender<A>, ev: &Event<Node>, seen: &
 }
 
 /// Applies one pod event to the extender; `seen` collects UIDs during a relist.
-pub fn on_pod_event<A: ClusterApi>(ext: &Extender<A>, ev: &Event<Pod>, seen: &mut HashSet<String>) -> bool {
+pub fn on_pod_event<A: ClusterApi>(
+    ext: &Extender<A>,
+    ev: &Event<Pod>,
+    seen: &mut HashSet<String>,
+) -> bool {
     match ev {
         Event::Init => seen.clear(),
         Event::InitApply(p) => {
@@ -77,9 +85,16 @@ pub fn on_pod_event<A: ClusterApi>(ext: &Extender<A>, ev: &Event<Pod>, seen: &mu
     false
 }
 
-pub fn spawn<A: ClusterApi>(client: Client, ext: Arc<Extender<A>>, ready: Arc<Readiness>) -> Watchers {
+pub fn spawn<A: ClusterApi>(
+    client: Client,
+    ext: Arc<Extender<A>>,
+    ready: Arc<Readiness>,
+) -> Watchers {
     let (nodes, node_writer) = reflector::store::<Node>();
-    let node_stream = reflector::reflector(node_writer, watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff());
+    let node_stream = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff(),
+    );
     let (e, r) = (ext.clone(), ready.clone());
     tokio::spawn(async move {
         let (mut seen, mut first) = (HashSet::new(), true);
@@ -98,7 +113,10 @@ pub fn spawn<A: ClusterApi>(client: Client, ext: Arc<Extender<A>>, ready: Arc<Re
 
     let (pods, pod_writer) = reflector::store::<Pod>();
     let cfg = watcher::Config::default().labels(ann::VGPU_NODE);
-    let pod_stream = reflector::reflector(pod_writer, watcher(Api::<Pod>::all(client), cfg).default_backoff());
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(Api::<Pod>::all(client), cfg).default_backoff(),
+    );
     tokio::spawn(async move {
         let (mut seen, mut first) = (HashSet::new(), true);
         let mut s = std::pin::pin!(pod_stream);

@@ -8,15 +8,24 @@ use tokio::net::{TcpListener, TcpStream};
 use vgpu_scheduler::webhook::server::{router, serve_tls, WebhookState};
 use vgpu_scheduler::webhook::{tls, ClusterLimits};
 
-const CERT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webhook-test.crt");
+const CERT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/webhook-test.crt"
+);
 const CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test-ca.crt");
-const KEY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webhook-test.key");
+const KEY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/webhook-test.key"
+);
 
 async fn start() -> std::net::SocketAddr {
     let cfg = tls::server_config(CERT.as_ref(), KEY.as_ref()).unwrap();
     let state = Arc::new(WebhookState {
         scheduler_name: "vgpu-scheduler".into(),
-        limits: Box::new(|| ClusterLimits { max_card_mem_mib: Some(15360), max_cards_per_node: Some(1) }),
+        limits: Box::new(|| ClusterLimits {
+            max_card_mem_mib: Some(15360),
+            max_cards_per_node: Some(1),
+        }),
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -30,15 +39,22 @@ async fn post(addr: std::net::SocketAddr, body: Value) -> Value {
     for c in rustls::pki_types::CertificateDer::pem_file_iter(CA).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::post("/mutate")
         .header("content-type", "application/json")
@@ -71,7 +87,14 @@ fn review(uid: &str, limits: Value) -> Value {
 #[tokio::test]
 async fn vgpu_pod_gets_our_scheduler_over_tls() {
     let addr = start().await;
-    let r = post(addr, review("705ab4f5-6393-11e8-b7cc-42010a800002", json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "4000"}))).await;
+    let r = post(
+        addr,
+        review(
+            "705ab4f5-6393-11e8-b7cc-42010a800002",
+            json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "4000"}),
+        ),
+    )
+    .await;
     let resp = &r["response"];
     assert_eq!(r["kind"], "AdmissionReview");
     assert_eq!(resp["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
@@ -79,21 +102,41 @@ async fn vgpu_pod_gets_our_scheduler_over_tls() {
     assert_eq!(resp["patchType"], "JSONPatch");
     let patch = base64_decode(resp["patch"].as_str().unwrap_or_else(|| panic!("{r}")));
     let patch: Value = serde_json::from_slice(&patch).unwrap();
-    assert_eq!(patch, json!([{"op": "add", "path": "/spec/schedulerName", "value": "vgpu-scheduler"}]));
+    assert_eq!(
+        patch,
+        json!([{"op": "add", "path": "/spec/schedulerName", "value": "vgpu-scheduler"}])
+    );
 }
 
 #[tokio::test]
 async fn impossible_requests_are_refused_over_tls() {
     let addr = start().await;
-    let r = post(addr, review("u2", json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "40000"}))).await;
+    let r = post(
+        addr,
+        review(
+            "u2",
+            json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "40000"}),
+        ),
+    )
+    .await;
     assert_eq!(r["response"]["allowed"], false);
     assert_eq!(
         r["response"]["status"]["message"],
         "vgpu: pod default/gpumem-pod-a: container \"app\" asks 40000 MiB of nvidia.com/gpumem per vGPU, but the largest registered GPU has 15360 MiB"
     );
-    let r = post(addr, review("u3", json!({"nvidia.com/gpu": "1", "nvidia.com/gpucores": "101"}))).await;
+    let r = post(
+        addr,
+        review(
+            "u3",
+            json!({"nvidia.com/gpu": "1", "nvidia.com/gpucores": "101"}),
+        ),
+    )
+    .await;
     assert_eq!(r["response"]["allowed"], false);
-    assert!(r["response"]["status"]["message"].as_str().unwrap().contains("nvidia.com/gpucores is 101, want 0 to 100"));
+    assert!(r["response"]["status"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nvidia.com/gpucores is 101, want 0 to 100"));
     let r = post(addr, review("u4", json!({"cpu": "1"}))).await;
     assert_eq!(r["response"]["allowed"], true);
     assert!(r["response"].get("patch").is_none());

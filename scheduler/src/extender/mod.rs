@@ -116,7 +116,9 @@ impl<A: ClusterApi> Extender<A> {
         let mut l = ClusterLimits::default();
         for n in st.ledger.nodes() {
             let healthy = n.cards.iter().filter(|c| c.healthy);
-            l.max_cards_per_node = l.max_cards_per_node.max(Some(healthy.clone().count() as u32));
+            l.max_cards_per_node = l
+                .max_cards_per_node
+                .max(Some(healthy.clone().count() as u32));
             l.max_card_mem_mib = l.max_card_mem_mib.max(healthy.map(|c| c.mem_mib).max());
         }
         l
@@ -399,7 +401,12 @@ impl<A: ClusterApi> Extender<A> {
     /// After a (re)list: forgets nodes the API no longer has.
     pub fn nodes_resynced(&self, seen: &HashSet<String>) {
         let mut st = self.state.lock().unwrap();
-        let gone: Vec<String> = st.ledger.nodes().map(|n| n.name.clone()).filter(|n| !seen.contains(n)).collect();
+        let gone: Vec<String> = st
+            .ledger
+            .nodes()
+            .map(|n| n.name.clone())
+            .filter(|n| !seen.contains(n))
+            .collect();
         for n in gone {
             st.ledger.remove_node(&n);
         }

@@ -22,7 +22,10 @@ pub struct WebhookState {
 }
 
 pub fn router(state: Arc<WebhookState>) -> Router {
-    Router::new().route("/mutate", post(mutate)).route("/healthz", get(|| async { "ok" })).with_state(state)
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
 }
 
 async fn mutate(State(st): State<Arc<WebhookState>>, body: Bytes) -> Json<serde_json::Value> {
@@ -35,8 +38,14 @@ pub fn canonical(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
     use base64::Engine;
     let mut v = serde_json::to_value(review).expect("an AdmissionReview serialises");
     if let Some(patch) = v.pointer_mut("/response/patch") {
-        if let Some(bytes) = patch.as_array().map(|a| a.iter().filter_map(|b| b.as_u64()).map(|b| b as u8).collect::<Vec<u8>>()) {
-            *patch = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        if let Some(bytes) = patch.as_array().map(|a| {
+            a.iter()
+                .filter_map(|b| b.as_u64())
+                .map(|b| b as u8)
+                .collect::<Vec<u8>>()
+        }) {
+            *patch =
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
         }
     }
     v
@@ -45,31 +54,47 @@ pub fn canonical(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
 pub fn review(st: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObject> {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return AdmissionResponse::invalid(format!("cannot read the AdmissionReview: {e}")).into_review(),
+        Err(e) => {
+            return AdmissionResponse::invalid(format!("cannot read the AdmissionReview: {e}"))
+                .into_review()
+        }
     };
     let req: AdmissionRequest<Pod> = match review.try_into() {
         Ok(r) => r,
-        Err(e) => return AdmissionResponse::invalid(format!("the AdmissionReview has no request: {e}")).into_review(),
+        Err(e) => {
+            return AdmissionResponse::invalid(format!("the AdmissionReview has no request: {e}"))
+                .into_review()
+        }
     };
     let resp = AdmissionResponse::from(&req);
-    let Some(pod) = req.object.as_ref() else { return resp.into_review() };
+    let Some(pod) = req.object.as_ref() else {
+        return resp.into_review();
+    };
     match admit(pod, &st.scheduler_name, (st.limits)()) {
         Verdict::Unchanged => resp.into_review(),
         Verdict::Deny(msg) => resp.deny(msg).into_review(),
         Verdict::SetScheduler(name) => {
             // "add" replaces the member when present, so one op covers both cases.
-            let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([{"op": "add", "path": "/spec/schedulerName", "value": name}]))
-                .expect("a literal JSON patch");
+            let patch: json_patch::Patch = serde_json::from_value(
+                serde_json::json!([{"op": "add", "path": "/spec/schedulerName", "value": name}]),
+            )
+            .expect("a literal JSON patch");
             match resp.with_patch(patch) {
                 Ok(r) => r.into_review(),
-                Err(e) => AdmissionResponse::from(&req).deny(format!("vgpu: cannot encode the patch: {e}")).into_review(),
+                Err(e) => AdmissionResponse::from(&req)
+                    .deny(format!("vgpu: cannot encode the patch: {e}"))
+                    .into_review(),
             }
         }
     }
 }
 
 /// Accepts TLS connections and serves `app` on each, until the listener fails.
-pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) -> anyhow::Result<()> {
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = listener.accept().await?;
@@ -85,7 +110,10 @@ pub async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, ap
                 }
             };
             let svc = hyper::service::service_fn(move |req| app.clone().call(req));
-            if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
         });
