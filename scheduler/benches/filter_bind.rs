@@ -1,1 +1,165 @@
-fn main() {}
+//! Filter + bind latency and throughput on simulated clusters, through the extender's own code
+//! path: the kube-scheduler JSON is parsed, placed, answered and serialised, and bind writes its
+//! annotations to an API stub that answers at once (so the figures are the scheduler's own time,
+//! not the API server's). Run: `cargo bench -p vgpu-scheduler --bench filter_bind [-- --quick]`.
+
+use serde_json::json;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use vgpu_scheduler::extender::wire::{ExtenderArgs, ExtenderBindingArgs};
+use vgpu_scheduler::extender::Extender;
+use vgpu_scheduler::kubeapi::{ClusterApi, PodEvent, PodRef};
+use vgpu_scheduler::placement::Config;
+
+#[derive(Clone)]
+struct InstantApi;
+
+impl ClusterApi for InstantApi {
+    async fn annotate_pod(&self, _: &PodRef, a: std::collections::BTreeMap<String, String>, _: Option<&str>) -> Result<(), String> {
+        std::hint::black_box(a);
+        Ok(())
+    }
+    async fn bind_pod(&self, _: &PodRef, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    async fn record_event(&self, _: PodEvent) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+const GPUS_PER_NODE: usize = 8;
+const CARD_TYPES: [(&str, u64); 3] = [("NVIDIA A100-SXM4-80GB", 81920), ("NVIDIA H100 80GB HBM3", 81559), ("NVIDIA-Tesla T4", 15360)];
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn node(i: usize) -> k8s_openapi::api::core::v1::Node {
+    let (kind, mem) = CARD_TYPES[i % CARD_TYPES.len()];
+    let cards: Vec<_> = (0..GPUS_PER_NODE)
+        .map(|g| json!({"id": format!("GPU-{i:05}-{g}-0000-0000-000000000000"), "index": g, "count": 10, "devmem": mem, "devcore": 100, "type": kind, "numa": g / 4, "mode": "hami-core", "health": true}))
+        .collect();
+    serde_json::from_value(json!({"metadata": {"name": format!("node-{i:05}"), "annotations": {"hami.io/node-nvidia-register": serde_json::to_string(&cards).unwrap()}}})).unwrap()
+}
+
+/// A pod as kube-scheduler sends it; requests vary like a mixed workload.
+fn pod_body(k: usize, names: &str) -> Vec<u8> {
+    let gpus = if k % 10 == 0 { 2 } else { 1 };
+    let mem = [2000, 4000, 8000, 1000][k % 4];
+    let cores = [0, 30, 50, 10][k % 4];
+    let mut annotations = serde_json::Map::new();
+    if k % 5 == 0 {
+        annotations.insert("hami.io/node-scheduler-policy".into(), json!("spread"));
+    }
+    if k % 7 == 0 {
+        annotations.insert("nvidia.com/use-gputype".into(), json!("A100,H100"));
+    }
+    let pod = json!({"metadata": {"name": format!("pod-{k}"), "namespace": "bench", "uid": format!("uid-{k}"), "annotations": annotations},
+                     "spec": {"schedulerName": "vgpu-scheduler", "containers": [{"name": "app", "image": "pytorch/pytorch:2.4.0",
+                              "resources": {"limits": {"nvidia.com/gpu": gpus.to_string(), "nvidia.com/gpumem": mem.to_string(), "nvidia.com/gpucores": cores.to_string()}}}]}});
+    format!(r#"{{"pod":{pod},"nodenames":{names}}}"#).into_bytes()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+struct Row {
+    nodes: usize,
+    pods: usize,
+    filter_p50: f64,
+    filter_p99: f64,
+    fb_p50: f64,
+    fb_p99: f64,
+    fb_max: f64,
+    pods_per_s: f64,
+    placed: usize,
+    rss_mib: f64,
+    ledger_mib: f64,
+}
+
+fn run(nodes: usize, pods: usize, rt: &tokio::runtime::Runtime) -> Row {
+    let rss0 = rss_kib();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Events are drained elsewhere, as the background writer does in the server.
+    std::thread::spawn(move || while rx.blocking_recv().is_some() {});
+    let ext = Extender::new(Config::default(), InstantApi, tx);
+    for i in 0..nodes {
+        ext.node_applied(&node(i));
+    }
+    let names: Vec<String> = (0..nodes).map(|i| format!("node-{i:05}")).collect();
+    let names_json = serde_json::to_string(&names).unwrap();
+    // Churn keeps the cluster about a third full: the oldest pods leave as new ones arrive.
+    let steady = nodes * GPUS_PER_NODE * 10 / 3;
+    let mut live = VecDeque::new();
+    let warm = steady.min(20_000);
+    for k in 0..warm {
+        let args: ExtenderArgs = serde_json::from_slice(&pod_body(k, &names_json)).unwrap();
+        if let Some(n) = ext.filter(args).nodenames.and_then(|n| n.into_iter().next()) {
+            rt.block_on(ext.bind(ExtenderBindingArgs { pod_name: format!("pod-{k}"), pod_namespace: "bench".into(), pod_uid: format!("uid-{k}"), node: n }));
+            live.push_back(format!("uid-{k}"));
+        }
+    }
+    let rss_loaded = rss_kib();
+
+    let bodies: Vec<Vec<u8>> = (warm..warm + pods).map(|k| pod_body(k, &names_json)).collect();
+    let (mut filter_t, mut fb_t) = (Vec::with_capacity(pods), Vec::with_capacity(pods));
+    let mut placed = 0;
+    let start = Instant::now();
+    for (j, body) in bodies.iter().enumerate() {
+        let k = warm + j;
+        let t0 = Instant::now();
+        let args: ExtenderArgs = serde_json::from_slice(body).unwrap();
+        let result = ext.filter(args);
+        let out = serde_json::to_vec(&result).unwrap();
+        let t1 = Instant::now();
+        if let Some(n) = result.nodenames.and_then(|n| n.into_iter().next()) {
+            let b = serde_json::to_vec(&json!({"PodName": format!("pod-{k}"), "PodNamespace": "bench", "PodUID": format!("uid-{k}"), "Node": n})).unwrap();
+            let b: ExtenderBindingArgs = serde_json::from_slice(&b).unwrap();
+            let r = rt.block_on(ext.bind(b));
+            assert!(r.error.is_empty(), "{}", r.error);
+            placed += 1;
+            live.push_back(format!("uid-{k}"));
+        }
+        std::hint::black_box(out);
+        let t2 = Instant::now();
+        filter_t.push(t1 - t0);
+        fb_t.push(t2 - t0);
+        while live.len() > steady {
+            ext.pod_deleted(&live.pop_front().unwrap());
+        }
+    }
+    let elapsed = start.elapsed();
+    filter_t.sort();
+    fb_t.sort();
+    Row {
+        nodes,
+        pods,
+        filter_p50: pct(&filter_t, 0.5),
+        filter_p99: pct(&filter_t, 0.99),
+        fb_p50: pct(&fb_t, 0.5),
+        fb_p99: pct(&fb_t, 0.99),
+        fb_max: fb_t.last().unwrap().as_secs_f64() * 1e3,
+        pods_per_s: pods as f64 / elapsed.as_secs_f64(),
+        placed,
+        rss_mib: rss_kib() as f64 / 1024.0,
+        ledger_mib: rss_loaded.saturating_sub(rss0) as f64 / 1024.0,
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan: &[(usize, usize)] = if quick { &[(100, 500), (1000, 300), (5000, 100)] } else { &[(100, 5000), (1000, 3000), (5000, 2000)] };
+    println!("| nodes x GPUs | pods timed | placed | filter p50 | filter p99 | filter+bind p50 | filter+bind p99 | max | pods/s | RSS after | RSS for nodes + pods |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for &(nodes, pods) in plan {
+        let r = run(nodes, pods, &rt);
+        println!(
+            "| {} x {GPUS_PER_NODE} | {} | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.0} | {:.1} MiB | {:.1} MiB |",
+            r.nodes, r.pods, r.placed, r.filter_p50, r.filter_p99, r.fb_p50, r.fb_p99, r.fb_max, r.pods_per_s, r.rss_mib, r.ledger_mib
+        );
+    }
+}

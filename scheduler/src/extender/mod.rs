@@ -152,8 +152,9 @@ impl<A: ClusterApi> Extender<A> {
                 ..Default::default()
             };
         }
-        let (names, node_objects) = match (&args.nodenames, &args.nodes) {
-            (Some(names), _) => (names.clone(), None),
+        let ExtenderArgs { pod: pod_obj, nodes, nodenames } = args;
+        let (names, node_objects) = match (nodenames, nodes.as_ref()) {
+            (Some(names), _) => (names, None),
             (None, Some(list)) => (
                 list.items
                     .iter()
@@ -183,7 +184,7 @@ impl<A: ClusterApi> Extender<A> {
                 ..Default::default()
             },
         };
-        let req = match podspec::pod_request(&args.pod) {
+        let req = match podspec::pod_request(&pod_obj) {
             Ok(Some(r)) => r,
             Ok(None) => return pass_through(names),
             Err(e) => {

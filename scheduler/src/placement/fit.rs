@@ -78,22 +78,12 @@ pub fn check_card(
     Ok(())
 }
 
-/// Card indices in the order `policy` prefers them, given the current usage.
-fn card_order(cards: &[Card], usage: &[CardUsage], policy: Policy) -> Vec<usize> {
-    let mut order: Vec<(usize, f64)> = cards
-        .iter()
-        .zip(usage)
-        .enumerate()
-        .map(|(i, (c, u))| (i, card_score(c, u)))
-        .collect();
-    // A stable sort keeps card index order among equals, so ties are predictable.
-    match policy {
-        Policy::Binpack => order.sort_by(|a, b| b.1.total_cmp(&a.1)),
-        Policy::Spread => order.sort_by(|a, b| a.1.total_cmp(&b.1)),
-    }
-    order.into_iter().map(|(i, _)| i).collect()
-}
+/// Most nodes have at most this many cards; larger ones spill to the heap.
+const INLINE_CARDS: usize = 16;
 
+/// Fits one container: every card is checked (so a miss can count reasons over all of them),
+/// then the `gpus` best fitting cards under `policy` are taken, ties going to the lower index.
+/// Allocates only for what it returns, since this runs for every card of every candidate node.
 fn fit_container(
     cards: &[Card],
     usage: &[CardUsage],
@@ -101,66 +91,106 @@ fn fit_container(
     filter: &CardFilter,
     default_mem: DefaultMemory,
     policy: Policy,
-) -> Result<Vec<Pick>, NodeMiss> {
+    out: Option<&mut Vec<Pick>>,
+) -> Result<(), NodeMiss> {
     let want = req.gpus as usize;
     if cards.len() < want {
         return Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice));
     }
-    let mut picks = Vec::with_capacity(want);
-    let mut misses: Vec<(FitReason, u32)> = Vec::new();
-    for i in card_order(cards, usage, policy) {
-        let card = &cards[i];
+    let mut inline = [(0usize, 0f64); INLINE_CARDS];
+    let mut spill = Vec::new();
+    let mut n_fit = 0;
+    let mut misses = [0u32; FitReason::COUNT];
+    for (i, card) in cards.iter().enumerate() {
         let mem = req.mem.resolve(card.mem_mib, default_mem);
         match check_card(card, &usage[i], filter, mem, req.cores) {
             Ok(()) => {
-                picks.push(Pick {
-                    card: i,
-                    mem_mib: mem,
-                    cores: req.cores,
-                });
-                if picks.len() == want {
-                    return Ok(picks);
+                let entry = (i, card_score(card, &usage[i]));
+                if n_fit < INLINE_CARDS {
+                    inline[n_fit] = entry;
+                } else {
+                    if spill.is_empty() {
+                        spill.extend_from_slice(&inline);
+                    }
+                    spill.push(entry);
                 }
+                n_fit += 1;
             }
-            Err(r) => match misses.iter_mut().find(|(m, _)| *m == r) {
-                Some((_, n)) => *n += 1,
-                None => misses.push((r, 1)),
-            },
+            Err(r) => misses[r as usize] += 1,
         }
     }
-    if misses.is_empty() {
-        return Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice));
+    if n_fit < want {
+        let counts: Vec<(FitReason, u32)> = FitReason::ALL.iter().filter(|r| misses[**r as usize] > 0).map(|r| (*r, misses[*r as usize])).collect();
+        if counts.is_empty() {
+            return Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice));
+        }
+        return Err(NodeMiss { counts, total: cards.len() as u32 });
     }
-    misses.sort_by_key(|(r, _)| *r);
-    Err(NodeMiss {
-        counts: misses,
-        total: cards.len() as u32,
-    })
+    if let Some(out) = out {
+        let fits = if spill.is_empty() { &mut inline[..n_fit] } else { &mut spill[..] };
+        let prefer = |a: &(usize, f64), b: &(usize, f64)| {
+            let by_score = match policy {
+                Policy::Binpack => b.1.total_cmp(&a.1),
+                Policy::Spread => a.1.total_cmp(&b.1),
+            };
+            by_score.then(a.0.cmp(&b.0))
+        };
+        fits.sort_unstable_by(prefer);
+        for &(i, _) in &fits[..want] {
+            let mem = req.mem.resolve(cards[i].mem_mib, default_mem);
+            out.push(Pick { card: i, mem_mib: mem, cores: req.cores });
+        }
+    }
+    Ok(())
 }
 
 /// Fits every container of `req` on `node`, each container's vGPUs on distinct cards, later
 /// containers seeing what earlier ones took. Nothing is reserved: see `Ledger` for that.
-pub fn fit_pod(
+pub fn fit_pod(node: &NodeState, req: &PodRequest, default_mem: DefaultMemory, gpu_policy: Policy) -> Result<NodeFit, NodeMiss> {
+    let mut picks = Vec::with_capacity(req.containers.len());
+    fit_pod_into(node, req, default_mem, gpu_policy, Some(&mut picks))?;
+    Ok(NodeFit { picks })
+}
+
+/// Whether `req` fits on `node`, without building the picks.
+pub fn check_pod(node: &NodeState, req: &PodRequest, default_mem: DefaultMemory, gpu_policy: Policy) -> Result<(), NodeMiss> {
+    fit_pod_into(node, req, default_mem, gpu_policy, None)
+}
+
+fn fit_pod_into(
     node: &NodeState,
     req: &PodRequest,
     default_mem: DefaultMemory,
     gpu_policy: Policy,
-) -> Result<NodeFit, NodeMiss> {
+    mut picks: Option<&mut Vec<Vec<Pick>>>,
+) -> Result<(), NodeMiss> {
     if node.cards.is_empty() {
         return Err(NodeMiss::node_level(FitReason::NodeUnregistered));
     }
-    let mut usage = node.usage.clone();
-    let mut picks = Vec::with_capacity(req.containers.len());
+    let gpu_containers = req.containers.iter().filter(|c| c.gpus > 0).count();
+    // Only a pod with several GPU containers needs a scratch copy of the usage: each later
+    // container must see what the earlier ones took. Picks are needed for that too.
+    let mut scratch = (gpu_containers > 1).then(|| node.usage.clone());
+    let mut local = Vec::new();
     for c in &req.containers {
         if c.gpus == 0 {
-            picks.push(Vec::new());
+            if let Some(p) = picks.as_deref_mut() {
+                p.push(Vec::new());
+            }
             continue;
         }
-        let got = fit_container(&node.cards, &usage, c, &req.filter, default_mem, gpu_policy)?;
-        for p in &got {
-            usage[p.card].add(p.mem_mib, p.cores);
+        let usage = scratch.as_deref().unwrap_or(&node.usage);
+        let need_picks = picks.is_some() || scratch.is_some();
+        local.clear();
+        fit_container(&node.cards, usage, c, &req.filter, default_mem, gpu_policy, need_picks.then_some(&mut local))?;
+        if let Some(u) = scratch.as_mut() {
+            for p in &local {
+                u[p.card].add(p.mem_mib, p.cores);
+            }
         }
-        picks.push(got);
+        if let Some(p) = picks.as_deref_mut() {
+            p.push(local.clone());
+        }
     }
-    Ok(NodeFit { picks })
+    Ok(())
 }

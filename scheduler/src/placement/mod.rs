@@ -9,7 +9,7 @@ pub mod reason;
 pub mod request;
 pub mod score;
 
-use fit::{fit_pod, NodeFit};
+use fit::{check_pod, fit_pod, NodeFit};
 use node::NodeState;
 use policy::Policy;
 use reason::{FitReason, NodeMiss};

@@ -19,6 +19,21 @@ pub enum FitReason {
 }
 
 impl FitReason {
+    pub const COUNT: usize = 10;
+    /// Every reason in check order.
+    pub const ALL: [FitReason; FitReason::COUNT] = [
+        FitReason::CardNotHealth,
+        FitReason::CardTypeMismatch,
+        FitReason::CardUuidMismatch,
+        FitReason::CardTimeSlicingExhausted,
+        FitReason::CardInsufficientMemory,
+        FitReason::CardInsufficientCore,
+        FitReason::ExclusiveDeviceAllocateConflict,
+        FitReason::CardComputeUnitsExhausted,
+        FitReason::NodeInsufficientDevice,
+        FitReason::NodeUnregistered,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FitReason::CardNotHealth => "CardNotHealth",
