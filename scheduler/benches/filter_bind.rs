@@ -15,7 +15,12 @@ use vgpu_scheduler::placement::Config;
 struct InstantApi;
 
 impl ClusterApi for InstantApi {
-    async fn annotate_pod(&self, _: &PodRef, a: std::collections::BTreeMap<String, String>, _: Option<&str>) -> Result<(), String> {
+    async fn annotate_pod(
+        &self,
+        _: &PodRef,
+        a: std::collections::BTreeMap<String, String>,
+        _: Option<&str>,
+    ) -> Result<(), String> {
         std::hint::black_box(a);
         Ok(())
     }
@@ -28,11 +33,19 @@ impl ClusterApi for InstantApi {
 }
 
 const GPUS_PER_NODE: usize = 8;
-const CARD_TYPES: [(&str, u64); 3] = [("NVIDIA A100-SXM4-80GB", 81920), ("NVIDIA H100 80GB HBM3", 81559), ("NVIDIA-Tesla T4", 15360)];
+const CARD_TYPES: [(&str, u64); 3] = [
+    ("NVIDIA A100-SXM4-80GB", 81920),
+    ("NVIDIA H100 80GB HBM3", 81559),
+    ("NVIDIA-Tesla T4", 15360),
+];
 
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn node(i: usize) -> k8s_openapi::api::core::v1::Node {
@@ -97,14 +110,25 @@ fn run(nodes: usize, pods: usize, rt: &tokio::runtime::Runtime) -> Row {
     let warm = steady.min(20_000);
     for k in 0..warm {
         let args: ExtenderArgs = serde_json::from_slice(&pod_body(k, &names_json)).unwrap();
-        if let Some(n) = ext.filter(args).nodenames.and_then(|n| n.into_iter().next()) {
-            rt.block_on(ext.bind(ExtenderBindingArgs { pod_name: format!("pod-{k}"), pod_namespace: "bench".into(), pod_uid: format!("uid-{k}"), node: n }));
+        if let Some(n) = ext
+            .filter(args)
+            .nodenames
+            .and_then(|n| n.into_iter().next())
+        {
+            rt.block_on(ext.bind(ExtenderBindingArgs {
+                pod_name: format!("pod-{k}"),
+                pod_namespace: "bench".into(),
+                pod_uid: format!("uid-{k}"),
+                node: n,
+            }));
             live.push_back(format!("uid-{k}"));
         }
     }
     let rss_loaded = rss_kib();
 
-    let bodies: Vec<Vec<u8>> = (warm..warm + pods).map(|k| pod_body(k, &names_json)).collect();
+    let bodies: Vec<Vec<u8>> = (warm..warm + pods)
+        .map(|k| pod_body(k, &names_json))
+        .collect();
     let (mut filter_t, mut fb_t) = (Vec::with_capacity(pods), Vec::with_capacity(pods));
     let mut placed = 0;
     let start = Instant::now();
@@ -151,8 +175,14 @@ fn run(nodes: usize, pods: usize, rt: &tokio::runtime::Runtime) -> Row {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let plan: &[(usize, usize)] = if quick { &[(100, 500), (1000, 300), (5000, 100)] } else { &[(100, 5000), (1000, 3000), (5000, 2000)] };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let plan: &[(usize, usize)] = if quick {
+        &[(100, 500), (1000, 300), (5000, 100)]
+    } else {
+        &[(100, 5000), (1000, 3000), (5000, 2000)]
+    };
     println!("| nodes x GPUs | pods timed | placed | filter p50 | filter p99 | filter+bind p50 | filter+bind p99 | max | pods/s | RSS after | RSS for nodes + pods |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &(nodes, pods) in plan {

@@ -129,7 +129,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let tls = vgpu_scheduler::webhook::tls::server_config(&cert, &key)?;
             let st = Arc::new(WebhookState {
                 scheduler_name: args.scheduler_name,
-                limits: Box::new(move || ext.cluster_limits()),
+                limits: Box::new({
+                    let ext = ext.clone();
+                    move || ext.cluster_limits()
+                }),
+                ready: Box::new(move || ext.is_ready()),
             });
             let l = tokio::net::TcpListener::bind(args.webhook_listen)
                 .await

@@ -26,6 +26,7 @@ async fn start() -> std::net::SocketAddr {
             max_card_mem_mib: Some(15360),
             max_cards_per_node: Some(1),
         }),
+        ready: Box::new(|| true),
     });
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();

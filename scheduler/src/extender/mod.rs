@@ -152,7 +152,11 @@ impl<A: ClusterApi> Extender<A> {
                 ..Default::default()
             };
         }
-        let ExtenderArgs { pod: pod_obj, nodes, nodenames } = args;
+        let ExtenderArgs {
+            pod: pod_obj,
+            nodes,
+            nodenames,
+        } = args;
         let (names, node_objects) = match (nodenames, nodes.as_ref()) {
             (Some(names), _) => (names, None),
             (None, Some(list)) => (

@@ -120,14 +120,25 @@ fn fit_container(
         }
     }
     if n_fit < want {
-        let counts: Vec<(FitReason, u32)> = FitReason::ALL.iter().filter(|r| misses[**r as usize] > 0).map(|r| (*r, misses[*r as usize])).collect();
+        let counts: Vec<(FitReason, u32)> = FitReason::ALL
+            .iter()
+            .filter(|r| misses[**r as usize] > 0)
+            .map(|r| (*r, misses[*r as usize]))
+            .collect();
         if counts.is_empty() {
             return Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice));
         }
-        return Err(NodeMiss { counts, total: cards.len() as u32 });
+        return Err(NodeMiss {
+            counts,
+            total: cards.len() as u32,
+        });
     }
     if let Some(out) = out {
-        let fits = if spill.is_empty() { &mut inline[..n_fit] } else { &mut spill[..] };
+        let fits = if spill.is_empty() {
+            &mut inline[..n_fit]
+        } else {
+            &mut spill[..]
+        };
         let prefer = |a: &(usize, f64), b: &(usize, f64)| {
             let by_score = match policy {
                 Policy::Binpack => b.1.total_cmp(&a.1),
@@ -138,7 +149,11 @@ fn fit_container(
         fits.sort_unstable_by(prefer);
         for &(i, _) in &fits[..want] {
             let mem = req.mem.resolve(cards[i].mem_mib, default_mem);
-            out.push(Pick { card: i, mem_mib: mem, cores: req.cores });
+            out.push(Pick {
+                card: i,
+                mem_mib: mem,
+                cores: req.cores,
+            });
         }
     }
     Ok(())
@@ -146,14 +161,24 @@ fn fit_container(
 
 /// Fits every container of `req` on `node`, each container's vGPUs on distinct cards, later
 /// containers seeing what earlier ones took. Nothing is reserved: see `Ledger` for that.
-pub fn fit_pod(node: &NodeState, req: &PodRequest, default_mem: DefaultMemory, gpu_policy: Policy) -> Result<NodeFit, NodeMiss> {
+pub fn fit_pod(
+    node: &NodeState,
+    req: &PodRequest,
+    default_mem: DefaultMemory,
+    gpu_policy: Policy,
+) -> Result<NodeFit, NodeMiss> {
     let mut picks = Vec::with_capacity(req.containers.len());
     fit_pod_into(node, req, default_mem, gpu_policy, Some(&mut picks))?;
     Ok(NodeFit { picks })
 }
 
 /// Whether `req` fits on `node`, without building the picks.
-pub fn check_pod(node: &NodeState, req: &PodRequest, default_mem: DefaultMemory, gpu_policy: Policy) -> Result<(), NodeMiss> {
+pub fn check_pod(
+    node: &NodeState,
+    req: &PodRequest,
+    default_mem: DefaultMemory,
+    gpu_policy: Policy,
+) -> Result<(), NodeMiss> {
     fit_pod_into(node, req, default_mem, gpu_policy, None)
 }
 
@@ -182,7 +207,15 @@ fn fit_pod_into(
         let usage = scratch.as_deref().unwrap_or(&node.usage);
         let need_picks = picks.is_some() || scratch.is_some();
         local.clear();
-        fit_container(&node.cards, usage, c, &req.filter, default_mem, gpu_policy, need_picks.then_some(&mut local))?;
+        fit_container(
+            &node.cards,
+            usage,
+            c,
+            &req.filter,
+            default_mem,
+            gpu_policy,
+            need_picks.then_some(&mut local),
+        )?;
         if let Some(u) = scratch.as_mut() {
             for p in &local {
                 u[p.card].add(p.mem_mib, p.cores);

@@ -19,6 +19,8 @@ use tower::Service;
 pub struct WebhookState {
     pub scheduler_name: String,
     pub limits: Box<dyn Fn() -> ClusterLimits + Send + Sync>,
+    /// Whether the extender has listed nodes and pods (the pod's readiness probe).
+    pub ready: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 pub fn router(state: Arc<WebhookState>) -> Router {
@@ -26,6 +28,17 @@ pub fn router(state: Arc<WebhookState>) -> Router {
         .route("/mutate", post(mutate))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
+}
+
+async fn readyz(State(st): State<Arc<WebhookState>>) -> (axum::http::StatusCode, &'static str) {
+    if (st.ready)() {
+        (axum::http::StatusCode::OK, "ok")
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "still listing nodes and pods",
+        )
+    }
 }
 
 async fn mutate(State(st): State<Arc<WebhookState>>, body: Bytes) -> Json<serde_json::Value> {
