@@ -58,14 +58,14 @@ fn node(i: usize) -> k8s_openapi::api::core::v1::Node {
 
 /// A pod as kube-scheduler sends it; requests vary like a mixed workload.
 fn pod_body(k: usize, names: &str) -> Vec<u8> {
-    let gpus = if k % 10 == 0 { 2 } else { 1 };
+    let gpus = if k.is_multiple_of(10) { 2 } else { 1 };
     let mem = [2000, 4000, 8000, 1000][k % 4];
     let cores = [0, 30, 50, 10][k % 4];
     let mut annotations = serde_json::Map::new();
-    if k % 5 == 0 {
+    if k.is_multiple_of(5) {
         annotations.insert("hami.io/node-scheduler-policy".into(), json!("spread"));
     }
-    if k % 7 == 0 {
+    if k.is_multiple_of(7) {
         annotations.insert("nvidia.com/use-gputype".into(), json!("A100,H100"));
     }
     let pod = json!({"metadata": {"name": format!("pod-{k}"), "namespace": "bench", "uid": format!("uid-{k}"), "annotations": annotations},
@@ -174,7 +174,14 @@ fn run(nodes: usize, pods: usize, rt: &tokio::runtime::Runtime) -> Row {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--nodes N` runs one size, so its memory figures come from a fresh process.
+    let only: Option<usize> = args
+        .iter()
+        .position(|a| a == "--nodes")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -185,7 +192,7 @@ fn main() {
     };
     println!("| nodes x GPUs | pods timed | placed | filter p50 | filter p99 | filter+bind p50 | filter+bind p99 | max | pods/s | RSS after | RSS for nodes + pods |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for &(nodes, pods) in plan {
+    for &(nodes, pods) in plan.iter().filter(|(n, _)| only.is_none_or(|o| o == *n)) {
         let r = run(nodes, pods, &rt);
         println!(
             "| {} x {GPUS_PER_NODE} | {} | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.0} | {:.1} MiB | {:.1} MiB |",

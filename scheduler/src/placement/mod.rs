@@ -58,26 +58,29 @@ pub fn choose<'a, S: AsRef<str>>(
     let gpu_policy = req.gpu_policy.unwrap_or(cfg.gpu_policy);
     let mut fits = Vec::new();
     let mut misses = Vec::new();
-    let mut chosen: Option<(usize, NodeFit, f64)> = None;
+    let mut best: Option<(usize, &NodeState, f64)> = None;
     for (i, name) in candidates.iter().enumerate() {
         let Some(node) = lookup(name.as_ref()) else {
             misses.push((i, NodeMiss::node_level(FitReason::NodeUnregistered)));
             continue;
         };
-        match fit_pod(node, req, cfg.default_memory, gpu_policy) {
-            Ok(fit) => {
+        match check_pod(node, req, cfg.default_memory, gpu_policy) {
+            Ok(()) => {
                 let score = node_score(node);
                 fits.push((i, score));
-                if chosen
-                    .as_ref()
-                    .is_none_or(|(_, _, best)| better(node_policy, score, *best))
-                {
-                    chosen = Some((i, fit, score));
+                if best.is_none_or(|(_, _, b)| better(node_policy, score, b)) {
+                    best = Some((i, node, score));
                 }
             }
             Err(miss) => misses.push((i, miss)),
         }
     }
+    // Picks are built for the winner only; check_pod has already shown they exist.
+    let chosen = best.map(|(i, node, score)| {
+        let fit = fit_pod(node, req, cfg.default_memory, gpu_policy)
+            .expect("a node that passed check_pod fits");
+        (i, fit, score)
+    });
     Decision {
         chosen,
         fits,
