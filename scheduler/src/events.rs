@@ -93,17 +93,17 @@ mod tests {
 
     #[test]
     fn failures_are_grouped_by_reason_in_check_order() {
-        let mem = NodeMiss {
-            counts: vec![(FitReason::CardInsufficientMemory, 2)],
-            total: 2,
-        };
-        let both = NodeMiss {
-            counts: vec![
-                (FitReason::CardNotHealth, 1),
-                (FitReason::CardInsufficientMemory, 1),
-            ],
-            total: 2,
-        };
+        let mut c = [0; FitReason::COUNT];
+        c[FitReason::CardInsufficientMemory as usize] = 2;
+        let mem = NodeMiss::from_counts(c, 2);
+        let mut c = [0; FitReason::COUNT];
+        c[FitReason::CardNotHealth as usize] = 1;
+        c[FitReason::CardInsufficientMemory as usize] = 1;
+        let both = NodeMiss::from_counts(c, 2);
+        assert_eq!(
+            both.to_string(),
+            "1/2 CardNotHealth, 1/2 CardInsufficientMemory"
+        );
         let (head, lines) = filtering_failed([("n1", &mem), ("n2", &both)]);
         assert_eq!(head, "no available node, 2 nodes do not meet");
         assert_eq!(

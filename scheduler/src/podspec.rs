@@ -156,6 +156,7 @@ pub fn pod_request(pod: &Pod) -> Result<Option<PodRequest>, RequestError> {
         nouse_types: CardFilter::list(get(ann::NOUSE_GPUTYPE), true),
         use_uuids: CardFilter::list(get(ann::USE_GPUUUID), false),
         nouse_uuids: CardFilter::list(get(ann::NOUSE_GPUUUID), false),
+        ..Default::default()
     };
     Ok(Some(PodRequest {
         containers,

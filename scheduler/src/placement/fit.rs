@@ -120,18 +120,10 @@ fn fit_container(
         }
     }
     if n_fit < want {
-        let counts: Vec<(FitReason, u32)> = FitReason::ALL
-            .iter()
-            .filter(|r| misses[**r as usize] > 0)
-            .map(|r| (*r, misses[*r as usize]))
-            .collect();
-        if counts.is_empty() {
+        if misses.iter().all(|n| *n == 0) {
             return Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice));
         }
-        return Err(NodeMiss {
-            counts,
-            total: cards.len() as u32,
-        });
+        return Err(NodeMiss::from_counts(misses, cards.len() as u32));
     }
     if let Some(out) = out {
         let fits = if spill.is_empty() {

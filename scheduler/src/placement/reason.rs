@@ -56,24 +56,35 @@ impl fmt::Display for FitReason {
     }
 }
 
-/// Why one node did not fit: each reason with how many of the node's `total` cards gave it.
+/// Why one node did not fit: how many of the node's `total` cards gave each reason. A fixed
+/// array, not a list: thousands of nodes can miss in one filter, and none of them allocates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeMiss {
-    pub counts: Vec<(FitReason, u32)>,
+    counts: [u32; FitReason::COUNT],
     pub total: u32,
 }
 
 impl NodeMiss {
     pub fn node_level(reason: FitReason) -> Self {
-        NodeMiss {
-            counts: vec![(reason, 1)],
-            total: 1,
-        }
+        let mut counts = [0; FitReason::COUNT];
+        counts[reason as usize] = 1;
+        NodeMiss { counts, total: 1 }
+    }
+
+    /// From per-reason card counts (indexed by `FitReason as usize`) over `total` cards.
+    pub fn from_counts(counts: [u32; FitReason::COUNT], total: u32) -> Self {
+        NodeMiss { counts, total }
+    }
+
+    pub fn count(&self, reason: FitReason) -> u32 {
+        self.counts[reason as usize]
     }
 
     /// The reasons, once each, in check order.
     pub fn reasons(&self) -> impl Iterator<Item = FitReason> + '_ {
-        self.counts.iter().map(|(r, _)| *r)
+        FitReason::ALL
+            .into_iter()
+            .filter(|r| self.counts[*r as usize] > 0)
     }
 }
 
@@ -81,7 +92,7 @@ impl fmt::Display for NodeMiss {
     /// HAMi's pod-level text: `1/4 CardInsufficientMemory, 3/4 CardNotHealth`; node-level reasons
     /// stand alone.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (reason, n)) in self.counts.iter().enumerate() {
+        for (i, reason) in self.reasons().enumerate() {
             if i > 0 {
                 f.write_str(", ")?;
             }
@@ -89,7 +100,7 @@ impl fmt::Display for NodeMiss {
                 FitReason::NodeInsufficientDevice | FitReason::NodeUnregistered => {
                     write!(f, "{reason}")?
                 }
-                _ => write!(f, "{n}/{} {reason}", self.total)?,
+                _ => write!(f, "{}/{} {reason}", self.count(reason), self.total)?,
             }
         }
         Ok(())

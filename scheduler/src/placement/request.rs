@@ -1,6 +1,7 @@
 //! What a pod asks for, already parsed from its spec and annotations (see `podspec` for that).
 
 use super::policy::Policy;
+use std::cell::RefCell;
 
 /// Memory per vGPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,12 +70,44 @@ pub struct CardFilter {
     pub nouse_types: Vec<String>,
     pub use_uuids: Vec<String>,
     pub nouse_uuids: Vec<String>,
+    /// Verdicts per card type already seen: a cluster has a handful of types but thousands of
+    /// cards, and a substring search per card was most of a type-filtered filter's time.
+    pub memo: TypeMemo,
 }
+
+#[derive(Debug, Clone, Default)]
+pub struct TypeMemo(RefCell<Vec<(String, bool)>>);
+
+/// A cache, not part of what the filter means.
+impl PartialEq for TypeMemo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TypeMemo {}
 
 impl CardFilter {
     pub fn type_ok(&self, card_type_lower: &str) -> bool {
+        if self.use_types.is_empty() && self.nouse_types.is_empty() {
+            return true;
+        }
+        if let Some((_, v)) = self
+            .memo
+            .0
+            .borrow()
+            .iter()
+            .find(|(k, _)| k == card_type_lower)
+        {
+            return *v;
+        }
         let hit = |list: &[String]| list.iter().any(|t| card_type_lower.contains(t.as_str()));
-        (self.use_types.is_empty() || hit(&self.use_types)) && !hit(&self.nouse_types)
+        let v = (self.use_types.is_empty() || hit(&self.use_types)) && !hit(&self.nouse_types);
+        self.memo
+            .0
+            .borrow_mut()
+            .push((card_type_lower.to_string(), v));
+        v
     }
 
     pub fn uuid_ok(&self, uuid: &str) -> bool {
@@ -142,10 +175,14 @@ mod tests {
             nouse_types: CardFilter::list("pcie", true),
             use_uuids: vec![],
             nouse_uuids: CardFilter::list("GPU-bad", false),
+            ..Default::default()
         };
-        assert!(f.type_ok("nvidia h100 80gb hbm3"));
-        assert!(f.type_ok("nvidia-a100-sxm4-40gb"));
-        assert!(!f.type_ok("nvidia-a100-pcie-40gb"));
+        // Twice each: the second answer comes from the memo and must be the same.
+        for _ in 0..2 {
+            assert!(f.type_ok("nvidia h100 80gb hbm3"));
+            assert!(f.type_ok("nvidia-a100-sxm4-40gb"));
+            assert!(!f.type_ok("nvidia-a100-pcie-40gb"));
+        }
         assert!(!f.type_ok("nvidia-tesla t4"));
         assert!(f.uuid_ok("GPU-good"));
         assert!(!f.uuid_ok("GPU-bad"));
