@@ -93,7 +93,14 @@ pub fn spawn<A: ClusterApi>(
     let (nodes, node_writer) = reflector::store::<Node>();
     let node_stream = reflector::reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff(),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            // The store keeps only what placement reads: a node's image list and managed
+            // fields can be tens of KiB each, times thousands of nodes.
+            .modify(|n: &mut Node| {
+                n.metadata.managed_fields = None;
+                n.status = None;
+            }),
     );
     let (e, r) = (ext.clone(), ready.clone());
     tokio::spawn(async move {
@@ -115,7 +122,9 @@ pub fn spawn<A: ClusterApi>(
     let cfg = watcher::Config::default().labels(ann::VGPU_NODE);
     let pod_stream = reflector::reflector(
         pod_writer,
-        watcher(Api::<Pod>::all(client), cfg).default_backoff(),
+        watcher(Api::<Pod>::all(client), cfg)
+            .default_backoff()
+            .modify(|p: &mut Pod| p.metadata.managed_fields = None),
     );
     tokio::spawn(async move {
         let (mut seen, mut first) = (HashSet::new(), true);
