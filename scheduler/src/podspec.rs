@@ -197,6 +197,13 @@ pub fn pod_placement(pod: &Pod) -> Result<Option<Placement>, ann::DeviceListErro
     let Some(a) = pod.metadata.annotations.as_ref() else {
         return Ok(None);
     };
+    let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+    if !bound && a.get(ann::BIND_PHASE).map(String::as_str) == Some(ann::BindPhase::Failed.as_str())
+    {
+        // A bind that failed before the pod reached a node: its annotations are leftovers of
+        // that attempt and hold nothing (a new filter may already have reserved elsewhere).
+        return Ok(None);
+    }
     let Some(node) = a
         .get(ann::VGPU_NODE)
         .cloned()
@@ -321,6 +328,16 @@ mod tests {
         assert_eq!(
             pod_placement(&p).unwrap().unwrap().devices.encode(),
             "GPU-a,NVIDIA,3000,0:;"
+        );
+        // Leftovers of a failed bind on a pod that never reached a node hold nothing.
+        let mut failed = p.clone();
+        let fa = failed.metadata.annotations.as_mut().unwrap();
+        fa.insert(ann::BIND_PHASE.into(), "failed".into());
+        assert_eq!(pod_placement(&failed).unwrap(), None);
+        failed.spec.as_mut().unwrap().node_name = Some("n1".into());
+        assert!(
+            pod_placement(&failed).unwrap().is_some(),
+            "once on a node, it holds its devices"
         );
         p.status = Some(k8s_openapi::api::core::v1::PodStatus {
             phase: Some("Succeeded".into()),

@@ -345,3 +345,42 @@ async fn filter_and_bind_over_http_reach_the_api() {
     // The unreadable bind names no pod, so it leaves no event.
     assert_eq!(reasons, vec!["FilteringSucceed", "BindingSucceed"]);
 }
+
+/// Without nodeCacheCapable, kube-scheduler sends whole Node objects: 2,000 of them weigh several
+/// MiB, past axum's default body limit. The answer must still be HTTP 200 with the chosen node.
+#[tokio::test]
+async fn large_node_lists_are_accepted() {
+    let (client, _) = mock_client(Arc::new(echo_ok));
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let ext = Arc::new(Extender::new(Config::default(), KubeApi { client }, tx));
+    let padding = "x".repeat(2000);
+    let items: Vec<Value> = (0..2000)
+        .map(|i| {
+            json!({"metadata": {"name": format!("node-{i}"), "annotations": {"hami.io/node-nvidia-register":
+                format!(r#"[{{"id":"GPU-{i}","count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}}]"#)}},
+                   "status": {"images": [{"names": [padding.clone()]}]}})
+        })
+        .collect();
+    let pod = json!({"metadata": {"name": "p", "namespace": "default", "uid": "u"},
+                     "spec": {"containers": [{"name": "app", "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}}}]}});
+    let body = json!({"pod": pod, "nodes": {"metadata": {}, "items": items}}).to_string();
+    assert!(body.len() > 4 << 20, "{}", body.len());
+    let req = Request::post("/filter")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body))
+        .unwrap();
+    let resp = extender::http::router(ext).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        v["nodes"]["items"].as_array().unwrap().len(),
+        1,
+        "{}",
+        &v.to_string()[..200.min(v.to_string().len())]
+    );
+    assert_eq!(v["error"], Value::Null);
+}

@@ -5,16 +5,22 @@ use super::wire::{ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, Exte
 use super::Extender;
 use crate::kubeapi::ClusterApi;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
+
+pub const MAX_BODY: usize = 512 << 20;
 
 pub fn router<A: ClusterApi>(ext: Arc<Extender<A>>) -> Router {
     Router::new()
         .route("/filter", post(filter::<A>))
         .route("/bind", post(bind::<A>))
         .route("/healthz", get(|| async { "ok" }))
+        // Without nodeCacheCapable kube-scheduler sends every candidate Node object: megabytes
+        // on a large cluster, far past axum's 2 MiB default. The caller is kube-scheduler on
+        // localhost, so the bound is generous.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(ext)
 }
 
