@@ -7,6 +7,7 @@
 pub mod events;
 pub mod extender;
 pub mod kubeapi;
+pub mod metrics;
 pub mod placement;
 pub mod podspec;
 pub mod simulate;

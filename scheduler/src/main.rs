@@ -36,6 +36,9 @@ struct ServeArgs {
     /// Where kube-scheduler reaches the extender (plain HTTP, inside the cluster).
     #[arg(long, default_value = "0.0.0.0:8888")]
     extender_listen: std::net::SocketAddr,
+    /// Where Prometheus scrapes the allocation metrics (HAMi's names), plain HTTP.
+    #[arg(long, default_value = "0.0.0.0:9395")]
+    metrics_listen: std::net::SocketAddr,
     /// Where the API server reaches the admission webhook (HTTPS).
     #[arg(long, default_value = "0.0.0.0:8443")]
     webhook_listen: std::net::SocketAddr,
@@ -123,6 +126,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.extender_listen))?;
     tracing::info!(addr = %args.extender_listen, "extender listening");
     let extender_srv = axum::serve(ext_listener, extender::http::router(ext.clone()));
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.metrics_listen))?;
+    let metrics_app = extender::http::metrics_router(ext.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
 
     match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => {

@@ -309,6 +309,29 @@ async fn filter_and_bind_over_http_reach_the_api() {
         "{r}"
     );
 
+    // The reservation shows in HAMi's metrics.
+    let req = Request::get("/metrics")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = extender::http::metrics_router(ext.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains(&format!(
+            "hami_vgpu_memory_allocated_bytes{{namespace=\"default\",node=\"hami-workshop\",pod=\"oom-test-pod\",container_index=\"0\",device_uuid=\"{T4}\",zone=\"vGPU\"}} 4194304000"
+        )),
+        "{text}"
+    );
+
     drop(ext);
     drop(app);
     tokio::time::timeout(Duration::from_secs(2), writer)

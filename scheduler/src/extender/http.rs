@@ -24,6 +24,13 @@ pub fn router<A: ClusterApi>(ext: Arc<Extender<A>>) -> Router {
         .with_state(ext)
 }
 
+/// `/metrics` alone, for the port Prometheus reaches (filter and bind stay on localhost).
+pub fn metrics_router<A: ClusterApi>(ext: Arc<Extender<A>>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::<A>))
+        .with_state(ext)
+}
+
 async fn filter<A: ClusterApi>(
     State(ext): State<Arc<Extender<A>>>,
     body: Bytes,
@@ -49,4 +56,17 @@ async fn bind<A: ClusterApi>(
             ),
         }),
     }
+}
+
+async fn metrics<A: ClusterApi>(
+    State(ext): State<Arc<Extender<A>>>,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let text = ext.with_ledger(|l| crate::metrics::render(l));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
 }
