@@ -19,7 +19,10 @@ const KEY: &str = concat!(
 );
 
 async fn start() -> std::net::SocketAddr {
-    let cfg = tls::server_config(CERT.as_ref(), KEY.as_ref()).unwrap();
+    start_with(tls::server_config(CERT.as_ref(), KEY.as_ref()).unwrap()).await
+}
+
+async fn start_with(cfg: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
     let state = Arc::new(WebhookState {
         scheduler_name: "vgpu-scheduler".into(),
         limits: Box::new(|| ClusterLimits {
@@ -35,9 +38,17 @@ async fn start() -> std::net::SocketAddr {
 }
 
 async fn post(addr: std::net::SocketAddr, body: Value) -> Value {
+    post_trusting(addr, CA, body).await.unwrap()
+}
+
+async fn post_trusting(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    body: Value,
+) -> Result<Value, std::io::Error> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(CA).unwrap() {
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -51,8 +62,7 @@ async fn post(addr: std::net::SocketAddr, body: Value) -> Value {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
-        .await
-        .unwrap();
+        .await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .unwrap();
@@ -64,7 +74,7 @@ async fn post(addr: std::net::SocketAddr, body: Value) -> Value {
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap()
+    Ok(serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap())
 }
 
 fn review(uid: &str, limits: Value) -> Value {
@@ -148,4 +158,42 @@ async fn impossible_requests_are_refused_over_tls() {
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+/// cert-manager renews the Secret in place: the webhook serves the new certificate without a
+/// restart.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("vgpu-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::copy(CERT, &cert).unwrap();
+    std::fs::copy(KEY, &key).unwrap();
+    let cfg = tls::server_config_reloading(&cert, &key, std::time::Duration::ZERO).unwrap();
+    let addr = start_with(cfg).await;
+    let body = || review("u", json!({"cpu": "1"}));
+    let rotated_ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rotated-ca.crt");
+    assert!(post_trusting(addr, CA, body()).await.is_ok());
+    assert!(
+        post_trusting(addr, rotated_ca, body()).await.is_err(),
+        "the old certificate is not from the new CA"
+    );
+
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    std::fs::copy(format!("{fixtures}/rotated.crt"), &cert).unwrap();
+    std::fs::copy(format!("{fixtures}/rotated.key"), &key).unwrap();
+    // Make sure the modification time moves even on coarse-grained file systems.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&cert)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    assert!(
+        post_trusting(addr, rotated_ca, body()).await.is_ok(),
+        "the renewed certificate is served"
+    );
+    assert!(post_trusting(addr, CA, body()).await.is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
