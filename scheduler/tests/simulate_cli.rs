@@ -169,3 +169,48 @@ fn default_memory_is_configurable() {
     let (ok, _, stderr) = simulate(&[f.to_str().unwrap(), "--default-mem", "150%"]);
     assert!(!ok && stderr.contains("percentage of the card"), "{stderr}");
 }
+
+/// Every example pod parses, asks for vGPUs the scheduler accepts, and fits on a node of two
+/// A100s and a T4 when placed alone.
+#[test]
+fn example_pods_are_valid_requests() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+    let node = r#"  - apiVersion: v1
+    kind: Node
+    metadata:
+      name: n1
+      annotations:
+        hami.io/node-nvidia-register: '[{"id":"GPU-a","count":10,"devmem":81920,"devcore":100,"type":"NVIDIA A100-SXM4-80GB","health":true},{"id":"GPU-b","index":1,"count":10,"devmem":81920,"devcore":100,"type":"NVIDIA A100-SXM4-80GB","health":true},{"id":"GPU-t","index":2,"count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}]'
+"#;
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if !name.ends_with("-pod.yaml") && !name.starts_with("gpumem-pod-") {
+            continue;
+        }
+        let pod = std::fs::read_to_string(&path).unwrap();
+        let indented: String = pod
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("    {l}\n"))
+            .collect();
+        let list = format!("apiVersion: v1\nkind: List\nitems:\n{node}  -\n{indented}");
+        let f = std::env::temp_dir().join(format!("vgpu-example-{}-{name}", std::process::id()));
+        std::fs::write(&f, list).unwrap();
+        let (ok, stdout, stderr) = simulate(&[f.to_str().unwrap(), "--json"]);
+        std::fs::remove_file(&f).unwrap();
+        assert!(ok, "{name}: {stderr}");
+        let v: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 1, "{name}: {stdout}");
+        assert_eq!(v[0]["node"], "n1", "{name}: {stdout}");
+        if name == "two-gpu-a100-pod.yaml" {
+            assert_eq!(
+                v[0]["devices"],
+                "GPU-a,NVIDIA,8000,25:GPU-b,NVIDIA,8000,25:;"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 7, "all example pods were checked");
+}
