@@ -254,4 +254,34 @@ mod tests {
         }
         assert_eq!(BindPhase::parse("Allocating"), None);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn device() -> impl Strategy<Value = ContainerDevice> {
+            (
+                "GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}",
+                any::<u64>(),
+                0u32..=100,
+            )
+                .prop_map(|(uuid, mem_mib, cores)| ContainerDevice::nvidia(uuid, mem_mib, cores))
+        }
+
+        proptest! {
+            /// Whatever the shape (empty containers included), decode(encode(x)) is x, so the
+            /// agent reads exactly what the scheduler wrote.
+            #[test]
+            fn device_lists_round_trip(pd in prop::collection::vec(prop::collection::vec(device(), 0..4), 0..5)) {
+                let pd = PodDevices(pd);
+                prop_assert_eq!(PodDevices::decode(&pd.encode()).unwrap(), pd);
+            }
+
+            /// Arbitrary text never panics the decoder.
+            #[test]
+            fn decoding_garbage_fails_cleanly(s in ".{0,64}") {
+                let _ = PodDevices::decode(&s);
+            }
+        }
+    }
 }

@@ -220,4 +220,56 @@ mod tests {
             "NVIDIA H100 80GB HBM3"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn device() -> impl Strategy<Value = DeviceInfo> {
+            (
+                "GPU-[0-9a-f]{8}",
+                0u32..16,
+                0u32..64,
+                0u64..200_000,
+                0u32..400,
+                "((NVIDIA[- ])?[A-Za-z0-9][A-Za-z0-9 -]{0,18}[A-Za-z0-9])?",
+                0u32..4,
+                prop_oneof![Just(String::new()), Just(MODE_HAMI_CORE.to_string())],
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(id, index, count, devmem, devcore, kind, numa, mode, health)| DeviceInfo {
+                        id,
+                        index,
+                        count,
+                        devmem,
+                        devcore,
+                        kind,
+                        numa,
+                        mode,
+                        health,
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn json_round_trips(devs in prop::collection::vec(device(), 0..8)) {
+                prop_assert_eq!(decode(&encode(&devs)).unwrap(), devs);
+            }
+
+            /// The legacy form has no escaping and its reader trims fields: it round-trips for
+            /// the types agents write (no ',' or ':', no outer spaces), which is all the
+            /// generator makes.
+            #[test]
+            fn legacy_round_trips(devs in prop::collection::vec(device(), 1..8)) {
+                prop_assert_eq!(decode(&encode_legacy(&devs)).unwrap(), devs);
+            }
+
+            #[test]
+            fn decoding_garbage_fails_cleanly(s in ".{0,80}") {
+                let _ = decode(&s);
+            }
+        }
+    }
 }
