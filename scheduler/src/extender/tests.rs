@@ -429,10 +429,9 @@ async fn concurrent_filter_and_bind_never_double_book() {
     for t in tasks {
         bound += t.await.unwrap() as usize;
     }
-    assert!(
-        bound > 20,
-        "the cluster should take a good number of pods, took {bound}"
-    );
+    // Each card always has room for two of these vGPUs (2 × 39% cores, 2 × 4000 MiB), so at least
+    // 12 vGPUs, six pods even if all were 2-GPU pods, must have been bound.
+    assert!(bound >= 6, "the cluster should fill up, took {bound}");
 
     let calls = api.calls.lock().unwrap().clone();
     let bound_uids: HashSet<String> = calls
@@ -481,4 +480,46 @@ async fn concurrent_filter_and_bind_never_double_book() {
             }
         }
     });
+}
+
+#[test]
+fn repeated_events_are_recorded_once_per_window() {
+    let mut d = EventDedup::new(Duration::from_secs(60));
+    let ev = |uid: &str, msg: &str| PodEvent {
+        pod: PodRef {
+            namespace: "default".into(),
+            name: "p".into(),
+            uid: uid.into(),
+        },
+        kind: "Warning",
+        reason: "FilteringFailed",
+        message: msg.into(),
+    };
+    let t0 = Instant::now();
+    assert!(d.admit(&ev("u1", "no available node, 1 nodes do not meet"), t0));
+    assert!(!d.admit(
+        &ev("u1", "no available node, 1 nodes do not meet"),
+        t0 + Duration::from_secs(5)
+    ));
+    assert!(
+        d.admit(
+            &ev("u1", "1 nodes CardInsufficientMemory(n1)"),
+            t0 + Duration::from_secs(5)
+        ),
+        "another text"
+    );
+    assert!(
+        d.admit(
+            &ev("u2", "no available node, 1 nodes do not meet"),
+            t0 + Duration::from_secs(5)
+        ),
+        "another pod"
+    );
+    assert!(
+        d.admit(
+            &ev("u1", "no available node, 1 nodes do not meet"),
+            t0 + Duration::from_secs(61)
+        ),
+        "after the window"
+    );
 }
