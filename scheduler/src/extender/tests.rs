@@ -1,8 +1,10 @@
 use super::wire::*;
 use super::*;
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use vgpu_contract::annotations as ann;
 
 const T4: &str = "GPU-859b872c-0ba2-97b0-10b4-8b7185c55039";
 
