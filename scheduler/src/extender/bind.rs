@@ -72,7 +72,9 @@ impl<A: ClusterApi> Extender<A> {
         };
         match result {
             Ok(()) => {
-                self.state.lock().unwrap().pending.remove(&pod.uid);
+                // The entry stays (marked binding, so it never expires) until the pod watch
+                // reports the pod with its annotations: a relist that races this bind must not
+                // drop a placement the API has not shown yet.
                 self.emit(
                     &pod,
                     "Normal",

@@ -7,7 +7,7 @@ use crate::kubeapi::ClusterApi;
 use crate::placement::ledger::Ledger;
 use crate::placement::reason::{FitReason, NodeMiss};
 use crate::podspec;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vgpu_contract::annotations as ann;
 use vgpu_contract::register;
 
@@ -164,6 +164,13 @@ impl<A: ClusterApi> Extender<A> {
     /// Gives back reservations whose bind never came.
     fn expire(&self, st: &mut State) {
         let ttl = self.reservation_ttl;
+        // At most once a second: pending can hold every pod bound since the watch last caught
+        // up, and this runs on every filter.
+        let every = ttl.min(Duration::from_secs(1));
+        if st.last_sweep.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        st.last_sweep = Some(Instant::now());
         let stale: Vec<String> = st
             .pending
             .iter()

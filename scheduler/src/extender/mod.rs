@@ -39,7 +39,9 @@ struct Pending {
 #[derive(Default)]
 struct State {
     ledger: Ledger,
+    /// Reservations the pod watch has not yet shown back with their annotations.
     pending: HashMap<String, Pending>,
+    last_sweep: Option<Instant>,
 }
 
 pub struct Extender<A> {

@@ -525,3 +525,38 @@ fn repeated_events_are_recorded_once_per_window() {
         "after the window"
     );
 }
+
+/// A relist that started before a bind and finished after it does not list the just-bound pod:
+/// its placement must survive until the watch has shown the pod with its annotations.
+#[tokio::test]
+async fn a_relist_racing_a_bind_keeps_the_new_placement() {
+    let api = FakeApi::default();
+    let (ext, _rx) = new_ext(api.clone());
+    with_lab_node(&ext);
+    filter(
+        &ext,
+        json!({"pod": pod_json("p", "uid-p", mib(4000)), "nodenames": ["hami-workshop"]}),
+    );
+    assert_eq!(
+        bind(&ext, "p", "uid-p", "hami-workshop").await,
+        json!({"Error": ""})
+    );
+    ext.pods_resynced(&HashSet::new());
+    assert!(
+        ext.placement("uid-p").is_some(),
+        "kept while the watch has not shown the pod"
+    );
+
+    let Some(Call::Annotate(_, a, _)) = api.calls.lock().unwrap().first().cloned() else {
+        panic!()
+    };
+    let mut pod = pod_json("p", "uid-p", mib(4000));
+    pod["metadata"]["annotations"] = serde_json::to_value(&a).unwrap();
+    pod["spec"]["nodeName"] = json!("hami-workshop");
+    ext.pod_applied(&serde_json::from_value(pod).unwrap());
+    ext.pods_resynced(&HashSet::new());
+    assert!(
+        ext.placement("uid-p").is_none(),
+        "once shown, the API's word decides"
+    );
+}
