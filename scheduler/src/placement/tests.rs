@@ -473,6 +473,25 @@ fn arb_pod() -> impl Strategy<Value = PodRequest> {
             node_policy,
             gpu_policy,
         })
+        .prop_flat_map(|req| (Just(req), arb_filter()))
+        .prop_map(|(mut req, filter)| {
+            req.filter = filter;
+            req
+        })
+}
+
+/// Mostly no filter, sometimes type or UUID lists over the names the clusters use.
+fn arb_filter() -> impl Strategy<Value = CardFilter> {
+    let words = |pool: &'static [&'static str]| {
+        prop::sample::subsequence(pool, 0..=pool.len())
+            .prop_map(|v| v.into_iter().map(String::from).collect::<Vec<_>>())
+    };
+    prop_oneof![
+        3 => Just(CardFilter::default()),
+        1 => (words(&["t4", "a100"]), words(&["t4", "a100"]), words(&["GPU-0", "GPU-1"]), words(&["GPU-0", "GPU-1"])).prop_map(
+            |(use_types, nouse_types, use_uuids, nouse_uuids)| CardFilter { use_types, nouse_types, use_uuids, nouse_uuids, ..Default::default() }
+        ),
+    ]
 }
 
 fn arb_card(i: u32) -> impl Strategy<Value = DeviceInfo> {
@@ -481,14 +500,15 @@ fn arb_card(i: u32) -> impl Strategy<Value = DeviceInfo> {
         1000u64..50000,
         prop_oneof![Just(100u32), Just(200u32)],
         prop::bool::weighted(0.9),
+        prop_oneof![Just("NVIDIA-Tesla T4"), Just("NVIDIA A100-SXM4-80GB")],
     )
-        .prop_map(move |(count, devmem, devcore, health)| DeviceInfo {
+        .prop_map(move |(count, devmem, devcore, health, kind)| DeviceInfo {
             id: format!("GPU-{i}"),
             index: i,
             count,
             devmem,
             devcore,
-            kind: "T4".into(),
+            kind: kind.into(),
             health,
             ..Default::default()
         })
@@ -594,6 +614,13 @@ proptest! {
                         prop_assert_eq!(p.devices.0.len(), req.containers.len());
                         for (c, r) in fit.picks.iter().zip(&req.containers) {
                             prop_assert_eq!(c.len(), r.gpus as usize);
+                        }
+                        // Every chosen card is one the pod's filters allow.
+                        let node = l.node(&names[*i]).unwrap();
+                        for d in p.devices.devices() {
+                            let card = &node.cards[node.card_by_uuid(&d.uuid).unwrap()];
+                            prop_assert!(req.filter.type_ok(&card.kind_lower), "{} is not an allowed type", card.kind);
+                            prop_assert!(req.filter.uuid_ok(&card.uuid), "{} is not an allowed card", card.uuid);
                         }
                     } else {
                         prop_assert!(l.placement(&uid).is_none());
