@@ -10,6 +10,7 @@ pub mod kubeapi;
 pub mod metrics;
 pub mod placement;
 pub mod podspec;
+pub mod quantity;
 pub mod simulate;
 pub mod watch;
 pub mod webhook;

@@ -56,7 +56,7 @@ fn resource(c: &Container, name: &str) -> Result<Option<u64>, RequestError> {
         });
     match q {
         None => Ok(None),
-        Some(q) => q.0.trim().parse::<u64>().map(Some).map_err(|_| {
+        Some(q) => crate::quantity::whole(&q.0).map(Some).ok_or_else(|| {
             RequestError(format!(
                 "container {:?}: {name} is {:?}, want a whole number",
                 c.name, q.0
@@ -244,6 +244,20 @@ mod tests {
     fn lab_pod_reads_as_one_4000_mib_vgpu() {
         let p = pod(include_str!("../../deploy/examples/gpumem-pod-a.yaml"));
         let r = pod_request(&p).unwrap().unwrap();
+        // The same pod as the API server returns it: quantities in canonical form.
+        let mut from_api = p.clone();
+        let limits = from_api.spec.as_mut().unwrap().containers[0]
+            .resources
+            .as_mut()
+            .unwrap()
+            .limits
+            .as_mut()
+            .unwrap();
+        limits.insert(
+            ann::RESOURCE_GPUMEM.into(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("4k".into()),
+        );
+        assert_eq!(pod_request(&from_api).unwrap().unwrap(), r);
         assert_eq!(
             r.containers,
             vec![ContainerRequest {
@@ -295,8 +309,8 @@ mod tests {
             .contains("nvidia.com/gpucores is 150, want 0 to 100"));
         assert!(e("nvidia.com/gpumem: 1000", "")
             .contains("sets nvidia.com/gpumem without nvidia.com/gpu"));
-        assert!(e("nvidia.com/gpu: 1, nvidia.com/gpumem: 4Gi", "")
-            .contains("nvidia.com/gpumem is \"4Gi\", want a whole number"));
+        assert!(e("nvidia.com/gpu: 1, nvidia.com/gpumem: 4GB", "")
+            .contains("nvidia.com/gpumem is \"4GB\", want a whole number"));
         assert!(
             e("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 101", "").contains("want 1 to 100")
         );

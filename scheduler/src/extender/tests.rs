@@ -80,8 +80,14 @@ fn pod_json(name: &str, uid: &str, limits: Value) -> Value {
            "status": {"phase": "Pending"}})
 }
 
+/// As kube-scheduler sends it, from the API: quantities in canonical form (4000 is "4k").
 fn mib(m: u64) -> Value {
-    json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": m.to_string()})
+    let q = if m.is_multiple_of(1000) {
+        format!("{}k", m / 1000)
+    } else {
+        m.to_string()
+    };
+    json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": q})
 }
 
 fn new_ext(api: FakeApi) -> (Extender<FakeApi>, mpsc::UnboundedReceiver<PodEvent>) {
