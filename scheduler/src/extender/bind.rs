@@ -1,0 +1,105 @@
+//! Bind: write HAMi's annotations in one patch, then bind; on failure give the reservation back.
+
+use super::wire::{ExtenderBindingArgs, ExtenderBindingResult};
+use super::{unix_now, Extender};
+use crate::events;
+use crate::kubeapi::{ClusterApi, PodRef};
+use std::collections::BTreeMap;
+use vgpu_contract::annotations as ann;
+
+impl<A: ClusterApi> Extender<A> {
+    pub async fn bind(&self, args: ExtenderBindingArgs) -> ExtenderBindingResult {
+        let pod = PodRef {
+            namespace: args.pod_namespace.clone(),
+            name: args.pod_name.clone(),
+            uid: args.pod_uid.clone(),
+        };
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        let fail = |msg: String| {
+            self.emit(&pod, "Warning", events::BINDING_FAILED, msg.clone());
+            ExtenderBindingResult { error: msg }
+        };
+        let (devices, vgpu_time) = {
+            let mut st = self.state.lock().unwrap();
+            let Some(placement) = st.ledger.placement(&pod.uid).cloned() else {
+                return fail(format!(
+                    "pod {key} ({}) has no vGPU reservation: it was not filtered by this scheduler or the reservation expired; kube-scheduler will retry",
+                    pod.uid
+                ));
+            };
+            if placement.node != args.node {
+                return fail(format!(
+                    "pod {key} is reserved on node {}, not {}: filter it again",
+                    placement.node, args.node
+                ));
+            }
+            let vgpu_time = match st.pending.get_mut(&pod.uid) {
+                Some(p) => {
+                    p.binding = true;
+                    p.vgpu_time
+                }
+                // Already bound: an idempotent retry writes the same annotations again.
+                None => unix_now(),
+            };
+            (placement.devices.encode(), vgpu_time)
+        };
+
+        let annotations = BTreeMap::from([
+            (ann::VGPU_NODE.to_string(), args.node.clone()),
+            (ann::VGPU_TIME.to_string(), vgpu_time.to_string()),
+            (ann::DEVICES_TO_ALLOCATE.to_string(), devices),
+            (
+                ann::BIND_PHASE.to_string(),
+                ann::BindPhase::Allocating.as_str().to_string(),
+            ),
+            (ann::BIND_TIME.to_string(), unix_now().to_string()),
+        ]);
+        let result = match self
+            .api
+            .annotate_pod(&pod, annotations, Some(&args.node))
+            .await
+        {
+            Err(e) => Err((
+                format!("pod {key}: writing the vGPU annotations failed: {e}"),
+                false,
+            )),
+            Ok(()) => self.api.bind_pod(&pod, &args.node).await.map_err(|e| {
+                (
+                    format!("pod {key}: binding to node {} failed: {e}", args.node),
+                    true,
+                )
+            }),
+        };
+        match result {
+            Ok(()) => {
+                // The entry stays (marked binding, so it never expires) until the pod watch
+                // reports the pod with its annotations: a relist that races this bind must not
+                // drop a placement the API has not shown yet.
+                self.emit(
+                    &pod,
+                    "Normal",
+                    events::BINDING_SUCCEED,
+                    events::binding_succeed(&args.node, &key),
+                );
+                ExtenderBindingResult::default()
+            }
+            Err((msg, annotated)) => {
+                {
+                    let mut st = self.state.lock().unwrap();
+                    st.pending.remove(&pod.uid);
+                    st.ledger.release(&pod.uid);
+                }
+                if annotated {
+                    let phase = BTreeMap::from([(
+                        ann::BIND_PHASE.to_string(),
+                        ann::BindPhase::Failed.as_str().to_string(),
+                    )]);
+                    if let Err(e) = self.api.annotate_pod(&pod, phase, None).await {
+                        tracing::warn!(pod = %key, "could not mark bind-phase failed: {e}");
+                    }
+                }
+                fail(msg)
+            }
+        }
+    }
+}

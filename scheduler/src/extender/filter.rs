@@ -1,0 +1,208 @@
+//! Filter: choose a node and cards for the pod and reserve them, in one step under the lock.
+
+use super::wire::{ExtenderArgs, ExtenderFilterResult, NodeList};
+use super::{pod_ref, unix_now, Extender, Pending, State};
+use crate::events;
+use crate::kubeapi::ClusterApi;
+use crate::placement::ledger::Ledger;
+use crate::placement::reason::{FitReason, NodeMiss};
+use crate::podspec;
+use std::time::{Duration, Instant};
+use vgpu_contract::annotations as ann;
+use vgpu_contract::register;
+
+/// Reasons preemption cannot cure: evicting pods frees no card of the wrong type.
+fn unresolvable(miss: &NodeMiss) -> bool {
+    miss.reasons().all(|r| {
+        matches!(
+            r,
+            FitReason::CardNotHealth
+                | FitReason::CardTypeMismatch
+                | FitReason::CardUuidMismatch
+                | FitReason::NodeInsufficientDevice
+                | FitReason::NodeUnregistered
+        )
+    })
+}
+
+impl<A: ClusterApi> Extender<A> {
+    pub fn filter(&self, args: ExtenderArgs) -> ExtenderFilterResult {
+        let pod = pod_ref(&args.pod);
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        if !self.is_ready() {
+            return ExtenderFilterResult {
+                error: "vgpu-scheduler is still listing nodes and pods from the API server; kube-scheduler will retry".into(),
+                ..Default::default()
+            };
+        }
+        let ExtenderArgs {
+            pod: pod_obj,
+            nodes,
+            nodenames,
+        } = args;
+        let (names, node_objects) = match (nodenames, nodes.as_ref()) {
+            (Some(names), _) => (names, None),
+            (None, Some(list)) => (
+                list.items
+                    .iter()
+                    .map(|n| {
+                        n.pointer("/metadata/name")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .collect(),
+                Some(list),
+            ),
+            (None, None) => {
+                return ExtenderFilterResult {
+                    error: "the request carries neither nodes nor nodenames".into(),
+                    ..Default::default()
+                };
+            }
+        };
+        let pass_through = |names: Vec<String>| match node_objects {
+            Some(list) => ExtenderFilterResult {
+                nodes: Some(list.clone()),
+                ..Default::default()
+            },
+            None => ExtenderFilterResult {
+                nodenames: Some(names),
+                ..Default::default()
+            },
+        };
+        let req = match podspec::pod_request(&pod_obj) {
+            Ok(Some(r)) => r,
+            Ok(None) => return pass_through(names),
+            Err(e) => {
+                self.emit(&pod, "Warning", events::FILTERING_FAILED, e.0.clone());
+                return ExtenderFilterResult {
+                    error: format!("pod {key}: {e}"),
+                    ..Default::default()
+                };
+            }
+        };
+
+        let (decision, devices) = {
+            let mut st = self.state.lock().unwrap();
+            self.expire(&mut st);
+            if let Some(list) = node_objects {
+                refresh_nodes(&mut st.ledger, list);
+            }
+            let d = st.ledger.place(&pod.uid, &key, &names, &req, &self.cfg);
+            match &d.chosen {
+                Some(_) => {
+                    st.pending.insert(
+                        pod.uid.clone(),
+                        Pending {
+                            since: Instant::now(),
+                            vgpu_time: unix_now(),
+                            binding: false,
+                        },
+                    );
+                }
+                None => {
+                    st.pending.remove(&pod.uid);
+                }
+            }
+            let devices = st.ledger.placement(&pod.uid).map(|p| p.devices.encode());
+            (d, devices)
+        };
+
+        let mut out = ExtenderFilterResult::default();
+        for (i, miss) in &decision.misses {
+            let target = if unresolvable(miss) {
+                &mut out.failed_and_unresolvable_nodes
+            } else {
+                &mut out.failed_nodes
+            };
+            target.insert(names[*i].clone(), miss.to_string());
+        }
+        match decision.chosen {
+            Some((i, _, _)) => {
+                let chosen = names[i].clone();
+                tracing::debug!(pod = %key, node = %chosen, devices = ?devices, "filter reserved");
+                let msg = events::filtering_succeed(
+                    &chosen,
+                    decision.misses.len(),
+                    decision.fits.iter().map(|(j, s)| (names[*j].as_str(), *s)),
+                );
+                self.emit(&pod, "Normal", events::FILTERING_SUCCEED, msg);
+                match node_objects {
+                    Some(list) => {
+                        out.nodes = Some(NodeList {
+                            metadata: list.metadata.clone(),
+                            items: vec![list.items[i].clone()],
+                        })
+                    }
+                    None => out.nodenames = Some(vec![chosen]),
+                }
+            }
+            None => {
+                let (head, lines) = events::filtering_failed(
+                    decision.misses.iter().map(|(i, m)| (names[*i].as_str(), m)),
+                );
+                tracing::info!(pod = %key, "{head}: {}", lines.join("; "));
+                self.emit(&pod, "Warning", events::FILTERING_FAILED, head);
+                for line in lines {
+                    self.emit(&pod, "Warning", events::FILTERING_FAILED, line);
+                }
+                match node_objects {
+                    Some(list) => {
+                        out.nodes = Some(NodeList {
+                            metadata: list.metadata.clone(),
+                            items: vec![],
+                        })
+                    }
+                    None => out.nodenames = Some(vec![]),
+                }
+            }
+        }
+        out
+    }
+
+    /// Gives back reservations whose bind never came.
+    fn expire(&self, st: &mut State) {
+        let ttl = self.reservation_ttl;
+        // At most once a second: pending can hold every pod bound since the watch last caught
+        // up, and this runs on every filter.
+        let every = ttl.min(Duration::from_secs(1));
+        if st.last_sweep.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        st.last_sweep = Some(Instant::now());
+        let stale: Vec<String> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.binding && p.since.elapsed() > ttl)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for uid in stale {
+            st.pending.remove(&uid);
+            if let Some(p) = st.ledger.release(&uid) {
+                tracing::info!(pod = %p.pod, node = %p.node, "reservation expired without a bind");
+            }
+        }
+    }
+}
+
+/// In `nodes` mode kube-scheduler sends the Node objects: their register annotations are as fresh
+/// as anything the watcher has, so they refresh the ledger (unchanged ones cost a compare).
+fn refresh_nodes(ledger: &mut Ledger, list: &NodeList) {
+    for n in &list.items {
+        let Some(name) = n.pointer("/metadata/name").and_then(|v| v.as_str()) else {
+            continue;
+        };
+        let Some(text) = n
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(ann::NODE_REGISTER))
+            .and_then(|v| v.as_str())
+        else {
+            continue;
+        };
+        match register::decode(text) {
+            Ok(devices) => ledger.upsert_node(name, devices),
+            Err(e) => tracing::warn!(node = %name, "ignoring the node's GPUs: {e}"),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Fitting one pod onto one node: which cards each container gets, or why none fit.
+
+use super::node::{Card, CardUsage, NodeState};
+use super::policy::Policy;
+use super::reason::{FitReason, NodeMiss};
+use super::request::{CardFilter, ContainerRequest, DefaultMemory, PodRequest};
+use super::score::card_score;
+use vgpu_contract::annotations::{ContainerDevice, PodDevices};
+
+/// One vGPU given to a container: the card (an index into the node's cards) and its share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub card: usize,
+    pub mem_mib: u64,
+    pub cores: u32,
+}
+
+/// A pod's fit on a node: picks per container, in pod order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFit {
+    pub picks: Vec<Vec<Pick>>,
+}
+
+impl NodeFit {
+    pub fn devices(&self, node: &NodeState) -> PodDevices {
+        PodDevices(
+            self.picks
+                .iter()
+                .map(|c| {
+                    c.iter()
+                        .map(|p| {
+                            ContainerDevice::nvidia(
+                                node.cards[p.card].uuid.clone(),
+                                p.mem_mib,
+                                p.cores,
+                            )
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The checks of one card against one vGPU of a container, in HAMi's order; the first that
+/// fails is the card's reason.
+pub fn check_card(
+    card: &Card,
+    used: &CardUsage,
+    filter: &CardFilter,
+    mem_mib: u64,
+    cores: u32,
+) -> Result<(), FitReason> {
+    if !card.healthy {
+        return Err(FitReason::CardNotHealth);
+    }
+    if !filter.type_ok(&card.kind_lower) {
+        return Err(FitReason::CardTypeMismatch);
+    }
+    if !filter.uuid_ok(&card.uuid) {
+        return Err(FitReason::CardUuidMismatch);
+    }
+    if used.slots >= card.slots {
+        return Err(FitReason::CardTimeSlicingExhausted);
+    }
+    if card.mem_mib.saturating_sub(used.mem_mib) < mem_mib {
+        return Err(FitReason::CardInsufficientMemory);
+    }
+    if card.cores.saturating_sub(used.cores) < cores {
+        return Err(FitReason::CardInsufficientCore);
+    }
+    if cores >= 100 && used.slots > 0 {
+        return Err(FitReason::ExclusiveDeviceAllocateConflict);
+    }
+    if cores == 0 && card.cores > 0 && used.cores >= card.cores {
+        return Err(FitReason::CardComputeUnitsExhausted);
+    }
+    Ok(())
+}
+
+/// Most nodes have at most this many cards; larger ones spill to the heap.
+const INLINE_CARDS: usize = 16;
+
+/// Fits one container: every card is checked (so a miss can count reasons over all of them),
+/// then the `gpus` best fitting cards under `policy` are taken, ties going to the lower index.
+/// Allocates only for what it returns, since this runs for every card of every candidate node.
+fn fit_container(
+    cards: &[Card],
+    usage: &[CardUsage],
+    req: &ContainerRequest,
+    filter: &CardFilter,
+    default_mem: DefaultMemory,
+    policy: Policy,
+    out: Option<&mut Vec<Pick>>,
+) -> Result<(), NodeMiss> {
+    let want = req.gpus as usize;
+    if cards.len() < want {
+        return Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice));
+    }
+    let mut inline = [(0usize, 0f64); INLINE_CARDS];
+    let mut spill = Vec::new();
+    let mut n_fit = 0;
+    let mut misses = [0u32; FitReason::COUNT];
+    for (i, card) in cards.iter().enumerate() {
+        let mem = req.mem.resolve(card.mem_mib, default_mem);
+        match check_card(card, &usage[i], filter, mem, req.cores) {
+            Ok(()) => {
+                let entry = (i, card_score(card, &usage[i]));
+                if n_fit < INLINE_CARDS {
+                    inline[n_fit] = entry;
+                } else {
+                    if spill.is_empty() {
+                        spill.extend_from_slice(&inline);
+                    }
+                    spill.push(entry);
+                }
+                n_fit += 1;
+            }
+            Err(r) => misses[r as usize] += 1,
+        }
+    }
+    if n_fit < want {
+        if misses.iter().all(|n| *n == 0) {
+            return Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice));
+        }
+        return Err(NodeMiss::from_counts(misses, cards.len() as u32));
+    }
+    if let Some(out) = out {
+        let fits = if spill.is_empty() {
+            &mut inline[..n_fit]
+        } else {
+            &mut spill[..]
+        };
+        let prefer = |a: &(usize, f64), b: &(usize, f64)| {
+            let by_score = match policy {
+                Policy::Binpack => b.1.total_cmp(&a.1),
+                Policy::Spread => a.1.total_cmp(&b.1),
+            };
+            by_score.then(a.0.cmp(&b.0))
+        };
+        fits.sort_unstable_by(prefer);
+        for &(i, _) in &fits[..want] {
+            let mem = req.mem.resolve(cards[i].mem_mib, default_mem);
+            out.push(Pick {
+                card: i,
+                mem_mib: mem,
+                cores: req.cores,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Fits every container of `req` on `node`, each container's vGPUs on distinct cards, later
+/// containers seeing what earlier ones took. Nothing is reserved: see `Ledger` for that.
+pub fn fit_pod(
+    node: &NodeState,
+    req: &PodRequest,
+    default_mem: DefaultMemory,
+    gpu_policy: Policy,
+) -> Result<NodeFit, NodeMiss> {
+    let mut picks = Vec::with_capacity(req.containers.len());
+    fit_pod_into(node, req, default_mem, gpu_policy, Some(&mut picks))?;
+    Ok(NodeFit { picks })
+}
+
+/// Whether `req` fits on `node`, without building the picks.
+pub fn check_pod(
+    node: &NodeState,
+    req: &PodRequest,
+    default_mem: DefaultMemory,
+    gpu_policy: Policy,
+) -> Result<(), NodeMiss> {
+    fit_pod_into(node, req, default_mem, gpu_policy, None)
+}
+
+fn fit_pod_into(
+    node: &NodeState,
+    req: &PodRequest,
+    default_mem: DefaultMemory,
+    gpu_policy: Policy,
+    mut picks: Option<&mut Vec<Vec<Pick>>>,
+) -> Result<(), NodeMiss> {
+    if node.cards.is_empty() {
+        return Err(NodeMiss::node_level(FitReason::NodeUnregistered));
+    }
+    let gpu_containers = req.containers.iter().filter(|c| c.gpus > 0).count();
+    // Only a pod with several GPU containers needs a scratch copy of the usage: each later
+    // container must see what the earlier ones took. Picks are needed for that too.
+    let mut scratch = (gpu_containers > 1).then(|| node.usage.clone());
+    let mut local = Vec::new();
+    for c in &req.containers {
+        if c.gpus == 0 {
+            if let Some(p) = picks.as_deref_mut() {
+                p.push(Vec::new());
+            }
+            continue;
+        }
+        let usage = scratch.as_deref().unwrap_or(&node.usage);
+        let need_picks = picks.is_some() || scratch.is_some();
+        local.clear();
+        fit_container(
+            &node.cards,
+            usage,
+            c,
+            &req.filter,
+            default_mem,
+            gpu_policy,
+            need_picks.then_some(&mut local),
+        )?;
+        if let Some(u) = scratch.as_mut() {
+            for p in &local {
+                u[p.card].add(p.mem_mib, p.cores);
+            }
+        }
+        if let Some(p) = picks.as_deref_mut() {
+            p.push(local.clone());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Placement as a pure library: no I/O, no clock, no Kubernetes types. Given the nodes' cards and
+//! what is reserved on them, choose a node and cards for a pod, or say why none fit.
+
+pub mod fit;
+pub mod ledger;
+pub mod node;
+pub mod policy;
+pub mod reason;
+pub mod request;
+pub mod score;
+
+use fit::{check_pod, fit_pod, NodeFit};
+use node::NodeState;
+use policy::Policy;
+use reason::{FitReason, NodeMiss};
+use request::{DefaultMemory, PodRequest};
+use score::{better, node_score};
+
+/// Cluster-wide defaults a pod may override with its annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    pub default_memory: DefaultMemory,
+    /// HAMi's node default is binpack.
+    pub node_policy: Policy,
+    /// HAMi's card default is spread.
+    pub gpu_policy: Policy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_memory: DefaultMemory::default(),
+            node_policy: Policy::Binpack,
+            gpu_policy: Policy::Spread,
+        }
+    }
+}
+
+/// The outcome over a list of candidate nodes; indices refer to that list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The winner: candidate index, its fit and its score.
+    pub chosen: Option<(usize, NodeFit, f64)>,
+    /// Every node that fits, with its score (usage before this pod), in candidate order.
+    pub fits: Vec<(usize, f64)>,
+    pub misses: Vec<(usize, NodeMiss)>,
+}
+
+/// Places `req` over `candidates` (nodes absent from `lookup` miss as unregistered). The node
+/// policy picks among fitting nodes by score; ties keep the earlier candidate.
+pub fn choose<'a, S: AsRef<str>>(
+    candidates: &[S],
+    lookup: impl Fn(&str) -> Option<&'a NodeState>,
+    req: &PodRequest,
+    cfg: &Config,
+) -> Decision {
+    let node_policy = req.node_policy.unwrap_or(cfg.node_policy);
+    let gpu_policy = req.gpu_policy.unwrap_or(cfg.gpu_policy);
+    let mut fits = Vec::new();
+    let mut misses = Vec::new();
+    let mut best: Option<(usize, &NodeState, f64)> = None;
+    for (i, name) in candidates.iter().enumerate() {
+        let Some(node) = lookup(name.as_ref()) else {
+            misses.push((i, NodeMiss::node_level(FitReason::NodeUnregistered)));
+            continue;
+        };
+        match check_pod(node, req, cfg.default_memory, gpu_policy) {
+            Ok(()) => {
+                let score = node_score(node);
+                fits.push((i, score));
+                if best.is_none_or(|(_, _, b)| better(node_policy, score, b)) {
+                    best = Some((i, node, score));
+                }
+            }
+            Err(miss) => misses.push((i, miss)),
+        }
+    }
+    // Picks are built for the winner only; check_pod has already shown they exist.
+    let chosen = best.map(|(i, node, score)| {
+        let fit = fit_pod(node, req, cfg.default_memory, gpu_policy)
+            .expect("a node that passed check_pod fits");
+        (i, fit, score)
+    });
+    Decision {
+        chosen,
+        fits,
+        misses,
+    }
+}
+
+#[cfg(test)]
+mod tests;

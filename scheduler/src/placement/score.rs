@@ -1,0 +1,48 @@
+//! Scores: how full a node or card is, on HAMi's scale, so the figures in `FilteringSucceed`
+//! read the same as HAMi's (the lab's `hami-workshop:7.21` is two 4000 MiB slices of a 10-slot
+//! 15360 MiB T4: 10 × (2/10 + 8000/15360 + 0/100)).
+
+use super::node::{Card, CardUsage, NodeState};
+use super::policy::Policy;
+
+fn ratio(used: f64, total: f64) -> f64 {
+    if total > 0.0 {
+        used / total
+    } else {
+        0.0
+    }
+}
+
+/// 10 × (used slots/slots + used cores/cores + used MiB/MiB) over all the node's cards, before
+/// the pod being placed is counted.
+pub fn node_score(node: &NodeState) -> f64 {
+    node_score_with(&node.cards, &node.usage)
+}
+
+pub fn node_score_with(cards: &[Card], usage: &[CardUsage]) -> f64 {
+    let (mut us, mut ts, mut uc, mut tc, mut um, mut tm) = (0f64, 0f64, 0f64, 0f64, 0f64, 0f64);
+    for (c, u) in cards.iter().zip(usage) {
+        us += f64::from(u.slots);
+        ts += f64::from(c.slots);
+        uc += f64::from(u.cores);
+        tc += f64::from(c.cores);
+        um += u.mem_mib as f64;
+        tm += c.mem_mib as f64;
+    }
+    10.0 * (ratio(us, ts) + ratio(uc, tc) + ratio(um, tm))
+}
+
+/// The same measure for one card.
+pub fn card_score(card: &Card, usage: &CardUsage) -> f64 {
+    10.0 * (ratio(f64::from(usage.slots), f64::from(card.slots))
+        + ratio(f64::from(usage.cores), f64::from(card.cores))
+        + ratio(usage.mem_mib as f64, card.mem_mib as f64))
+}
+
+/// Whether score `a` beats `b` under `policy`; ties keep the earlier candidate.
+pub fn better(policy: Policy, a: f64, b: f64) -> bool {
+    match policy {
+        Policy::Binpack => a > b,
+        Policy::Spread => a < b,
+    }
+}
