@@ -146,9 +146,12 @@ fn run_inner(args: &ExecArgs) -> Result<i32, String> {
     for (k, v) in slice_env(args, gpumem, &cache) {
         cmd.env(k, v);
     }
-    let status = cmd
-        .status()
-        .map_err(|e| format!("{}: {e}", args.command[0]));
+    tie_to_parent(&mut cmd);
+    let status = cmd.spawn().and_then(|mut child| {
+        forward_signals_to(child.id());
+        child.wait()
+    });
+    let status = status.map_err(|e| format!("{}: {e}", args.command[0]));
     if ours {
         let _ = std::fs::remove_file(&cache);
     }
@@ -157,6 +160,40 @@ fn run_inner(args: &ExecArgs) -> Result<i32, String> {
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// The command dies with us: killing `vgpu-agent exec` (even with SIGKILL) must not leave its workload holding
+/// the slice.
+fn tie_to_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; pid is our child's.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP sent to us go to the command, which decides how to end (we then exit with it).
+fn forward_signals_to(pid: u32) {
+    CHILD.store(pid as i32, std::sync::atomic::Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only reads an atomic and calls kill(2).
+        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
+    }
 }
 
 #[cfg(test)]

@@ -514,12 +514,17 @@ impl CacheRegion {
     }
 }
 
-/// Start time of a process in clock ticks after boot (`/proc/PID/stat` field 22), or None if it is gone.
+/// Start time of a process in clock ticks after boot (`/proc/PID/stat` field 22), or None if it is gone. A
+/// zombie counts as gone: the driver frees a process's memory when it exits, before its parent reaps it.
 pub fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    let mut fields = rest.split(' ');
+    if matches!(fields.next(), Some("Z") | Some("X") | Some("x")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Whether the process a slot names still runs, as seen from this pid namespace.
@@ -673,6 +678,22 @@ mod tests {
             h.join().unwrap();
         }
         assert!(r.device_total(0) <= 10_000);
+    }
+
+    #[test]
+    fn a_zombie_is_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie once it has exited.
+        for _ in 0..200 {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            if s.contains(") Z ") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(process_start_time(pid), None);
+        child.wait().unwrap();
     }
 
     #[test]

@@ -217,8 +217,15 @@ fn two_containers_hold_independently_on_one_card() {
         vec![(0, (3884 + 300) * MIB, LIMIT)],
         "{late:#?}"
     );
-    assert!(late.stderr.contains("cuDevicePrimaryCtxRetain refused"), "{late:#?}");
-    assert_eq!(sim.smi_memory(0), (2 * 3884, 16384), "the refused context took nothing");
+    assert!(
+        late.stderr.contains("cuDevicePrimaryCtxRetain refused"),
+        "{late:#?}"
+    );
+    assert_eq!(
+        sim.smi_memory(0),
+        (2 * 3884, 16384),
+        "the refused context took nothing"
+    );
     let (pa, pb) = (a.pid(), b.pid());
     let slots_a = sim.cache_slots("a");
     assert_eq!(

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh checkout: set-up, format and lint checks, the build (libvgpu.so, the
+# agent with its eBPF programs, the simulated GPU), then every crate's unit and integration tests. The agent's
+# eBPF tests attach real uprobes and so need root on a kernel with uprobes (they say so and skip otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo fmt --all -- --check
+export VGPU_REQUIRE_EBPF=1
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# libvgpu.so must exist before the integration tests preload it.
+cargo build --workspace --locked
+cargo test --workspace --locked
