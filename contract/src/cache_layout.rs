@@ -33,9 +33,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
@@ -175,32 +173,7 @@ impl CacheRegion {
         match File::options().read(true).write(true).open(path) {
             Ok(f) => Self::map(path, f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let dir = path
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                let tmp = dir.join(format!(
-                    ".{}.{}.tmp",
-                    path.file_name().and_then(|n| n.to_str()).unwrap_or("cache"),
-                    std::process::id()
-                ));
-                let mut f = File::options()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o666)
-                    .open(&tmp)
-                    .map_err(io)?;
-                let written = f.write_all(&header_bytes(info));
-                // link() fails if another process won the race; either way the file at `path` is complete.
-                let linked = written.and_then(|_| std::fs::hard_link(&tmp, path));
-                let _ = std::fs::remove_file(&tmp);
-                match linked {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(io(e)),
-                }
+                crate::mapped::create_complete(path, &header_bytes(info)).map_err(io)?;
                 let f = File::options()
                     .read(true)
                     .write(true)
@@ -253,24 +226,8 @@ impl CacheRegion {
                 "wrong size for its version",
             ));
         }
-        // SAFETY: mapping a regular file we hold open, of at least FILE_BYTES bytes (checked above), shared so
-        // every process sees the same words. The fd may be closed after mmap; the mapping stays valid.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                FILE_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(CacheError::Io(
-                path.to_path_buf(),
-                io::Error::last_os_error(),
-            ));
-        }
+        let ptr = crate::mapped::map_shared(&f, FILE_BYTES)
+            .map_err(|e| CacheError::Io(path.to_path_buf(), e))?;
         Ok(Self {
             words: ptr as *const AtomicU64,
             backing: Backing::Mapped { ptr },

@@ -22,8 +22,6 @@
 //! Entries are claimed with one compare-and-swap on `key`; an entry idle for [`STALE_NS`] may be taken over.
 //! No locks: a process may die at any instruction and the others go on.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
@@ -80,25 +78,11 @@ impl CardFile {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{uuid}.card"));
         if !path.exists() {
-            let tmp = dir.join(format!(".{uuid}.{}.tmp", std::process::id()));
-            let mut f = std::fs::File::options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o666)
-                .open(&tmp)?;
             let mut buf = vec![0u8; FILE_BYTES];
             buf[0..8].copy_from_slice(&MAGIC.to_ne_bytes());
             buf[8..16].copy_from_slice(&VERSION.to_ne_bytes());
             buf[16..24].copy_from_slice(&(ENTRIES as u64).to_ne_bytes());
-            let r = f
-                .write_all(&buf)
-                .and_then(|_| std::fs::hard_link(&tmp, &path));
-            let _ = std::fs::remove_file(&tmp);
-            match r {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-                _ => {}
-            }
+            crate::mapped::create_complete(&path, &buf)?;
         }
         let f = std::fs::File::options()
             .read(true)
@@ -118,21 +102,7 @@ impl CardFile {
         if head[0..8] != MAGIC.to_ne_bytes() || head[8..16] != VERSION.to_ne_bytes() {
             return Err(bad("not a version 1 card file"));
         }
-        use std::os::fd::AsRawFd;
-        // SAFETY: a regular file of at least FILE_BYTES (checked), mapped shared; valid after the fd closes.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                FILE_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let ptr = crate::mapped::map_shared(&f, FILE_BYTES)?;
         Ok(Self { ptr, private: None })
     }
 

@@ -281,16 +281,7 @@ extern "C" fn in_forked_child() {
     crate::pacing::forked_child();
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (vDSO, no syscall).
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use vgpu_contract::mapped::monotonic_ns as now_ns;
 
 #[cfg(test)]
 mod tests {

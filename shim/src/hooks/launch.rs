@@ -36,145 +36,33 @@ type ExF =
     unsafe extern "C" fn(*const c_void, CUfunction, *mut *mut c_void, *mut *mut c_void) -> CUresult;
 type GraphF = unsafe extern "C" fn(*mut c_void, CUstream) -> CUresult;
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuLaunchKernel(
-    f: CUfunction,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shm: c_uint,
-    s: CUstream,
-    p: *mut *mut c_void,
-    e: *mut *mut c_void,
-) -> CUresult {
+hook_pair!(cuLaunchKernel / cuLaunchKernel_ptsz(
+    f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shm: c_uint,
+    s: CUstream, p: *mut *mut c_void, e: *mut *mut c_void,
+) -> CUresult, |real| {
     before_launch(s);
-    call_real!(
-        r::cuLaunchKernel,
-        LaunchF,
-        CU_MISSING,
-        (f, gx, gy, gz, bx, by, bz, shm, s, p, e)
-    )
-}
+    call_real!(real, LaunchF, CU_MISSING, (f, gx, gy, gz, bx, by, bz, shm, s, p, e))
+});
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuLaunchKernel_ptsz(
-    f: CUfunction,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shm: c_uint,
-    s: CUstream,
-    p: *mut *mut c_void,
-    e: *mut *mut c_void,
-) -> CUresult {
+hook_pair!(cuLaunchCooperativeKernel / cuLaunchCooperativeKernel_ptsz(
+    f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shm: c_uint,
+    s: CUstream, p: *mut *mut c_void,
+) -> CUresult, |real| {
     before_launch(s);
-    call_real!(
-        r::cuLaunchKernel_ptsz,
-        LaunchF,
-        CU_MISSING,
-        (f, gx, gy, gz, bx, by, bz, shm, s, p, e)
-    )
-}
+    call_real!(real, CoopF, CU_MISSING, (f, gx, gy, gz, bx, by, bz, shm, s, p))
+});
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuLaunchCooperativeKernel(
-    f: CUfunction,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shm: c_uint,
-    s: CUstream,
-    p: *mut *mut c_void,
-) -> CUresult {
-    before_launch(s);
-    call_real!(
-        r::cuLaunchCooperativeKernel,
-        CoopF,
-        CU_MISSING,
-        (f, gx, gy, gz, bx, by, bz, shm, s, p)
-    )
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
-    f: CUfunction,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shm: c_uint,
-    s: CUstream,
-    p: *mut *mut c_void,
-) -> CUresult {
-    before_launch(s);
-    call_real!(
-        r::cuLaunchCooperativeKernel_ptsz,
-        CoopF,
-        CU_MISSING,
-        (f, gx, gy, gz, bx, by, bz, shm, s, p)
-    )
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuLaunchKernelEx(
-    config: *const c_void,
-    f: CUfunction,
-    p: *mut *mut c_void,
-    e: *mut *mut c_void,
-) -> CUresult {
+hook_pair!(cuLaunchKernelEx / cuLaunchKernelEx_ptsz(
+    config: *const c_void, f: CUfunction, p: *mut *mut c_void, e: *mut *mut c_void,
+) -> CUresult, |real| {
     before_launch(launch_config_stream(config));
-    call_real!(r::cuLaunchKernelEx, ExF, CU_MISSING, (config, f, p, e))
-}
+    call_real!(real, ExF, CU_MISSING, (config, f, p, e))
+});
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
-    config: *const c_void,
-    f: CUfunction,
-    p: *mut *mut c_void,
-    e: *mut *mut c_void,
-) -> CUresult {
-    before_launch(launch_config_stream(config));
-    call_real!(r::cuLaunchKernelEx_ptsz, ExF, CU_MISSING, (config, f, p, e))
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuGraphLaunch(g: *mut c_void, s: CUstream) -> CUresult {
+hook_pair!(cuGraphLaunch / cuGraphLaunch_ptsz(g: *mut c_void, s: CUstream) -> CUresult, |real| {
     before_launch(s);
-    call_real!(r::cuGraphLaunch, GraphF, CU_MISSING, (g, s))
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuGraphLaunch_ptsz(g: *mut c_void, s: CUstream) -> CUresult {
-    before_launch(s);
-    call_real!(r::cuGraphLaunch_ptsz, GraphF, CU_MISSING, (g, s))
-}
+    call_real!(real, GraphF, CU_MISSING, (g, s))
+});
 
 /// The stream of a `CUlaunchConfig`: after gridDim (3 x u32), blockDim (3 x u32) and sharedMemBytes (u32).
 fn launch_config_stream(config: *const c_void) -> CUstream {
@@ -200,33 +88,9 @@ pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
     })
 }
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuStreamSynchronize(s: CUstream) -> CUresult {
-    observe_sync(|| {
-        call_real!(
-            r::cuStreamSynchronize,
-            unsafe extern "C" fn(CUstream) -> CUresult,
-            CU_MISSING,
-            (s)
-        )
-    })
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuStreamSynchronize_ptsz(s: CUstream) -> CUresult {
-    observe_sync(|| {
-        call_real!(
-            r::cuStreamSynchronize_ptsz,
-            unsafe extern "C" fn(CUstream) -> CUresult,
-            CU_MISSING,
-            (s)
-        )
-    })
-}
+hook_pair!(cuStreamSynchronize / cuStreamSynchronize_ptsz(s: CUstream) -> CUresult, |real| {
+    observe_sync(|| call_real!(real, unsafe extern "C" fn(CUstream) -> CUresult, CU_MISSING, (s)))
+});
 
 /// # Safety
 /// As cuda.h.

@@ -86,6 +86,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> C
         size as u64,
         "cuMemAlloc_v2",
         || call_real!(r::cuMemAlloc_v2, F, CU_MISSING, (dptr, size)),
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
         || unsafe { *dptr },
     )
 }
@@ -116,6 +117,7 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
                 (dptr, pitch, width, height, elem)
             )
         },
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
         || unsafe { *dptr },
     )
 }
@@ -135,101 +137,40 @@ pub unsafe extern "C" fn cuMemAllocManaged(
         size as u64,
         "cuMemAllocManaged",
         || call_real!(r::cuMemAllocManaged, F, CU_MISSING, (dptr, size, flags)),
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
         || unsafe { *dptr },
     )
 }
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    stream: CUstream,
-) -> CUresult {
+hook_pair!(cuMemAllocAsync / cuMemAllocAsync_ptsz(
+    dptr: *mut CUdeviceptr, size: usize, stream: CUstream,
+) -> CUresult, |real| {
     type F = unsafe extern "C" fn(*mut CUdeviceptr, usize, CUstream) -> CUresult;
     guarded_alloc(
         Kind::DevicePtr,
         None,
         size as u64,
         "cuMemAllocAsync",
-        || call_real!(r::cuMemAllocAsync, F, CU_MISSING, (dptr, size, stream)),
+        || call_real!(real, F, CU_MISSING, (dptr, size, stream)),
+        // SAFETY: read only after the driver reported success, so it wrote the pointer.
         || unsafe { *dptr },
     )
-}
+});
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    stream: CUstream,
-) -> CUresult {
-    type F = unsafe extern "C" fn(*mut CUdeviceptr, usize, CUstream) -> CUresult;
-    guarded_alloc(
-        Kind::DevicePtr,
-        None,
-        size as u64,
-        "cuMemAllocAsync",
-        || call_real!(r::cuMemAllocAsync_ptsz, F, CU_MISSING, (dptr, size, stream)),
-        || unsafe { *dptr },
-    )
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    pool: *mut c_void,
-    stream: CUstream,
-) -> CUresult {
+hook_pair!(cuMemAllocFromPoolAsync / cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut CUdeviceptr, size: usize, pool: *mut c_void, stream: CUstream,
+) -> CUresult, |real| {
     type F = unsafe extern "C" fn(*mut CUdeviceptr, usize, *mut c_void, CUstream) -> CUresult;
     guarded_alloc(
         Kind::DevicePtr,
         None,
         size as u64,
         "cuMemAllocFromPoolAsync",
-        || {
-            call_real!(
-                r::cuMemAllocFromPoolAsync,
-                F,
-                CU_MISSING,
-                (dptr, size, pool, stream)
-            )
-        },
+        || call_real!(real, F, CU_MISSING, (dptr, size, pool, stream)),
+        // SAFETY: read only after the driver reported success, so it wrote the pointer.
         || unsafe { *dptr },
     )
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
-    dptr: *mut CUdeviceptr,
-    size: usize,
-    pool: *mut c_void,
-    stream: CUstream,
-) -> CUresult {
-    type F = unsafe extern "C" fn(*mut CUdeviceptr, usize, *mut c_void, CUstream) -> CUresult;
-    guarded_alloc(
-        Kind::DevicePtr,
-        None,
-        size as u64,
-        "cuMemAllocFromPoolAsync",
-        || {
-            call_real!(
-                r::cuMemAllocFromPoolAsync_ptsz,
-                F,
-                CU_MISSING,
-                (dptr, size, pool, stream)
-            )
-        },
-        || unsafe { *dptr },
-    )
-}
+});
 
 /// # Safety
 /// As cuda.h.
@@ -241,25 +182,10 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
     })
 }
 
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, stream: CUstream) -> CUresult {
+hook_pair!(cuMemFreeAsync / cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream) -> CUresult, |real| {
     type F = unsafe extern "C" fn(CUdeviceptr, CUstream) -> CUresult;
-    guarded_free(Kind::DevicePtr, dptr, || {
-        call_real!(r::cuMemFreeAsync, F, CU_MISSING, (dptr, stream))
-    })
-}
-
-/// # Safety
-/// As cuda.h.
-#[no_mangle]
-pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream) -> CUresult {
-    type F = unsafe extern "C" fn(CUdeviceptr, CUstream) -> CUresult;
-    guarded_free(Kind::DevicePtr, dptr, || {
-        call_real!(r::cuMemFreeAsync_ptsz, F, CU_MISSING, (dptr, stream))
-    })
-}
+    guarded_free(Kind::DevicePtr, dptr, || call_real!(real, F, CU_MISSING, (dptr, stream)))
+});
 
 /// # Safety
 /// As cuda.h; `prop` points to a CUmemAllocationProp.
@@ -286,6 +212,7 @@ pub unsafe extern "C" fn cuMemCreate(
         size as u64,
         "cuMemCreate",
         || call_real!(r::cuMemCreate, F, CU_MISSING, (handle, size, prop, flags)),
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
         || unsafe { *handle },
     )
 }
@@ -318,6 +245,7 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
         bytes,
         "cuArrayCreate_v2",
         || call_real!(r::cuArrayCreate_v2, F, CU_MISSING, (arr, desc)),
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
         || unsafe { *arr as u64 },
     )
 }
@@ -340,6 +268,7 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
         bytes,
         "cuArray3DCreate_v2",
         || call_real!(r::cuArray3DCreate_v2, F, CU_MISSING, (arr, desc)),
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
         || unsafe { *arr as u64 },
     )
 }
@@ -381,6 +310,7 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
                 (arr, desc, levels)
             )
         },
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
         || unsafe { *arr as u64 },
     )
 }

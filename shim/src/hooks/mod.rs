@@ -1,11 +1,6 @@
 //! The one table of hooked symbols. Each hook is a thin `extern "C"` wrapper over the safe modules; each real
 //! function is resolved once ([`crate::real::Real`]). The table answers `dlsym` and `cuGetProcAddress`.
 
-pub mod launch;
-pub mod memory;
-pub mod nvml;
-pub mod resolve;
-
 use crate::real::Real;
 use std::ffi::c_void;
 
@@ -16,6 +11,32 @@ pub struct Hook {
 
 // SAFETY: `hook` is the address of a function in this library: immutable, valid for the process's life.
 unsafe impl Sync for Hook {}
+
+/// Defines a hook and its per-thread-default-stream twin (`<name>_ptsz`): the same wrapper around a different
+/// real function, which the body names as `$real`.
+macro_rules! hook_pair {
+    ($plain:ident / $ptsz:ident ( $($arg:ident : $ty:ty),* $(,)? ) -> $ret:ty, |$real:ident| $body:expr) => {
+        /// # Safety
+        /// As cuda.h.
+        #[no_mangle]
+        pub unsafe extern "C" fn $plain($($arg: $ty),*) -> $ret {
+            let $real = &r::$plain;
+            $body
+        }
+        /// # Safety
+        /// As cuda.h.
+        #[no_mangle]
+        pub unsafe extern "C" fn $ptsz($($arg: $ty),*) -> $ret {
+            let $real = &r::$ptsz;
+            $body
+        }
+    };
+}
+
+pub mod launch;
+pub mod memory;
+pub mod nvml;
+pub mod resolve;
 
 /// Declares the `Real` for each listed symbol in a module `real_fns`, and the table [`HOOKS`] pairing it with
 /// the hook of the same name (which must exist in one of the hook modules).
