@@ -15,16 +15,23 @@ slice() {  # slice NAME CORES POLICY ARGS...: the matmul loop as its own contain
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.3f", a/b; else print "n/a" }'; }
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-python3 $G/nvml_sampler.py $((D - 3)) > $T/u100.txt &
-base=$(mm $D 4096 | overall); wait; small=$(mm $D 256 | overall)
+mm $D 4096 > $T/base.txt & p=$!
+until grep -q window $T/base.txt 2>/dev/null || ! kill -0 $p 2>/dev/null; do sleep 0.1; done
+python3 $G/nvml_sampler.py $((D - 3)) > $T/u100.txt; wait $p
+base=$(overall < $T/base.txt); small=$(mm $D 256 | overall)
 echo "unlimited bf16 matmul n=4096: $base TFLOP/s; n=256 (launch-bound): $small TFLOP/s"
 echo "    unlimited NVML: $(tail -1 $T/u100.txt)"
 r=$(slice n0 0 force $D 256 | overall); echo "n=256 with the shim and no SM limit: $(ratio $r $small) of unlimited"
+# The sampler starts once the slice is running (its first per-second line), so start-up is not counted.
+sampled() {  # sampled NAME CORES POLICY N: the slice with NVML sampled over its steady part
+  slice $1 $2 $3 $D $4 > $T/$1.txt & local p=$!
+  until grep -q window $T/$1.txt 2>/dev/null || ! kill -0 $p 2>/dev/null; do sleep 0.1; done
+  python3 $G/nvml_sampler.py $((D - 3)) > $T/u$1.txt; wait $p
+}
 for c in 10 30 50 70; do
-  python3 $G/nvml_sampler.py $((D - 3)) > $T/u$c.txt &
-  r=$(slice f$c $c force $D 4096 | overall); wait
-  echo "force $c%: $r TFLOP/s = $(ratio $r $base) of unlimited | NVML $(tail -1 $T/u$c.txt)"
-  echo "    NVML 1 s means: $(head -1 $T/u$c.txt | cut -d: -f2)"
+  sampled f$c $c force 4096; r=$(overall < $T/f$c.txt)
+  echo "force $c%: $r TFLOP/s = $(ratio $r $base) of unlimited | NVML $(tail -1 $T/uf$c.txt)"
+  echo "    NVML 1 s means: $(head -1 $T/uf$c.txt | cut -d: -f2)"
 done
 r=$(slice d30 30 default $D 4096 | overall); echo "default 30% alone: $(ratio $r $base) of unlimited"
 slice c30 30 force $D 4096 > $T/a.txt & slice c50 50 force $D 4096 > $T/b.txt; wait
@@ -35,7 +42,6 @@ slice r30 30 default $((D + 4)) 4096 > $T/c.txt & (sleep 3; slice r50 50 default
 echo "default 30 while a default 50 runs from ~3 s for $((D / 2)) s, then alone (TFLOP/s per second; unlimited = $base):"
 echo "    $(grep window $T/c.txt | awk '{printf "%s ", $3} END {print ""}')"
 echo "    the 50's windows: $(grep window $T/d.txt | awk '{printf "%s ", $3} END {print ""}')"
-python3 $G/nvml_sampler.py $((D - 3)) > $T/us.txt &
-r=$(slice s30 30 force $D 256 | overall); wait
-echo "small kernels n=256 force 30%: $(ratio $r $small) of unlimited | NVML $(tail -1 $T/us.txt)"
+sampled s30 30 force 256; r=$(overall < $T/s30.txt)
+echo "small kernels n=256 force 30%: $(ratio $r $small) of unlimited | NVML $(tail -1 $T/us30.txt)"
 rm -rf $T
