@@ -36,6 +36,8 @@ done
 r=$(slice d30 30 default $D 4096 | overall); echo "default 30% alone: $(ratio $r $base) of unlimited"
 slice c30 30 force $D 4096 > $T/a.txt & slice c50 50 force $D 4096 > $T/b.txt; wait
 echo "force 30 + force 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
+slice p30 30 force $D 4096 > $T/a.txt & slice p70 70 force $D 4096 > $T/b.txt; wait
+echo "force 30 + force 70 together (card full, clock as under full load): $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
 slice e30 30 default $D 4096 > $T/a.txt & slice e50 50 default $D 4096 > $T/b.txt; wait
 echo "default 30 + default 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
 slice r30 30 default $((D + 4)) 4096 > $T/c.txt & (sleep 3; slice r50 50 default $((D / 2)) 4096 > $T/d.txt); wait
