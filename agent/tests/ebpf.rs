@@ -478,7 +478,6 @@ fn a_tampered_cache_file_is_flagged() {
 }
 
 #[test]
-#[ignore = "known failure: the stopped agent saves its ledger on SIGTERM, then spends ~9 s in exit releasing its uprobe bpf links (one per symbol, entry and return, per libcuda file; each release waits a tasks-trace RCU grace period in perf_event_detach_bpf_prog); the workload's 3rd and 4th blocks land in that window, after the save and before the new agent attaches, so neither agent counts them"]
 fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
     if !root_or_skip("a_restarted_agent_rebuilds_its_state") {
         return;
@@ -494,12 +493,6 @@ fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
         (bytes(&ctr.of(s)?["ebpf_bytes"]) == 128 * MIB).then_some(())
     });
     agent.stop();
-    // KNOWN ISSUE (see the ignore reason): `stop` returns only once the old agent's exit has released its links,
-    // which takes longer than the 4 s between blocks. The new agent's probes do fire in processes already
-    // running (overlapping agents both count; int3 is in place after the restart); what is lost is the calls
-    // made during the old agent's teardown. Fixing it needs a teardown that is fast or overlaps the new agent:
-    // uprobe_multi links (one link, one grace period, per program and file) or handing the links to a process
-    // that outlives the agent.
     let agent = Agent::start(&fx, "enforce");
     let s = agent.status();
     let cs = ctr.of(&s).expect("restored container");
