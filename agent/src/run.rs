@@ -240,8 +240,65 @@ async fn serve(args: RunArgs) -> Result<()> {
     }
     save_state(&shared, &args.state_file);
     let _ = std::fs::remove_file(&args.socket);
+    hand_over_probes(LINGER);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long the stopped agent's probes stay attached for a successor to take over.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// Keeps this agent's uprobes attached for `linger` after it exits, in a child holding only their fds.
+///
+/// Releasing a uprobe's bpf link waits a tasks-trace RCU grace period, one link after another: exiting with
+/// ~50 links per libcuda file took ~9 s, and calls made then were counted by no agent (the ledger was already
+/// saved, the next agent not yet attached). With the links held elsewhere this process exits at once, and a
+/// successor's probes join the still-registered uprobes instead of racing their teardown.
+fn hand_over_probes(linger: Duration) {
+    let mut keep: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|rd| {
+            rd.filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                let t = target.to_string_lossy();
+                (t == "anon_inode:bpf_link" || t == "anon_inode:[perf_event]")
+                    .then(|| e.file_name().to_str()?.parse().ok())?
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    if keep.is_empty() {
+        return;
+    }
+    keep.sort_unstable();
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    let last_fd = (rl.rlim_cur.min(1 << 20) as i32).max(keep.iter().copied().max().unwrap_or(0));
+    let ts = libc::timespec {
+        tv_sec: linger.as_secs() as libc::time_t,
+        tv_nsec: 0,
+    };
+    // SAFETY: the child of this multi-threaded process only makes async-signal-safe calls (setsid, close,
+    // nanosleep, _exit) on data prepared before the fork.
+    unsafe {
+        if libc::fork() != 0 {
+            return; // parent (or fork failed: the links are released at exit as before)
+        }
+        // Out of the agent's session and process group, so a signal meant for the agent spares it.
+        libc::setsid();
+        // Everything but the probes: a listening socket held here would keep the successor from binding it.
+        for fd in 0..=last_fd {
+            if keep.binary_search(&fd).is_err() {
+                libc::close(fd);
+            }
+        }
+        libc::nanosleep(&ts, std::ptr::null_mut());
+        libc::_exit(0);
+    }
 }
 
 pub fn snapshot(shared: &Shared) -> Report {

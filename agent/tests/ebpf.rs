@@ -478,7 +478,6 @@ fn a_tampered_cache_file_is_flagged() {
 }
 
 #[test]
-#[ignore = "known failure: after a restart the new agent misses later calls of a process already running in its own cgroup (works when manually restarted with the process in /); under investigation"]
 fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
     if !root_or_skip("a_restarted_agent_rebuilds_its_state") {
         return;
@@ -494,10 +493,6 @@ fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
         (bytes(&ctr.of(s)?["ebpf_bytes"]) == 128 * MIB).then_some(())
     });
     agent.stop();
-    // KNOWN ISSUE: an agent attaching within ~0.5 s of the old one's exit loses the breakpoints in processes
-    // already running (the old uprobes' teardown removes them after the new ones are installed). Until the
-    // agent re-arms its probes after start, a restart waits out the teardown.
-    std::thread::sleep(Duration::from_millis(1500));
     let agent = Agent::start(&fx, "enforce");
     let s = agent.status();
     let cs = ctr.of(&s).expect("restored container");
