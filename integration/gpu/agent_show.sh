@@ -29,5 +29,6 @@ sleep 6; status; wait $ROGUE2; tail -1 $T/rogue2.log
 echo; echo "### 4. metrics"
 curl -s 127.0.0.1:${METRICS_PORT:-9394}/metrics | grep -v '^#' | grep -E "HostGPU|HostCore|vGPU_|hami_|vgpu_container_(ebpf|charged|nvml)|vgpu_agent" | head -40
 agent_stop
+pkill -f "[h]old.py 2000 60 A1"; pkill -f "[t]rain_loop.py 45 B1"   # leave the GPU to whatever runs next
 echo; echo "agent log:"; tail -30 $T/agent.log
 rmdir $CG/vgpu-agent-a $CG/vgpu-agent-b 2>/dev/null
