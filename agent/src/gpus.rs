@@ -18,6 +18,8 @@ pub struct GpuSample {
     pub utilization: u32,
     /// (host pid, bytes) from nvmlDeviceGetComputeRunningProcesses, CUDA context included.
     pub processes: Vec<(u32, u64)>,
+    /// (host pid, SM utilization percent): the latest of NVML's per-process samples of the last second.
+    pub sm_util: Vec<(u32, u32)>,
 }
 
 pub struct Gpus {
@@ -74,6 +76,18 @@ impl Gpus {
                         )
                     })
                     .collect();
+                // NVML buffers samples for a while; the last second's are the current ones (timestamps in µs).
+                let since = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64)
+                    .saturating_sub(1_000_000);
+                let mut latest: std::collections::HashMap<u32, (u64, u32)> = Default::default();
+                for s in d.process_utilization_stats(since).unwrap_or_default() {
+                    let e = latest.entry(s.pid).or_insert((0, 0));
+                    if s.timestamp >= e.0 {
+                        *e = (s.timestamp, s.sm_util);
+                    }
+                }
                 Some(GpuSample {
                     index: i,
                     uuid: d.uuid().unwrap_or_default(),
@@ -82,6 +96,7 @@ impl Gpus {
                     memory_used: mem.as_ref().map_or(0, |m| m.used),
                     utilization: d.utilization_rates().map_or(0, |u| u.gpu),
                     processes,
+                    sm_util: latest.into_iter().map(|(pid, (_, u))| (pid, u)).collect(),
                 })
             })
             .collect()

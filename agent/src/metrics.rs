@@ -135,7 +135,7 @@ pub fn render(r: &Report) -> String {
 
     // Per container. Off Kubernetes the pod fields are empty and the container label names the cgroup.
     let uuid = r.gpus.first().map(|g| g.uuid.clone()).unwrap_or_default();
-    let families: [CtrFamily; 12] = [
+    let families: [CtrFamily; 13] = [
         (
             "vGPU_device_memory_usage_in_bytes",
             "memory charged in the container's cache (bytes), HAMi legacy name",
@@ -153,6 +153,12 @@ pub fn render(r: &Report) -> String {
             "memory charged in the container's cache (bytes)",
             Labels::Current,
             |c| c.charged_bytes as f64,
+        ),
+        (
+            "hami_container_device_utilization_ratio",
+            "the container's share of the card's SM time in NVML's latest per-process samples (0-1)",
+            Labels::Current,
+            |c| c.sm_util_percent as f64 / 100.0,
         ),
         (
             "hami_vgpu_memory_limit_bytes",
@@ -272,4 +278,30 @@ pub fn render(r: &Report) -> String {
         );
     }
     o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::ContainerReport;
+
+    #[test]
+    fn container_utilization_is_a_ratio_under_hamis_name() {
+        let r = Report {
+            containers: vec![ContainerReport {
+                key: "/slice-a".into(),
+                sm_util_percent: 30,
+                limit_bytes: 4000 << 20,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render(&r);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("hami_container_device_utilization_ratio{"))
+            .expect("exported");
+        assert!(line.ends_with(" 0.3"), "{line}");
+        assert!(line.contains("container=\"/slice-a\""), "{line}");
+    }
 }

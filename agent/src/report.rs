@@ -63,6 +63,8 @@ pub struct ContainerReport {
     pub ebpf_bytes: u64,
     pub nvml_bytes: u64,
     pub launches_per_s: f64,
+    /// Sum of its processes' SM utilization (percent of the card) in NVML's latest samples.
+    pub sm_util_percent: u32,
     pub throttled_ms: u64,
     pub over_limit: bool,
     pub pids: Vec<PidReport>,
@@ -78,6 +80,7 @@ pub struct PidReport {
     pub context_bytes: u64,
     pub nvml_bytes: u64,
     pub launches_per_s: f64,
+    pub sm_util_percent: u32,
     /// Older than the agent's probes: allocations made before may be missing from ebpf_bytes.
     pub partial: bool,
 }

@@ -367,6 +367,14 @@ impl State {
                 *m.entry(p).or_default() += b;
                 m
             });
+        let sm_of: HashMap<u32, u32> = self
+            .gpus
+            .iter()
+            .flat_map(|g| g.sm_util.iter().copied())
+            .fold(HashMap::new(), |mut m, (p, u)| {
+                *m.entry(p).or_default() += u;
+                m
+            });
         let mut by_pid: HashMap<u32, PidReport> = HashMap::new();
         for (t, p) in &self.ledger.procs {
             by_pid.insert(
@@ -454,6 +462,9 @@ impl State {
             c.ebpf_bytes += p.ebpf_bytes;
             c.nvml_bytes += p.nvml_bytes;
             c.launches_per_s += p.launches_per_s;
+            let mut p = p;
+            p.sm_util_percent = sm_of.get(&p.pid).copied().unwrap_or(0);
+            c.sm_util_percent += p.sm_util_percent;
             c.pids.push(p);
         }
         for (key, c) in reports.iter_mut() {
