@@ -52,7 +52,6 @@ struct DevicePace {
     overrun_total_ns: AtomicU64,
     /// End of the window whose overrun was measured last (so it is measured once).
     drained_for: AtomicU64,
-    used: AtomicBool,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -66,7 +65,6 @@ const DP: DevicePace = DevicePace {
     holds: AtomicU64::new(0),
     overrun_total_ns: AtomicU64::new(0),
     drained_for: AtomicU64::new(0),
-    used: AtomicBool::new(false),
 };
 static DEVICES: [DevicePace; MAX_DEVICES] = [DP; MAX_DEVICES];
 
@@ -118,13 +116,7 @@ pub fn before_launch(stream: CUstream) {
     let d = &DEVICES[dev];
     d.launches.fetch_add(1, Relaxed);
     let plan = d.plan.load(Relaxed);
-    if plan == FREE {
-        if !d.used.load(Relaxed) {
-            d.used.store(true, Relaxed);
-        }
-        return;
-    }
-    if wait_needed(plan, now_ns()).is_err() && !capturing(stream) {
+    if plan != FREE && wait_needed(plan, now_ns()).is_err() && !capturing(stream) {
         hold(d, stream);
     }
 }
