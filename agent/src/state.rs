@@ -56,15 +56,7 @@ pub struct State {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, to time a kill from the allocation's uprobe.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer for clock_gettime.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use vgpu_contract::mapped::monotonic_ns;
 
 impl State {
     pub fn new(policy: Policy, cache_dir: PathBuf, cgroup_root: PathBuf) -> Self {
