@@ -55,7 +55,7 @@ pub struct State {
     warnings: HashMap<String, Vec<String>>,
 }
 
-/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns, to time a kill from the allocation's uprobe.
+// CLOCK_MONOTONIC is the clock of bpf_ktime_get_ns: kills are timed from the allocation's uprobe with it.
 use vgpu_contract::mapped::monotonic_ns;
 
 impl State {
