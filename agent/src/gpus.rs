@@ -7,15 +7,12 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
 use serde::Serialize;
 
+use crate::report::GpuReport;
+
+/// One GPU as NVML shows it: what the report prints, plus the per-process figures the agent attributes.
 #[derive(Debug, Clone, Serialize)]
 pub struct GpuSample {
-    pub index: u32,
-    pub uuid: String,
-    pub name: String,
-    pub memory_total: u64,
-    pub memory_used: u64,
-    /// Percent of time a kernel ran over NVML's last sample period.
-    pub utilization: u32,
+    pub gpu: GpuReport,
     /// (host pid, bytes) from nvmlDeviceGetComputeRunningProcesses, CUDA context included.
     pub processes: Vec<(u32, u64)>,
     /// (host pid, SM utilization percent): the latest of NVML's per-process samples of the last second.
@@ -89,12 +86,14 @@ impl Gpus {
                     }
                 }
                 Some(GpuSample {
-                    index: i,
-                    uuid: d.uuid().unwrap_or_default(),
-                    name: d.name().unwrap_or_default(),
-                    memory_total: mem.as_ref().map_or(0, |m| m.total),
-                    memory_used: mem.as_ref().map_or(0, |m| m.used),
-                    utilization: d.utilization_rates().map_or(0, |u| u.gpu),
+                    gpu: GpuReport {
+                        index: i,
+                        uuid: d.uuid().unwrap_or_default(),
+                        name: d.name().unwrap_or_default(),
+                        memory_total: mem.as_ref().map_or(0, |m| m.total),
+                        memory_used: mem.as_ref().map_or(0, |m| m.used),
+                        utilization: d.utilization_rates().map_or(0, |u| u.gpu),
+                    },
                     processes,
                     sm_util: latest.into_iter().map(|(pid, (_, u))| (pid, u)).collect(),
                 })

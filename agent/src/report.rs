@@ -45,6 +45,7 @@ pub struct GpuReport {
     pub name: String,
     pub memory_total: u64,
     pub memory_used: u64,
+    /// Percent of time a kernel ran over NVML's last sample period.
     pub utilization: u32,
 }
 

@@ -13,7 +13,7 @@ use crate::decode::{decode, Call};
 use crate::gpus::GpuSample;
 use crate::ledger::Ledger;
 use crate::procs::ProcTable;
-use crate::report::{ContainerReport, GpuReport, KillRecord, PidReport, Report};
+use crate::report::{ContainerReport, KillRecord, PidReport, Report};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Policy {
@@ -476,18 +476,7 @@ impl State {
         Report {
             source: "agent".into(),
             agent: None,
-            gpus: self
-                .gpus
-                .iter()
-                .map(|g| GpuReport {
-                    index: g.index,
-                    uuid: g.uuid.clone(),
-                    name: g.name.clone(),
-                    memory_total: g.memory_total,
-                    memory_used: g.memory_used,
-                    utilization: g.utilization,
-                })
-                .collect(),
+            gpus: self.gpus.iter().map(|g| g.gpu.clone()).collect(),
             containers: reports.into_values().collect(),
             notes: self
                 .mirror
