@@ -1,6 +1,7 @@
 //! What a probed call did, decoded from the raw [`CallEvent`] the return probe emitted.
 
 use vgpu_agent_ebpf_common::{kind, CallEvent, KIND_MASK};
+use vgpu_contract::cuda_arrays::array_bytes;
 
 /// Allocations live in separate handle spaces: a device pointer and a cuMemCreate handle may be equal.
 #[derive(
@@ -101,39 +102,15 @@ pub fn decode(ev: &CallEvent) -> Option<Call> {
     }
 }
 
-/// Bytes per channel of a CUarray_format (cuda.h values); unknown formats count 4 so they are not missed.
-fn format_bytes(format: u32) -> u64 {
-    match format {
-        0x01 | 0x08 => 1,        // UNSIGNED_INT8, SIGNED_INT8
-        0x02 | 0x09 | 0x10 => 2, // UNSIGNED_INT16, SIGNED_INT16, HALF
-        0x03 | 0x0a | 0x20 => 4, // UNSIGNED_INT32, SIGNED_INT32, FLOAT
-        _ => 4,
-    }
-}
-
 /// CUDA_ARRAY_DESCRIPTOR: { size_t Width; size_t Height; CUarray_format Format; unsigned NumChannels; }.
 fn array_2d_bytes(d: &[u64; 5]) -> u64 {
-    let (w, h) = (d[0], d[1].max(1));
-    let (format, channels) = (d[2] as u32, (d[2] >> 32) as u32);
-    w.saturating_mul(h)
-        .saturating_mul(format_bytes(format))
-        .saturating_mul(channels.max(1) as u64)
+    array_bytes(d[0], d[1], 0, d[2] as u32, (d[2] >> 32) as u32, 1)
 }
 
 /// CUDA_ARRAY3D_DESCRIPTOR: { size_t Width, Height, Depth; CUarray_format Format; unsigned NumChannels; unsigned
-/// Flags; }. A mipmapped array holds every level, each half the previous in every dimension.
+/// Flags; }.
 fn array_3d_bytes(d: &[u64; 5], levels: u32) -> u64 {
-    let (format, channels) = (d[3] as u32, (d[3] >> 32) as u32);
-    let texel = format_bytes(format).saturating_mul(channels.max(1) as u64);
-    (0..levels.clamp(1, 32))
-        .map(|l| {
-            let dim = |x: u64| (x >> l).max(1);
-            dim(d[0])
-                .saturating_mul(dim(d[1]))
-                .saturating_mul(dim(d[2]))
-                .saturating_mul(texel)
-        })
-        .fold(0u64, u64::saturating_add)
+    array_bytes(d[0], d[1], d[2], d[3] as u32, (d[3] >> 32) as u32, levels)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 pub mod annotations;
 pub mod cache_layout;
 pub mod card_layout;
+pub mod cuda_arrays;
 pub mod env;
 pub mod limits;
 pub mod mapped;

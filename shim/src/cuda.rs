@@ -77,30 +77,6 @@ pub struct NvmlProcessInfo {
     pub compute_instance_id: c_uint,
 }
 
-/// Bytes per element of a `CUarray_format`; unknown formats count as 4 bytes (the common case).
-pub fn array_format_bytes(format: c_int) -> u64 {
-    match format {
-        0x01 | 0x08 => 1,        // UNSIGNED_INT8, SIGNED_INT8
-        0x02 | 0x09 | 0x10 => 2, // UNSIGNED_INT16, SIGNED_INT16, HALF
-        _ => 4,
-    }
-}
-
-/// Bytes an array of this shape holds (depth 0 means a 2D array, height 0 a 1D one).
-pub fn array_bytes(
-    width: usize,
-    height: usize,
-    depth: usize,
-    format: c_int,
-    channels: c_uint,
-) -> u64 {
-    (width as u64)
-        .saturating_mul(height.max(1) as u64)
-        .saturating_mul(depth.max(1) as u64)
-        .saturating_mul(array_format_bytes(format))
-        .saturating_mul(channels.max(1) as u64)
-}
-
 /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" from the 16 bytes of a `CUuuid`, as NVML prints it.
 pub fn format_uuid(b: &[u8; 16]) -> String {
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -119,13 +95,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uuid_and_array_sizes() {
+    fn uuid_format() {
         let b = [
             0x85, 0x9b, 0x87, 0x2c, 0x0b, 0xa2, 0x97, 0xb0, 0x10, 0xb4, 0x8b, 0x71, 0x85, 0xc5,
             0x50, 0x39,
         ];
         assert_eq!(format_uuid(&b), "GPU-859b872c-0ba2-97b0-10b4-8b7185c55039");
-        assert_eq!(array_bytes(1024, 0, 0, 0x20, 4), 16384);
-        assert_eq!(array_bytes(16, 16, 16, 0x01, 1), 4096);
     }
 }

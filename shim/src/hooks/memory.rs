@@ -9,6 +9,7 @@ use crate::real::{call_real, CU_MISSING};
 use crate::{context, log};
 use std::ffi::{c_uint, c_ulonglong, c_void};
 use vgpu_contract::cache_layout::MAX_DEVICES;
+use vgpu_contract::cuda_arrays::array_bytes;
 
 /// The device of the calling thread's current context.
 pub fn current_device() -> Option<usize> {
@@ -237,7 +238,14 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
     type F = unsafe extern "C" fn(*mut *mut c_void, *const ArrayDescriptor) -> CUresult;
     // SAFETY: desc is the caller's descriptor (null checked).
     let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
-        array_bytes(d.width, d.height, 0, d.format, d.num_channels)
+        array_bytes(
+            d.width as u64,
+            d.height as u64,
+            0,
+            d.format as u32,
+            d.num_channels,
+            1,
+        )
     });
     guarded_alloc(
         Kind::Array,
@@ -260,7 +268,14 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
     type F = unsafe extern "C" fn(*mut *mut c_void, *const Array3dDescriptor) -> CUresult;
     // SAFETY: desc is the caller's descriptor (null checked).
     let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
-        array_bytes(d.width, d.height, d.depth, d.format, d.num_channels)
+        array_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format as u32,
+            d.num_channels,
+            1,
+        )
     });
     guarded_alloc(
         Kind::Array,
@@ -292,11 +307,17 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
     levels: c_uint,
 ) -> CUresult {
     type F = unsafe extern "C" fn(*mut *mut c_void, *const Array3dDescriptor, c_uint) -> CUresult;
-    // SAFETY: desc is the caller's descriptor (null checked). The mip chain adds at most a third again.
-    let base = unsafe { desc.as_ref() }.map_or(0, |d| {
-        array_bytes(d.width, d.height, d.depth, d.format, d.num_channels)
+    // SAFETY: desc is the caller's descriptor (null checked); every level of the chain is charged.
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
+        array_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format as u32,
+            d.num_channels,
+            levels,
+        )
     });
-    let bytes = if levels > 1 { base + base / 3 } else { base };
     guarded_alloc(
         Kind::Mipmapped,
         None,
