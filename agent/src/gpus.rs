@@ -17,6 +17,8 @@ pub struct GpuSample {
     pub processes: Vec<(u32, u64)>,
     /// (host pid, SM utilization percent): the latest of NVML's per-process samples of the last second.
     pub sm_util: Vec<(u32, u32)>,
+    /// (host pid, unix µs): the newest sample of the last second in which the process had a kernel running.
+    pub sm_busy_at: Vec<(u32, u64)>,
 }
 
 pub struct Gpus {
@@ -79,10 +81,15 @@ impl Gpus {
                     .map_or(0, |d| d.as_micros() as u64)
                     .saturating_sub(1_000_000);
                 let mut latest: std::collections::HashMap<u32, (u64, u32)> = Default::default();
+                let mut busy_at: std::collections::HashMap<u32, u64> = Default::default();
                 for s in d.process_utilization_stats(since).unwrap_or_default() {
                     let e = latest.entry(s.pid).or_insert((0, 0));
                     if s.timestamp >= e.0 {
                         *e = (s.timestamp, s.sm_util);
+                    }
+                    if s.sm_util > 0 {
+                        let b = busy_at.entry(s.pid).or_default();
+                        *b = (*b).max(s.timestamp);
                     }
                 }
                 Some(GpuSample {
@@ -96,6 +103,7 @@ impl Gpus {
                     },
                     processes,
                     sm_util: latest.into_iter().map(|(pid, (_, u))| (pid, u)).collect(),
+                    sm_busy_at: busy_at.into_iter().collect(),
                 })
             })
             .collect()

@@ -223,6 +223,24 @@ pub fn render(r: &Report) -> String {
             o.sample(name, &l, value(c));
         }
     }
+    // Only for containers seen running a kernel: an invented age would read as a real one on a dashboard.
+    let now_us = crate::state::unix_us();
+    o.family(
+        "hami_container_last_kernel_elapsed_seconds",
+        "gauge",
+        "seconds since a process of the container last had a kernel on the GPU (NVML samples, launch probes or the shim's counter)",
+    );
+    for c in &r.containers {
+        if let Some(t) = c.last_kernel_unix_us {
+            let l = container_labels(Labels::Current, c, &uuid);
+            let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            o.sample(
+                "hami_container_last_kernel_elapsed_seconds",
+                &l,
+                now_us.saturating_sub(t) as f64 / 1e6,
+            );
+        }
+    }
     o.family(
         "vgpu_process_ebpf_memory_bytes",
         "gauge",
@@ -303,5 +321,33 @@ mod tests {
             .expect("exported");
         assert!(line.ends_with(" 0.3"), "{line}");
         assert!(line.contains("container=\"/slice-a\""), "{line}");
+    }
+
+    #[test]
+    fn last_kernel_age_is_exported_only_for_containers_seen_running_one() {
+        let now = crate::state::unix_us();
+        let r = Report {
+            containers: vec![
+                ContainerReport {
+                    key: "/ran".into(),
+                    last_kernel_unix_us: Some(now - 2_500_000),
+                    ..Default::default()
+                },
+                ContainerReport {
+                    key: "/idle".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render(&r);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("hami_container_last_kernel_elapsed_seconds{"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("container=\"/ran\""), "{}", lines[0]);
+        let v: f64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((2.4..3.5).contains(&v), "{v}");
     }
 }

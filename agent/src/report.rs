@@ -66,6 +66,8 @@ pub struct ContainerReport {
     pub launches_per_s: f64,
     /// Sum of its processes' SM utilization (percent of the card) in NVML's latest samples.
     pub sm_util_percent: u32,
+    /// When a process of the container last had a kernel on the GPU (unix µs); None: never seen.
+    pub last_kernel_unix_us: Option<u64>,
     pub throttled_ms: u64,
     pub over_limit: bool,
     pub pids: Vec<PidReport>,
@@ -82,6 +84,7 @@ pub struct PidReport {
     pub nvml_bytes: u64,
     pub launches_per_s: f64,
     pub sm_util_percent: u32,
+    pub last_kernel_unix_us: Option<u64>,
     /// Older than the agent's probes: allocations made before may be missing from ebpf_bytes.
     pub partial: bool,
 }
@@ -126,7 +129,8 @@ pub fn render_text(r: &Report) -> String {
     if r.gpus.is_empty() {
         s += "(none)\n";
     }
-    s += "\nCONTAINER                                          LIMIT MiB  CHARGED  eBPF     NVML     LAUNCH/s  PIDS\n";
+    s += "\nCONTAINER                                          LIMIT MiB  CHARGED  eBPF     NVML     CORES  SM%  THROTTLED  LAST KERNEL  LAUNCH/s  PIDS\n";
+    let now_us = crate::state::unix_us();
     for c in &r.containers {
         let name = match (&c.pod_uid, &c.container_name) {
             (Some(p), Some(n)) => format!("pod {p} / {n}"),
@@ -149,7 +153,7 @@ pub fn render_text(r: &Report) -> String {
             })
             .collect();
         s += &format!(
-            "{:<50} {:>9}  {:>7}  {:>7}  {:>7}  {:>8.0}  {}\n",
+            "{:<50} {:>9}  {:>7}  {:>7}  {:>7}  {:>5}  {:>3}  {:>8.1}s  {:>11}  {:>8.0}  {}\n",
             name,
             if c.limit_bytes == 0 {
                 "-".into()
@@ -159,6 +163,17 @@ pub fn render_text(r: &Report) -> String {
             mib(c.charged_bytes),
             mib(c.ebpf_bytes),
             mib(c.nvml_bytes),
+            if c.sm_limit == 0 || c.sm_limit >= 100 {
+                "-".into()
+            } else {
+                format!("{}%", c.sm_limit)
+            },
+            c.sm_util_percent,
+            c.throttled_ms as f64 / 1000.0,
+            c.last_kernel_unix_us.map_or("-".into(), |t| format!(
+                "{:.1}s ago",
+                now_us.saturating_sub(t) as f64 / 1e6
+            )),
             c.launches_per_s,
             pids.join(",")
         );

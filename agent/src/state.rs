@@ -48,6 +48,12 @@ pub struct State {
     launch_prev: HashMap<u32, u64>,
     launch_rate: HashMap<u32, f64>,
     last_launch_sample: Option<Instant>,
+    /// When each process last had a kernel on the GPU (unix µs) and the container it belongs to.
+    last_kernel: HashMap<u32, (u64, String)>,
+    /// The same for processes that exited, per container, so the container's figure outlives them.
+    gone_last_kernel: HashMap<String, u64>,
+    /// Each shim slot's launch counter at the previous sweep, by host pid.
+    slot_launches: HashMap<u32, u64>,
     over: HashSet<String>,
     killed: HashSet<(u32, u64)>,
     /// Consecutive sweeps a (cgroup, pid) disagreed with its cache file.
@@ -79,6 +85,9 @@ impl State {
             launch_prev: HashMap::new(),
             launch_rate: HashMap::new(),
             last_launch_sample: None,
+            last_kernel: HashMap::new(),
+            gone_last_kernel: HashMap::new(),
+            slot_launches: HashMap::new(),
             over: HashSet::new(),
             killed: HashSet::new(),
             streaks: HashMap::new(),
@@ -258,6 +267,7 @@ impl State {
         }
         self.mirror.rescan();
         self.mirror.sweep(&self.procs);
+        self.note_kernels(launches.as_ref(), unix_us());
         if let Some(counts) = launches {
             let now = Instant::now();
             let dt = self
@@ -278,6 +288,56 @@ impl State {
         }
         self.check_agreement(&cgroups);
         dead
+    }
+
+    /// Notes when each process last had a kernel on the GPU, from whichever source saw one: NVML's
+    /// per-process samples (any process, ~1/6 s resolution), the launch probes' counters, or the launch
+    /// counter the shim keeps in its cache slot while pacing. A container keeps its figure after its
+    /// processes exit.
+    pub fn note_kernels(&mut self, launches: Option<&HashMap<u32, u64>>, now_us: u64) {
+        let mut seen: Vec<(u32, u64)> = self
+            .gpus
+            .iter()
+            .flat_map(|g| g.sm_busy_at.iter().copied())
+            .collect();
+        if let Some(counts) = launches {
+            for (t, n) in counts {
+                if self.launch_prev.get(t).is_some_and(|prev| n > prev) {
+                    seen.push((*t, now_us));
+                }
+            }
+        }
+        for s in self.mirror.files.values().flat_map(|f| f.slots.iter()) {
+            let Some(pid) = s.host_pid else { continue };
+            let prev = self.slot_launches.insert(pid, s.view.launches);
+            if prev.is_some_and(|p| s.view.launches > p) {
+                seen.push((pid, now_us));
+            }
+        }
+        for (pid, at) in seen {
+            let Some(cgroup) = self
+                .pid_cgroup
+                .get(&pid)
+                .or_else(|| self.procs.by_pid.get(&pid).map(|p| &p.cgroup))
+                .cloned()
+            else {
+                continue;
+            };
+            let e = self.last_kernel.entry(pid).or_insert((0, cgroup));
+            e.0 = e.0.max(at);
+        }
+        let procs = &self.procs;
+        let gone = &mut self.gone_last_kernel;
+        self.last_kernel.retain(|pid, (at, cgroup)| {
+            let alive = procs.by_pid.contains_key(pid);
+            if !alive {
+                let g = gone.entry(cgroup.clone()).or_default();
+                *g = (*g).max(*at);
+            }
+            alive
+        });
+        self.slot_launches
+            .retain(|pid, _| procs.by_pid.contains_key(pid));
     }
 
     fn check_agreement(&mut self, cgroups: &HashSet<String>) {
@@ -376,6 +436,7 @@ impl State {
                     ebpf_bytes: p.total,
                     nvml_bytes: nvml_of.get(t).copied().unwrap_or(0),
                     launches_per_s: self.launch_rate.get(t).copied().unwrap_or(0.0),
+                    last_kernel_unix_us: self.last_kernel.get(t).map(|k| k.0),
                     partial: p.partial,
                     ..Default::default()
                 },
@@ -422,6 +483,7 @@ impl State {
                 let p = by_pid.entry(hp).or_insert_with(|| PidReport {
                     pid: hp,
                     nvml_bytes: nvml_of.get(&hp).copied().unwrap_or(0),
+                    last_kernel_unix_us: self.last_kernel.get(&hp).map(|k| k.0),
                     ..Default::default()
                 });
                 p.charged_bytes = Some(s.charged);
@@ -442,6 +504,7 @@ impl State {
                         PidReport {
                             pid: *pid,
                             nvml_bytes: *bytes,
+                            last_kernel_unix_us: self.last_kernel.get(pid).map(|k| k.0),
                             ..Default::default()
                         },
                     );
@@ -454,6 +517,7 @@ impl State {
             c.ebpf_bytes += p.ebpf_bytes;
             c.nvml_bytes += p.nvml_bytes;
             c.launches_per_s += p.launches_per_s;
+            c.last_kernel_unix_us = c.last_kernel_unix_us.max(p.last_kernel_unix_us);
             let mut p = p;
             p.sm_util_percent = sm_of.get(&p.pid).copied().unwrap_or(0);
             c.sm_util_percent += p.sm_util_percent;
@@ -461,6 +525,9 @@ impl State {
         }
         for (key, c) in reports.iter_mut() {
             c.pids.sort_by_key(|p| p.pid);
+            c.last_kernel_unix_us = c
+                .last_kernel_unix_us
+                .max(self.gone_last_kernel.get(key).copied());
             c.over_limit = self.over.contains(key);
             if c.over_limit {
                 c.warnings.push(format!(
@@ -488,6 +555,12 @@ impl State {
     }
 }
 
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// The non-zero per-device limits, in MiB, for messages.
 pub fn limits_text(l: &[u64]) -> String {
     let v: Vec<String> = l
@@ -499,5 +572,61 @@ pub fn limits_text(l: &[u64]) -> String {
         "none".into()
     } else {
         v.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procs::Proc;
+    use crate::report::GpuReport;
+
+    fn proc(pid: u32, cgroup: &str) -> Proc {
+        Proc {
+            pid,
+            start_time: 1,
+            pid_ns: 1,
+            ns_pid: pid,
+            cgroup: cgroup.into(),
+        }
+    }
+
+    fn gpu(busy: &[(u32, u64)]) -> GpuSample {
+        GpuSample {
+            gpu: GpuReport::default(),
+            processes: vec![],
+            sm_util: vec![],
+            sm_busy_at: busy.to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_last_kernel_comes_from_nvml_or_launch_counters_and_outlives_the_process() {
+        let dir = std::env::temp_dir().join(format!("vgpu-state-test-{}", std::process::id()));
+        let mut s = State::new(Policy::Report, dir.clone(), dir);
+        s.procs = ProcTable::from_procs([proc(10, "/a"), proc(11, "/b")]);
+        s.gpus = vec![gpu(&[(10, 1_000)])];
+        s.note_kernels(None, 5_000);
+        assert_eq!(s.last_kernel.get(&10).map(|k| k.0), Some(1_000));
+        assert!(!s.last_kernel.contains_key(&11), "no kernel seen for 11");
+
+        // The launch probes' counter moving is a kernel now; a counter seen for the first time is not.
+        s.launch_prev.insert(11, 5);
+        s.note_kernels(Some(&HashMap::from([(11, 5)])), 6_000);
+        assert!(!s.last_kernel.contains_key(&11), "counter did not move");
+        s.note_kernels(Some(&HashMap::from([(11, 9)])), 7_000);
+        assert_eq!(s.last_kernel.get(&11).map(|k| k.0), Some(7_000));
+
+        // An older NVML sample never moves the figure back.
+        s.gpus = vec![gpu(&[(10, 500)])];
+        s.note_kernels(None, 8_000);
+        assert_eq!(s.last_kernel.get(&10).map(|k| k.0), Some(1_000));
+
+        // Process 10 exits: its container keeps the figure.
+        s.procs = ProcTable::from_procs([proc(11, "/b")]);
+        s.gpus = vec![];
+        s.note_kernels(None, 9_000);
+        assert!(!s.last_kernel.contains_key(&10));
+        assert_eq!(s.gone_last_kernel.get("/a"), Some(&1_000));
     }
 }
