@@ -8,6 +8,7 @@ mod exec;
 mod gpus;
 mod ledger;
 mod metrics;
+mod pins;
 mod probes;
 mod procs;
 mod report;

@@ -12,13 +12,17 @@ use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope
 use aya::programs::UProbe;
 use aya::Ebpf;
 use vgpu_agent_ebpf_common::{
-    CallEvent, CALL_PROBES, LAUNCH_SYMBOLS, MAP_DROPS, MAP_EVENTS, MAP_LAUNCHES, PROG_CALL_ENTRY,
-    PROG_CALL_RETURN, PROG_LAUNCH,
+    CallEvent, CALL_PROBES, HANDED_OVER_MAPS, LAUNCH_SYMBOLS, MAP_DROPS, MAP_EVENTS, MAP_LAUNCHES,
+    PROG_CALL_ENTRY, PROG_CALL_RETURN, PROG_LAUNCH,
 };
 
 /// The object agent/build.rs built (empty when the build machine had no bpfel toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VGPU_EBPF_OBJECT_PATH"));
 pub const BUILT_WITH: &str = env!("VGPU_EBPF_BUILT_WITH");
+
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttachedFile {
@@ -49,7 +53,9 @@ impl log::Log for BpfLog {
 }
 
 impl Probes {
-    pub fn load(launch_probes: bool) -> Result<Self> {
+    /// Loads the programs; with `pins`, the maps a successor takes over are pinned there (or taken over from
+    /// a predecessor that pinned them).
+    pub fn load(launch_probes: bool, pins: Option<&Path>) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this vgpu-agent was built without its eBPF programs (no bpfel toolchain at build time): run \
@@ -63,7 +69,13 @@ impl Probes {
         };
         // SAFETY: setrlimit reads the struct we pass; failure only matters on old kernels and shows at load.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) };
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object")?;
+        let mut loader = aya::EbpfLoader::new();
+        if let Some(dir) = pins {
+            for m in HANDED_OVER_MAPS {
+                loader.map_pin_path(m, dir.join(m));
+            }
+        }
+        let mut ebpf: Ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
         let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, BpfLog).ok();
         for name in [PROG_CALL_ENTRY, PROG_CALL_RETURN, PROG_LAUNCH] {
             let p: &mut UProbe = ebpf.program_mut(name).context(name)?.try_into()?;

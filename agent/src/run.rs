@@ -55,6 +55,21 @@ pub struct RunArgs {
     /// The cgroup2 mount (default: found in /proc/self/mounts).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Where on bpffs to pin the maps a restarted agent takes over, so calls made while no agent runs are
+    /// still counted; "off" for none.
+    #[arg(long, default_value = "/sys/fs/bpf/vgpu-agent")]
+    pub pin_dir: PathBuf,
+}
+
+/// What a stopping agent leaves for its successor in the state file: the ledger's fields, and the holder.
+/// (Spelled out rather than a flattened Ledger: serde's flatten cannot read its integer map keys back.)
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Saved {
+    #[serde(default)]
+    procs: std::collections::HashMap<u32, crate::ledger::ProcMemory>,
+    /// The process holding the stopped agent's probes (pid, start time), see [`hand_over_probes`].
+    #[serde(default)]
+    holder: Option<(u32, u64)>,
 }
 
 pub fn run(args: RunArgs) -> i32 {
@@ -115,7 +130,36 @@ async fn serve(args: RunArgs) -> Result<()> {
     if !args.standalone {
         bail!("only --standalone is available in this build: the Kubernetes side (device plugin, registration) is not part of it yet");
     }
-    let mut probes = Probes::load(args.launch_probes)?;
+    let pins = if args.pin_dir.as_os_str() == "off" {
+        None
+    } else {
+        crate::pins::prepare(&args.pin_dir, crate::probes::object())
+            .map_err(|e| {
+                tracing::warn!(
+                    "maps not pinned, so a restart misses the calls made while no agent runs: {e:#}"
+                )
+            })
+            .ok()
+    };
+    let saved: Option<Saved> = match std::fs::read_to_string(&args.state_file) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| tracing::warn!("ignoring {}: {e}", args.state_file.display()))
+            .ok(),
+        Err(_) => None,
+    };
+    // The predecessor's events since its last save are in the pinned ring buffer if its probes stayed
+    // attached until ours are: pinned maps found, and the process holding its probes still alive.
+    let holder = saved
+        .as_ref()
+        .and_then(|s| s.holder)
+        .filter(|(pid, start)| {
+            vgpu_contract::cache_layout::process_start_time(*pid) == Some(*start)
+        });
+    let seamless = holder.is_some()
+        && pins
+            .as_ref()
+            .is_some_and(|d| d.join(vgpu_agent_ebpf_common::MAP_EVENTS).exists());
+    let mut probes = Probes::load(args.launch_probes, pins.as_deref())?;
     let mut state = State::new(
         args.policy,
         args.cache_dir.clone(),
@@ -124,13 +168,9 @@ async fn serve(args: RunArgs) -> Result<()> {
             .unwrap_or_else(crate::cgroups::cgroup2_mount),
     );
     state.launch_probes = args.launch_probes;
-    if let Ok(text) = std::fs::read_to_string(&args.state_file) {
-        match serde_json::from_str::<Ledger>(&text) {
-            Ok(saved) => state.restore(saved),
-            Err(e) => tracing::warn!("ignoring {}: {e}", args.state_file.display()),
-        }
-    } else {
-        state.procs = ProcTable::scan();
+    match saved {
+        Some(saved) => state.restore(Ledger { procs: saved.procs }, !seamless),
+        None => state.procs = ProcTable::scan(),
     }
     for p in args
         .libcuda
@@ -143,6 +183,20 @@ async fn serve(args: RunArgs) -> Result<()> {
     // Attach before adopting: a process seen mapping libcuda now is older than the probes.
     for pid in rescan_libcuda(&mut state, &mut probes) {
         state.adopt_running(pid);
+    }
+    // Our probes are attached: the predecessor's may go (their release takes seconds, calls seen by both
+    // meanwhile are reported once: they share the in-flight map).
+    if let Some((pid, _)) = holder {
+        // SAFETY: kill(2) on a pid whose start time was just checked to be the holder's.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        tracing::info!(
+            "took over from the previous agent (probe holder pid {pid}){}",
+            if seamless {
+                ": no call missed"
+            } else {
+                "; its maps were not pinned, calls made meanwhile are missing"
+            }
+        );
     }
     // Cache files as they are now are the limits the agent holds containers to (a later rewrite is flagged).
     state.mirror.rescan();
@@ -164,7 +218,7 @@ async fn serve(args: RunArgs) -> Result<()> {
 
     // Events: drained as soon as the ring buffer signals, so enforcement acts within milliseconds.
     let ev_shared = shared.clone();
-    tokio::spawn(async move {
+    let events_task = tokio::spawn(async move {
         // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, so the fd stays open for as long as
         // it is registered.
         let mut fd = match unsafe { AsyncFd::register(ring) } {
@@ -238,23 +292,27 @@ async fn serve(args: RunArgs) -> Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    save_state(&shared, &args.state_file);
+    // Events not read by now stay in the ring buffer for the successor (pinned) and must not be half
+    // applied here: stop reading before the ledger is saved. The reader stops only between batches.
+    events_task.abort();
+    let _ = events_task.await;
+    let holder = hand_over_probes(LINGER);
+    save_state(&shared, &args.state_file, holder);
     let _ = std::fs::remove_file(&args.socket);
-    hand_over_probes(LINGER);
     tracing::info!("stopped");
     Ok(())
 }
 
-/// How long the stopped agent's probes stay attached for a successor to take over.
-const LINGER: Duration = Duration::from_secs(10);
+/// How long the stopped agent's probes stay attached for a successor to take over (it ends this sooner).
+const LINGER: Duration = Duration::from_secs(120);
 
-/// Keeps this agent's uprobes attached for `linger` after it exits, in a child holding only their fds.
+/// Keeps this agent's uprobes attached for `linger` after it exits, in a child holding only their fds;
+/// returns the child's (pid, start time).
 ///
 /// Releasing a uprobe's bpf link waits a tasks-trace RCU grace period, one link after another: exiting with
-/// ~50 links per libcuda file took ~9 s, and calls made then were counted by no agent (the ledger was already
-/// saved, the next agent not yet attached). With the links held elsewhere this process exits at once, and a
-/// successor's probes join the still-registered uprobes instead of racing their teardown.
-fn hand_over_probes(linger: Duration) {
+/// ~50 links per libcuda file took ~9 s. With the links held elsewhere this process exits at once, and the
+/// probes keep writing to the pinned ring buffer until the successor's are attached and it ends the child.
+fn hand_over_probes(linger: Duration) -> Option<(u32, u64)> {
     let mut keep: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map(|rd| {
             rd.filter_map(|e| {
@@ -268,7 +326,7 @@ fn hand_over_probes(linger: Duration) {
         })
         .unwrap_or_default();
     if keep.is_empty() {
-        return;
+        return None;
     }
     keep.sort_unstable();
     let mut rl = libc::rlimit {
@@ -284,21 +342,28 @@ fn hand_over_probes(linger: Duration) {
     };
     // SAFETY: the child of this multi-threaded process only makes async-signal-safe calls (setsid, close,
     // nanosleep, _exit) on data prepared before the fork.
-    unsafe {
-        if libc::fork() != 0 {
-            return; // parent (or fork failed: the links are released at exit as before)
-        }
-        // Out of the agent's session and process group, so a signal meant for the agent spares it.
-        libc::setsid();
-        // Everything but the probes: a listening socket held here would keep the successor from binding it.
-        for fd in 0..=last_fd {
-            if keep.binary_search(&fd).is_err() {
-                libc::close(fd);
+    let child = unsafe {
+        let child = libc::fork();
+        if child != 0 {
+            child // parent (or fork failed: the links are released at exit as before)
+        } else {
+            // Out of the agent's session and process group, so a signal meant for the agent spares it.
+            libc::setsid();
+            // Everything but the probes: a listening socket held here would keep the successor from binding it.
+            for fd in 0..=last_fd {
+                if keep.binary_search(&fd).is_err() {
+                    libc::close(fd);
+                }
             }
+            libc::nanosleep(&ts, std::ptr::null_mut());
+            libc::_exit(0);
         }
-        libc::nanosleep(&ts, std::ptr::null_mut());
-        libc::_exit(0);
+    };
+    if child <= 0 {
+        return None;
     }
+    let pid = child as u32;
+    Some((pid, vgpu_contract::cache_layout::process_start_time(pid)?))
 }
 
 pub fn snapshot(shared: &Shared) -> Report {
@@ -325,11 +390,15 @@ pub fn snapshot(shared: &Shared) -> Report {
     r
 }
 
-fn save_state(shared: &Shared, path: &Path) {
+fn save_state(shared: &Shared, path: &Path, holder: Option<(u32, u64)>) {
     let text = {
         let mut g = shared.lock().unwrap();
         g.0.dirty = false;
-        serde_json::to_string(&g.0.ledger).unwrap_or_default()
+        serde_json::to_string(&Saved {
+            procs: g.0.ledger.procs.clone(),
+            holder,
+        })
+        .unwrap_or_default()
     };
     if let Some(d) = path.parent() {
         let _ = std::fs::create_dir_all(d);
@@ -369,7 +438,32 @@ fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
             dirty = state.dirty;
         }
         if dirty {
-            save_state(&shared, &args.state_file);
+            save_state(&shared, &args.state_file, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_state_round_trips_and_reads_the_older_format() {
+        let mut l = Ledger::default();
+        l.procs.insert(42, Default::default());
+        l.procs.get_mut(&42).unwrap().total = 7;
+        let text = serde_json::to_string(&Saved {
+            procs: l.procs.clone(),
+            holder: Some((9, 10)),
+        })
+        .unwrap();
+        let back: Saved = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.holder, Some((9, 10)));
+        assert_eq!(back.procs[&42].total, 7);
+        // A state file from before the hand-over: a bare ledger.
+        let old = serde_json::to_string(&l).unwrap();
+        let back: Saved = serde_json::from_str(&old).unwrap();
+        assert_eq!(back.holder, None);
+        assert_eq!(back.procs[&42].total, 7);
     }
 }

@@ -96,13 +96,13 @@ impl State {
     }
 
     /// Restores a ledger saved by an earlier run: only processes still alive with the same start time, so a
-    /// restart neither loses their memory nor counts it twice.
-    pub fn restore(&mut self, saved: Ledger) {
+    /// restart neither loses their memory nor counts it twice. `gap`: calls made since the save may be lost
+    /// (no pinned ring buffer kept them), so the restored processes become partial.
+    pub fn restore(&mut self, saved: Ledger, gap: bool) {
         let procs = ProcTable::scan();
         for (tgid, mut p) in saved.procs {
             if procs.alive(tgid, p.start_time) {
-                // The agent was away for a moment: calls made meanwhile were not seen.
-                p.partial = true;
+                p.partial |= gap;
                 self.pid_cgroup
                     .insert(tgid, procs.by_pid[&tgid].cgroup.clone());
                 self.ledger.procs.insert(tgid, p);

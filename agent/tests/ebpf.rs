@@ -89,7 +89,12 @@ struct Agent {
 }
 
 impl Agent {
+    /// An agent with no pinned maps (tests stay off the machine's /sys/fs/bpf).
     fn start(fx: &Fixture, policy: &str) -> Self {
+        Self::start_pinned(fx, policy, Path::new("off"))
+    }
+
+    fn start_pinned(fx: &Fixture, policy: &str, pin_dir: &Path) -> Self {
         let socket = fx.dir.join("agent.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(env!("CARGO_BIN_EXE_vgpu-agent"))
@@ -111,7 +116,15 @@ impl Agent {
             .arg(&socket)
             .arg("--state-file")
             .arg(fx.dir.join("state.json"))
-            .stderr(std::fs::File::create(fx.dir.join("agent.log")).unwrap())
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(fx.dir.join("agent.log"))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let mut a = Self { child, socket };
@@ -513,6 +526,82 @@ fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
         256 * MIB,
         "nothing counted twice: {c2:#}"
     );
+    c.kill().unwrap();
+    let _ = c.wait();
+}
+
+/// A bpf filesystem of the test's own, mounted in its directory, so pins never touch /sys/fs/bpf.
+struct BpfFs(PathBuf);
+
+impl BpfFs {
+    fn mount(fx: &Fixture) -> Self {
+        let dir = fx.dir.join("bpffs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount -t bpf bpf {}", dir.display());
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn calls_made_while_no_agent_runs_are_counted_by_the_next_one() {
+    if !root_or_skip("calls_made_while_no_agent_runs_are_counted") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("handover");
+    let fs = BpfFs::mount(&fx);
+    let pins = fs.0.join("vgpu-agent");
+    let ctr = Container::new(&fx, "handover", 4000 * MIB);
+    let mut agent = Agent::start_pinned(&fx, "report", &pins);
+    // Twelve 64 MiB blocks, one every 300 ms; the agent is away for 1.5 s in the middle.
+    let (mut c, mut out) = ctr.spawn(&fx, "12 64 300 60");
+    wait_line(&mut out, "alloc 1");
+    agent.stop();
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.dir.join("state.json")).unwrap()).unwrap();
+    let holder = state["holder"][0].as_u64().expect("probe holder recorded") as u32;
+    std::thread::sleep(Duration::from_millis(1500));
+    let agent = Agent::start_pinned(&fx, "report", &pins);
+    assert!(
+        log(&fx).contains("no call missed"),
+        "took over the pinned maps: {}",
+        log(&fx)
+    );
+    wait_line(&mut out, "alloc 11");
+    let pid = c.id();
+    let cs = agent.wait_for("all twelve blocks", |s| {
+        let cs = ctr.of(s)?.clone();
+        (bytes(&cs["ebpf_bytes"]) >= 12 * 64 * MIB).then_some(cs)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let cs2 = ctr.of(&agent.status()).unwrap().clone();
+    assert_eq!(
+        bytes(&cs2["ebpf_bytes"]),
+        12 * 64 * MIB,
+        "every block once, those allocated while no agent ran included: {cs:#}"
+    );
+    let p = pid_entry(&cs2, pid).expect("client listed");
+    assert_eq!(p["partial"], false, "nothing was missed: {p:#}");
+    // The predecessor's probe holder is told to go once the new probes are attached.
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{holder}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "probe holder {holder} still running"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     c.kill().unwrap();
     let _ = c.wait();
 }

@@ -105,6 +105,11 @@ pub const PROG_LAUNCH: &str = "vgpu_launch";
 pub const MAP_EVENTS: &str = "VGPU_EVENTS";
 pub const MAP_LAUNCHES: &str = "VGPU_LAUNCHES";
 pub const MAP_DROPS: &str = "VGPU_DROPS";
+pub const MAP_IN_FLIGHT: &str = "VGPU_IN_FLIGHT";
+/// The maps a restarted agent takes over from its predecessor (pinned on bpffs): the ring buffer with the
+/// events it has not read yet, and the calls in flight, so a call whose entry the old programs saw and whose
+/// return the new ones see is reported once.
+pub const HANDED_OVER_MAPS: &[&str] = &[MAP_EVENTS, MAP_IN_FLIGHT, MAP_LAUNCHES, MAP_DROPS];
 
 /// One probed call that returned, as the return probe saw it.
 #[repr(C)]
