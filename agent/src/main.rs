@@ -33,6 +33,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Show per GPU and per container what the agent sees (or the cache files alone, with no agent).
     Status(status::StatusArgs),
+    /// Remove the agent's pinned probes and maps from bpffs (uninstall: the probes detach).
+    Unpin(pins::UnpinArgs),
 }
 
 fn main() {
@@ -41,6 +43,43 @@ fn main() {
         Cmd::Exec(args) => exec::run(args),
         Cmd::Run(args) => run::run(args),
         Cmd::Status(args) => status::run(args),
+        Cmd::Unpin(args) => pins::unpin(args),
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The container args of deploy/agent/daemonset.yaml (the `- ` items under `args:`).
+    fn daemonset_args() -> Vec<String> {
+        let text = include_str!("../../deploy/agent/daemonset.yaml");
+        let mut lines = text.lines().skip_while(|l| l.trim() != "args:").skip(1);
+        let mut args = vec![];
+        for l in lines.by_ref() {
+            match l.trim().strip_prefix("- ") {
+                Some(a) => args.push(a.to_string()),
+                None => break,
+            }
+        }
+        args
+    }
+
+    #[test]
+    fn the_daemonset_runs_the_agent_with_arguments_it_accepts() {
+        let args = daemonset_args();
+        assert!(args.len() > 3, "{args:?}");
+        let cli = Cli::try_parse_from(std::iter::once("vgpu-agent".to_string()).chain(args))
+            .unwrap_or_else(|e| panic!("deploy/agent/daemonset.yaml: {e}"));
+        let Cmd::Run(run) = cli.cmd else {
+            panic!("the DaemonSet must run `vgpu-agent run`")
+        };
+        assert!(run.standalone, "this build only runs standalone");
+        assert!(
+            run.pin_dir.starts_with("/sys/fs/bpf"),
+            "pins on the host's bpffs (mounted by the DaemonSet)"
+        );
+        assert_eq!(run.cache_dir, std::path::Path::new(run::DEFAULT_CACHE_DIR));
+    }
 }

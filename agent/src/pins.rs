@@ -1,14 +1,45 @@
 //! Where the agent pins its maps on bpffs, so the next agent (a restart, an upgrade of the same build) takes
 //! over the ring buffer its predecessor's probes kept writing to, instead of starting with a gap.
 //!
-//! Layout: `<pin dir>/<object id>/<MAP NAME>`. The object id is a hash of the eBPF object: maps pinned by
-//! another build may have other layouts, so they are never reused; they are unpinned instead.
+//! Layout: `<pin dir>/<object id>/<MAP NAME>` and `<pin dir>/<object id>/links/<dev>_<ino>/<symbol>-<entry|
+//! return>` (`launch-<symbol>`; bpffs refuses dots in names) for the probes of each libcuda file: pinned links stay attached when no agent
+//! runs, even after a crash, and the next agent adopts them. The object id is a hash of the eBPF object: pins
+//! of another build may have other layouts, so they are never reused; they are removed instead.
+//! `vgpu-agent unpin` removes everything (uninstall).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vgpu-agent";
+
+#[derive(clap::Args, Debug)]
+pub struct UnpinArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+/// `vgpu-agent unpin`: removes every pin, so the probes detach once no agent holds them (uninstall).
+pub fn unpin(args: UnpinArgs) -> i32 {
+    if !args.pin_dir.exists() {
+        println!("nothing pinned at {}", args.pin_dir.display());
+        return 0;
+    }
+    match std::fs::remove_dir_all(&args.pin_dir) {
+        Ok(()) => {
+            println!(
+                "unpinned {}: its probes detach once no running agent holds them",
+                args.pin_dir.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("vgpu-agent unpin: {}: {e}", args.pin_dir.display());
+            1
+        }
+    }
+}
 
 /// FNV-1a of the object bytes: stable across builds of the agent, unlike std's hasher.
 pub fn object_id(object: &[u8]) -> String {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::links::FdLink;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
 use aya::programs::UProbe;
 use aya::Ebpf;
@@ -33,6 +34,9 @@ pub struct AttachedFile {
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// This build's pin directory on bpffs, when pinning.
+    pins: Option<PathBuf>,
+    adopted: usize,
     launch_probes: bool,
     files: HashMap<(u64, u64), AttachedFile>,
     failed: HashSet<(u64, u64)>,
@@ -85,6 +89,8 @@ impl Probes {
         }
         Ok(Self {
             ebpf,
+            pins: pins.map(Path::to_path_buf),
+            adopted: 0,
             launch_probes,
             files: HashMap::new(),
             failed: HashSet::new(),
@@ -107,7 +113,7 @@ impl Probes {
         if self.files.contains_key(&id) || self.failed.contains(&id) {
             return Ok(false);
         }
-        let r = self.attach_all(path);
+        let r = self.attach_all(path, id);
         match r {
             Ok((symbols, launch_symbols)) if symbols > 0 => {
                 self.files.insert(
@@ -131,17 +137,117 @@ impl Probes {
         }
     }
 
-    fn attach_all(&mut self, path: &Path) -> Result<(usize, usize)> {
+    /// Where the links of the file `id` are pinned: `<pins>/links/<dev>_<ino>/`.
+    fn links_dir(&self, id: (u64, u64)) -> Option<PathBuf> {
+        self.pins
+            .as_ref()
+            .map(|d| d.join("links").join(format!("{}_{}", id.0, id.1)))
+    }
+
+    /// Attaches `prog` at `point`; with `pin`, the link is pinned there so it outlives this process (and the
+    /// next agent adopts it). A link that cannot be pinned is attached again, held by this process.
+    fn attach_one(
+        &mut self,
+        prog: &'static str,
+        point: UProbeAttachPoint<'_>,
+        path: &Path,
+        pin: Option<PathBuf>,
+    ) -> Result<()> {
+        let p: &mut UProbe = self.ebpf.program_mut(prog).context(prog)?.try_into()?;
+        let location = match &point.location {
+            UProbeAttachLocation::Symbol(s) => *s,
+            _ => "",
+        };
+        let cookie = point.cookie;
+        let id = p.attach(point, path, UProbeScope::AllProcesses)?;
+        let Some(pin) = pin else { return Ok(()) };
+        let pinned = p
+            .take_link(id)
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(FdLink::try_from(l)?))
+            .and_then(|l| Ok(l.pin(&pin)?));
+        if let Err(e) = pinned {
+            tracing::warn!(
+                "{}: cannot pin {location}: {e:#}; held by this agent only",
+                pin.display()
+            );
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(location),
+                cookie,
+            };
+            p.attach(point, path, UProbeScope::AllProcesses)?;
+        }
+        Ok(())
+    }
+
+    /// Takes over the links a previous agent of this build pinned for this file: (call symbols, launch
+    /// symbols), or None when there are none. Launch links follow this agent's `--launch-probes`.
+    fn adopt(&mut self, dir: &Path, path: &Path) -> Result<Option<(usize, usize)>> {
+        let names: Vec<String> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+            Err(_) => return Ok(None),
+        };
+        let symbols = names
+            .iter()
+            .filter_map(|n| n.strip_suffix("-entry"))
+            .filter(|sym| names.iter().any(|n| *n == format!("{sym}-return")))
+            .count();
+        if symbols == 0 {
+            return Ok(None);
+        }
+        let launch: Vec<&String> = names.iter().filter(|n| n.starts_with("launch-")).collect();
+        let launch_symbols = if self.launch_probes {
+            if launch.is_empty() {
+                self.attach_launch(path, Some(dir))?
+            } else {
+                launch.len()
+            }
+        } else {
+            for n in launch {
+                // Unpinning the last reference detaches the probe.
+                let _ = std::fs::remove_file(dir.join(n));
+            }
+            0
+        };
+        self.adopted += 1;
+        Ok(Some((symbols, launch_symbols)))
+    }
+
+    fn attach_launch(&mut self, path: &Path, pins: Option<&Path>) -> Result<usize> {
+        let mut n = 0;
+        for sym in LAUNCH_SYMBOLS {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(sym),
+                cookie: None,
+            };
+            let pin = pins.map(|d| d.join(format!("launch-{sym}")));
+            n += self.attach_one(PROG_LAUNCH, point, path, pin).is_ok() as usize;
+        }
+        Ok(n)
+    }
+
+    fn attach_all(&mut self, path: &Path, id: (u64, u64)) -> Result<(usize, usize)> {
+        let dir = self.links_dir(id);
+        if let Some(dir) = &dir {
+            if let Some(counts) = self.adopt(dir, path)? {
+                return Ok(counts);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        }
         let mut symbols = 0;
         for (sym, cookie) in CALL_PROBES {
             let mut ok = true;
-            for prog in [PROG_CALL_ENTRY, PROG_CALL_RETURN] {
-                let p: &mut UProbe = self.ebpf.program_mut(prog).context(prog)?.try_into()?;
+            for (prog, kind) in [(PROG_CALL_ENTRY, "entry"), (PROG_CALL_RETURN, "return")] {
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::Symbol(sym),
                     cookie: Some(*cookie),
                 };
-                if let Err(e) = p.attach(point, path, UProbeScope::AllProcesses) {
+                let pin = dir.as_ref().map(|d| d.join(format!("{sym}-{kind}")));
+                if let Err(e) = self.attach_one(prog, point, path, pin) {
                     // Older drivers lack newer entry points (cuCtxCreate_v4, ...): skip those.
                     tracing::debug!("{}: {sym}: {e}", path.display());
                     ok = false;
@@ -150,18 +256,34 @@ impl Probes {
             }
             symbols += ok as usize;
         }
-        let mut launch_symbols = 0;
-        if self.launch_probes {
-            let p: &mut UProbe = self
-                .ebpf
-                .program_mut(PROG_LAUNCH)
-                .context(PROG_LAUNCH)?
-                .try_into()?;
-            for sym in LAUNCH_SYMBOLS {
-                launch_symbols += p.attach(*sym, path, UProbeScope::AllProcesses).is_ok() as usize;
+        let launch_symbols = if self.launch_probes {
+            self.attach_launch(path, dir.as_deref())?
+        } else {
+            0
+        };
+        Ok((symbols, launch_symbols))
+    }
+
+    /// How many files' probes were taken over from a previous agent's pins.
+    pub fn adopted(&self) -> usize {
+        self.adopted
+    }
+
+    /// Unpins the links of files not probed now (a driver upgraded in place leaves its old inode's).
+    pub fn prune_pinned_links(&self) {
+        let Some(root) = self.pins.as_ref().map(|d| d.join("links")) else {
+            return;
+        };
+        let keep: HashSet<String> = self.files.keys().map(|(d, i)| format!("{d}_{i}")).collect();
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if !keep.contains(e.file_name().to_string_lossy().as_ref()) {
+                tracing::info!(
+                    "unpinning probes of a file no longer probed: {}",
+                    e.path().display()
+                );
+                let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        Ok((symbols, launch_symbols))
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {

@@ -57,7 +57,7 @@ pub struct RunArgs {
     pub cgroup_root: Option<PathBuf>,
     /// Where on bpffs to pin the maps a restarted agent takes over, so calls made while no agent runs are
     /// still counted; "off" for none.
-    #[arg(long, default_value = "/sys/fs/bpf/vgpu-agent")]
+    #[arg(long, default_value = crate::pins::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 
@@ -70,6 +70,10 @@ struct Saved {
     /// The process holding the stopped agent's probes (pid, start time), see [`hand_over_probes`].
     #[serde(default)]
     holder: Option<(u32, u64)>,
+    /// Written by a clean stop, after the last event was applied. A crash leaves the sweep's last save,
+    /// which may miss events already taken from the ring buffer.
+    #[serde(default)]
+    clean: bool,
 }
 
 pub fn run(args: RunArgs) -> i32 {
@@ -147,18 +151,22 @@ async fn serve(args: RunArgs) -> Result<()> {
             .ok(),
         Err(_) => None,
     };
-    // The predecessor's events since its last save are in the pinned ring buffer if its probes stayed
-    // attached until ours are: pinned maps found, and the process holding its probes still alive.
+    // The predecessor's events since its last save are in the pinned ring buffer if it stopped cleanly and
+    // its probes stayed attached until ours are: pinned links, or its probe holder still alive.
     let holder = saved
         .as_ref()
         .and_then(|s| s.holder)
         .filter(|(pid, start)| {
             vgpu_contract::cache_layout::process_start_time(*pid) == Some(*start)
         });
-    let seamless = holder.is_some()
-        && pins
-            .as_ref()
-            .is_some_and(|d| d.join(vgpu_agent_ebpf_common::MAP_EVENTS).exists());
+    let links_pinned = pins.as_ref().is_some_and(|d| {
+        std::fs::read_dir(d.join("links")).is_ok_and(|mut rd| rd.next().is_some())
+    });
+    let maps_pinned = pins
+        .as_ref()
+        .is_some_and(|d| d.join(vgpu_agent_ebpf_common::MAP_EVENTS).exists());
+    let clean = saved.as_ref().is_some_and(|s| s.clean);
+    let seamless = clean && maps_pinned && (links_pinned || holder.is_some());
     let mut probes = Probes::load(args.launch_probes, pins.as_deref())?;
     let mut state = State::new(
         args.policy,
@@ -169,7 +177,12 @@ async fn serve(args: RunArgs) -> Result<()> {
     );
     state.launch_probes = args.launch_probes;
     match saved {
-        Some(saved) => state.restore(Ledger { procs: saved.procs }, !seamless),
+        Some(ref saved) => state.restore(
+            Ledger {
+                procs: saved.procs.clone(),
+            },
+            !seamless,
+        ),
         None => state.procs = ProcTable::scan(),
     }
     for p in args
@@ -184,17 +197,32 @@ async fn serve(args: RunArgs) -> Result<()> {
     for pid in rescan_libcuda(&mut state, &mut probes) {
         state.adopt_running(pid);
     }
-    // Our probes are attached: the predecessor's may go (their release takes seconds, calls seen by both
-    // meanwhile are reported once: they share the in-flight map).
+    probes.prune_pinned_links();
+    // Our probes are attached: the predecessor's holder may go (their release takes seconds; a call seen by
+    // both meanwhile is reported once, since they share the in-flight map).
     if let Some((pid, _)) = holder {
         // SAFETY: kill(2) on a pid whose start time was just checked to be the holder's.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if seamless {
         tracing::info!(
-            "took over from the previous agent (probe holder pid {pid}){}",
-            if seamless {
-                ": no call missed"
+            "took over from the previous agent ({}): no call missed",
+            if links_pinned {
+                format!("{} libcuda file(s) with pinned probes", probes.adopted())
             } else {
-                "; its maps were not pinned, calls made meanwhile are missing"
+                format!("probe holder pid {}", holder.map_or(0, |h| h.0))
+            }
+        );
+    } else if saved.is_some() {
+        tracing::info!(
+            "restored the previous agent's ledger; calls made while no agent watched may be missing, so its \
+             processes are marked partial ({})",
+            if !clean {
+                "it did not stop cleanly"
+            } else if !maps_pinned {
+                "no pinned maps"
+            } else {
+                "its probes were gone"
             }
         );
     }
@@ -296,8 +324,9 @@ async fn serve(args: RunArgs) -> Result<()> {
     // applied here: stop reading before the ledger is saved. The reader stops only between batches.
     events_task.abort();
     let _ = events_task.await;
+    // With pinned links nothing is left to hold; links that could not be pinned are held by a child.
     let holder = hand_over_probes(LINGER);
-    save_state(&shared, &args.state_file, holder);
+    save_state(&shared, &args.state_file, holder, true);
     let _ = std::fs::remove_file(&args.socket);
     tracing::info!("stopped");
     Ok(())
@@ -390,13 +419,14 @@ pub fn snapshot(shared: &Shared) -> Report {
     r
 }
 
-fn save_state(shared: &Shared, path: &Path, holder: Option<(u32, u64)>) {
+fn save_state(shared: &Shared, path: &Path, holder: Option<(u32, u64)>, clean: bool) {
     let text = {
         let mut g = shared.lock().unwrap();
         g.0.dirty = false;
         serde_json::to_string(&Saved {
             procs: g.0.ledger.procs.clone(),
             holder,
+            clean,
         })
         .unwrap_or_default()
     };
@@ -438,7 +468,7 @@ fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
             dirty = state.dirty;
         }
         if dirty {
-            save_state(&shared, &args.state_file, None);
+            save_state(&shared, &args.state_file, None, false);
         }
     }
 }
@@ -455,15 +485,21 @@ mod tests {
         let text = serde_json::to_string(&Saved {
             procs: l.procs.clone(),
             holder: Some((9, 10)),
+            clean: true,
         })
         .unwrap();
         let back: Saved = serde_json::from_str(&text).unwrap();
         assert_eq!(back.holder, Some((9, 10)));
+        assert!(back.clean);
         assert_eq!(back.procs[&42].total, 7);
         // A state file from before the hand-over: a bare ledger.
         let old = serde_json::to_string(&l).unwrap();
         let back: Saved = serde_json::from_str(&old).unwrap();
         assert_eq!(back.holder, None);
+        assert!(
+            !back.clean,
+            "an old state file says nothing of how its agent stopped"
+        );
         assert_eq!(back.procs[&42].total, 7);
     }
 }
