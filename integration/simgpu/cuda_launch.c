@@ -5,7 +5,9 @@
  * 0 = the default stream), synchronizing every K launches (default 10), for SECONDS (default 2). Prints
  * `second I busy F` for each whole second (kernel time completed in it / 1 s) and `overall busy F launches N`.
  * With -c COUNT it instead times COUNT launches of 1 us kernels (synchronizing untimed every 256, so the queue
- * never blocks) and prints `ns_per_launch X`: the CPU cost of a launch call. */
+ * never blocks) and prints `ns_per_launch X`: the CPU cost of a launch call.
+ * With -w N each launch is preceded by N rounds of CPU work (a fixed amount of work, not of time, like a
+ * framework's per-launch overhead): a launch-bound loop whose rate follows the CPU's speed. */
 #include "cuda_common.h"
 
 #include <time.h>
@@ -30,6 +32,14 @@ static int (*k_ex)(const launch_config *, void *, void **, void **);
 static int (*k_coop)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **);
 static int (*k_graph)(void *, void *);
 static const char *api = "kernel";
+static volatile unsigned long sink;
+
+/* N rounds of integer work the compiler cannot drop. */
+static void cpu_work(long n) {
+  unsigned long x = sink + 1;
+  for (long i = 0; i < n; i++) x = x * 6364136223846793005UL + 1442695040888963407UL;
+  sink = x;
+}
 
 static int launch(unsigned us, void *stream) {
   if (!strcmp(api, "ex")) {
@@ -46,8 +56,8 @@ int main(int argc, char **argv) {
   unsigned us = 1000;
   double secs = 2;
   int k = 10, nstreams = 1, dev = 0, opt;
-  long count = 0;
-  while ((opt = getopt(argc, argv, "m:a:u:s:k:n:d:c:")) != -1) {
+  long count = 0, work = 0;
+  while ((opt = getopt(argc, argv, "m:a:u:s:k:n:d:c:w:")) != -1) {
     switch (opt) {
     case 'm': mode = optarg; break;
     case 'a': api = optarg; break;
@@ -57,6 +67,7 @@ int main(int argc, char **argv) {
     case 'n': nstreams = atoi(optarg); break;
     case 'd': dev = atoi(optarg); break;
     case 'c': count = atol(optarg); break;
+    case 'w': work = atol(optarg); break;
     default: return 3;
     }
   }
@@ -119,6 +130,7 @@ int main(int argc, char **argv) {
   long launches = 0, synced = 0, synced_at_report = 0;
   int second = 0;
   for (;;) {
+    if (work) cpu_work(work);
     if ((r = launch(us, streams[launches % ns]))) {
       printf("launch failed: rc=%d\n", r);
       return 3;

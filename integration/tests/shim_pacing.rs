@@ -176,3 +176,24 @@ fn default_yields_to_a_neighbour_and_takes_the_card_back() {
     );
     d.finish().assert_ok();
 }
+
+/// Launches completed in a `cuda_launch` run.
+fn launches(out: &Out) -> f64 {
+    out.assert_ok();
+    out.f64_after("overall", "launches")
+        .unwrap_or_else(|| panic!("no overall line: {out:#?}"))
+}
+
+#[test]
+fn a_launch_bound_loop_gets_its_share_of_launches() {
+    let _g = serial();
+    // 2 us kernels behind a fixed amount of CPU work per launch: the CPU sets the rate, the GPU idles most of
+    // the time. Under force 30 the loop may launch only inside its windows, so it should reach ~30% of its
+    // unlimited rate. The band is wider than the issue's ±5 points: on a 2-core CI machine the CPU's speed
+    // moves between the two runs (and the H100 runs are the evidence for the issue).
+    let args = ["-u", "2", "-w", "2000", "-s", "3"];
+    let sim = Sim::new();
+    let free = launches(&sim.run("cuda_launch", &args));
+    let out = run(paced(&sim, "lb", "30", "force").args(args));
+    assert_share("launch-bound force 30", launches(&out), free, 0.30, 0.08, &out);
+}
