@@ -190,15 +190,10 @@ impl Probes {
                 .collect(),
             Err(_) => return Ok(None),
         };
-        let symbols = names
-            .iter()
-            .filter_map(|n| n.strip_suffix("-entry"))
-            .filter(|sym| names.iter().any(|n| *n == format!("{sym}-return")))
-            .count();
+        let (symbols, launch) = pinned_probes(&names);
         if symbols == 0 {
             return Ok(None);
         }
-        let launch: Vec<&String> = names.iter().filter(|n| n.starts_with("launch-")).collect();
         let launch_symbols = if self.launch_probes {
             if launch.is_empty() {
                 self.attach_launch(path, Some(dir))?
@@ -333,6 +328,18 @@ impl Probes {
     }
 }
 
+/// In one file's link directory: the symbols pinned with both their entry and return probe, and the names
+/// of the pinned launch probes.
+fn pinned_probes(names: &[String]) -> (usize, Vec<&String>) {
+    let symbols = names
+        .iter()
+        .filter_map(|n| n.strip_suffix("-entry"))
+        .filter(|sym| names.iter().any(|n| *n == format!("{sym}-return")))
+        .count();
+    let launch = names.iter().filter(|n| n.starts_with("launch-")).collect();
+    (symbols, launch)
+}
+
 /// Copies one ring buffer record into a CallEvent; None for a record of another size (a build mismatch).
 pub fn parse_event(bytes: &[u8]) -> Option<CallEvent> {
     if bytes.len() < std::mem::size_of::<CallEvent>() {
@@ -357,4 +364,27 @@ pub fn host_libcuda_candidates() -> Vec<PathBuf> {
     .map(PathBuf::from)
     .filter(|p| p.exists())
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_symbols_pinned_with_both_probes_count() {
+        let names: Vec<String> = [
+            "cuMemAlloc_v2-entry",
+            "cuMemAlloc_v2-return",
+            "cuMemFree_v2-entry",
+            "launch-cuLaunchKernel",
+            "launch-cuGraphLaunch",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (symbols, launch) = pinned_probes(&names);
+        assert_eq!(symbols, 1, "cuMemFree_v2 lacks its return probe");
+        assert_eq!(launch.len(), 2);
+        assert_eq!(pinned_probes(&[]).0, 0);
+    }
 }

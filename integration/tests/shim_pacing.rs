@@ -195,5 +195,12 @@ fn a_launch_bound_loop_gets_its_share_of_launches() {
     let sim = Sim::new();
     let free = launches(&sim.run("cuda_launch", &args));
     let out = run(paced(&sim, "lb", "30", "force").args(args));
-    assert_share("launch-bound force 30", launches(&out), free, 0.30, 0.08, &out);
+    assert_share(
+        "launch-bound force 30",
+        launches(&out),
+        free,
+        0.30,
+        0.08,
+        &out,
+    );
 }
