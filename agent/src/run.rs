@@ -99,6 +99,36 @@ pub fn run(args: RunArgs) -> i32 {
 
 type Shared = Arc<Mutex<(State, Probes)>>;
 
+/// Holds `<state file>.lock` (flock) for as long as the returned file lives: one agent per state file. A
+/// predecessor still stopping gets `wait` to let go.
+fn one_agent(state_file: &Path, wait: Duration) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = state_file.with_extension("lock");
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| path.display().to_string())?;
+    let t = Instant::now();
+    loop {
+        // SAFETY: flock on a file descriptor we own; LOCK_NB makes it return at once.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        if t.elapsed() >= wait {
+            bail!(
+                "another vgpu-agent holds {} (one agent per node and state file)",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn attach(state: &mut State, probes: &mut Probes, path: &Path) {
     match probes.attach_file(path) {
         Ok(true) => {
@@ -134,6 +164,8 @@ async fn serve(args: RunArgs) -> Result<()> {
     if !args.standalone {
         bail!("only --standalone is available in this build: the Kubernetes side (device plugin, registration) is not part of it yet");
     }
+    // Two agents on one node would split the pinned ring buffer's events between them and each see half.
+    let _lock = one_agent(&args.state_file, Duration::from_secs(30))?;
     let pins = if args.pin_dir.as_os_str() == "off" {
         None
     } else {
@@ -476,6 +508,23 @@ fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_agent_on_the_same_state_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("vgpu-lock-test-{}", std::process::id()));
+        let state = dir.join("state.json");
+        let first = one_agent(&state, Duration::ZERO).unwrap();
+        let e = one_agent(&state, Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another vgpu-agent"), "{e}");
+        drop(first);
+        assert!(
+            one_agent(&state, Duration::ZERO).is_ok(),
+            "free once the first is gone"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn saved_state_round_trips_and_reads_the_older_format() {
