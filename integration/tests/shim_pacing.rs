@@ -204,3 +204,22 @@ fn a_launch_bound_loop_gets_its_share_of_launches() {
         &out,
     );
 }
+
+/// Each device is its own card: slices at 60 on device 0 and on device 1 both get 60 (were the devices one
+/// card, 60 + 60 would be scaled down to 50 each), and a process paced on device 1 leaves device 0 alone.
+#[test]
+fn slices_on_two_devices_are_paced_each_on_its_own_card() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new().devices(2);
+    let a = Running::spawn(paced(&sim, "d0", "60", "force").args(["-s", "2.5", "-d", "0"]));
+    let b = Running::spawn(paced(&sim, "d1", "60", "force").args(["-s", "2.5", "-d", "1"]));
+    let (a, b) = (a.finish(), b.finish());
+    assert_share("device 0 at 60", busy(&a), base, 0.60, 0.07, &a);
+    assert_share("device 1 at 60", busy(&b), base, 0.60, 0.07, &b);
+    assert_eq!(
+        std::fs::read_dir(sim.card_dir()).unwrap().count(),
+        2,
+        "one card file per device"
+    );
+}
