@@ -11,9 +11,9 @@
 //! shortens the container's next windows. So the share is GPU time actually used, whatever the kernel sizes.
 //!
 //! Cost: with no SM limit a launch pays one relaxed load. Under a limit, with the gate open: three relaxed
-//! atomics, no clock read, no syscall, no lock, no allocation. The launch path reads no clock because on some
-//! virtual machines (the H100 hosts we measured on) `clock_gettime` is a real system call costing microseconds
-//! (see docs/shim.md). A program's synchronize reads the clock only while its window is closed.
+//! atomics, no clock read, no syscall, no lock, no allocation, whatever the clock costs on the machine (on a
+//! host whose clocksource has no vDSO path, `clock_gettime` is a system call). A program's synchronize reads
+//! the clock only while its window is closed.
 
 use crate::hooks::used;
 use crate::process::{self, now_ns};
