@@ -13,7 +13,7 @@ pub enum Space {
     Array,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Call {
     Alloc {
         space: Space,

@@ -6,6 +6,7 @@ mod cgroups;
 mod decode;
 mod exec;
 mod gpus;
+mod journal;
 mod ledger;
 mod metrics;
 mod pins;

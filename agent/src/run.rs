@@ -71,9 +71,15 @@ struct Saved {
     #[serde(default)]
     holder: Option<(u32, u64)>,
     /// Written by a clean stop, after the last event was applied. A crash leaves the sweep's last save,
-    /// which may miss events already taken from the ring buffer.
+    /// which may miss events already taken from the ring buffer unless the journal has them.
     #[serde(default)]
     clean: bool,
+    /// Number of the last call in `procs`; the journal's later entries come after it.
+    #[serde(default)]
+    seq: u64,
+    /// The agent kept a journal (so after a crash, this plus the journal is everything it applied).
+    #[serde(default)]
+    journal: bool,
 }
 
 pub fn run(args: RunArgs) -> i32 {
@@ -197,7 +203,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     let maps_pinned = pins
         .as_ref()
         .is_some_and(|d| d.join(vgpu_agent_ebpf_common::MAP_EVENTS).exists());
-    let clean = saved.as_ref().is_some_and(|s| s.clean);
+    let clean = saved.as_ref().is_some_and(|s| s.clean || s.journal);
     let seamless = clean && maps_pinned && (links_pinned || holder.is_some());
     let mut probes = Probes::load(args.launch_probes, pins.as_deref())?;
     let mut state = State::new(
@@ -209,14 +215,33 @@ async fn serve(args: RunArgs) -> Result<()> {
     );
     state.launch_probes = args.launch_probes;
     match saved {
-        Some(ref saved) => state.restore(
-            Ledger {
-                procs: saved.procs.clone(),
-            },
-            !seamless,
-        ),
+        Some(ref saved) => {
+            state.restore(
+                Ledger {
+                    procs: saved.procs.clone(),
+                },
+                !seamless,
+            );
+            state.seq = saved.seq;
+            let journaled =
+                crate::journal::read(&crate::journal::path_for(&args.state_file), saved.seq);
+            for e in &journaled {
+                state.replay(e);
+            }
+            if !journaled.is_empty() {
+                tracing::info!("replayed {} journaled call(s)", journaled.len());
+            }
+        }
         None => state.procs = ProcTable::scan(),
     }
+    match crate::journal::Journal::open(crate::journal::path_for(&args.state_file)) {
+        Ok(j) => state.journal = Some(j),
+        Err(e) => {
+            tracing::warn!("no journal ({e}): an agent crash loses the calls since the last save")
+        }
+    }
+    // The replayed calls are in the ledger now: save it, which empties the journal for this agent.
+    save(&mut state, &args.state_file, None, false);
     for p in args
         .libcuda
         .iter()
@@ -292,16 +317,16 @@ async fn serve(args: RunArgs) -> Result<()> {
             // Clear readiness before draining: the kernel wakes a reader only when it had caught up, so an
             // event landing between a drain and a later clear_ready would never be signalled again.
             guard.clear_ready();
-            let mut batch = vec![];
+            // Taken before draining: an event leaves the ring buffer only while this holds the lock, so it
+            // is applied and journaled at once (a sweep holding the lock would otherwise leave a drained
+            // batch in this task's hands, lost if the agent died then).
+            let mut g = ev_shared.lock().unwrap();
             while let Some(item) = guard.get_inner_mut().next() {
                 if let Some(ev) = parse_event(&item) {
-                    batch.push(ev);
+                    g.0.on_event(&ev);
                 }
             }
-            let mut g = ev_shared.lock().unwrap();
-            for ev in &batch {
-                g.0.on_event(ev);
-            }
+            g.0.flush_journal();
         }
     });
 
@@ -452,16 +477,23 @@ pub fn snapshot(shared: &Shared) -> Report {
 }
 
 fn save_state(shared: &Shared, path: &Path, holder: Option<(u32, u64)>, clean: bool) {
-    let text = {
-        let mut g = shared.lock().unwrap();
-        g.0.dirty = false;
-        serde_json::to_string(&Saved {
-            procs: g.0.ledger.procs.clone(),
-            holder,
-            clean,
-        })
-        .unwrap_or_default()
-    };
+    let mut g = shared.lock().unwrap();
+    save(&mut g.0, path, holder, clean);
+}
+
+/// Saves the ledger and empties the journal, under the caller's lock, so no call lands in the journal between
+/// the two and is lost.
+fn save(state: &mut State, path: &Path, holder: Option<(u32, u64)>, clean: bool) {
+    state.dirty = false;
+    state.flush_journal();
+    let text = serde_json::to_string(&Saved {
+        procs: state.ledger.procs.clone(),
+        holder,
+        clean,
+        seq: state.seq,
+        journal: state.journal.is_some(),
+    })
+    .unwrap_or_default();
     if let Some(d) = path.parent() {
         let _ = std::fs::create_dir_all(d);
     }
@@ -472,6 +504,10 @@ fn save_state(shared: &Shared, path: &Path, holder: Option<(u32, u64)>, clean: b
         .is_err()
     {
         tracing::warn!("could not save {}", path.display());
+        return;
+    }
+    if let Some(j) = state.journal.as_mut() {
+        let _ = j.truncate();
     }
 }
 
@@ -535,6 +571,8 @@ mod tests {
             procs: l.procs.clone(),
             holder: Some((9, 10)),
             clean: true,
+            seq: 5,
+            journal: true,
         })
         .unwrap();
         let back: Saved = serde_json::from_str(&text).unwrap();

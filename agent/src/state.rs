@@ -44,6 +44,10 @@ pub struct State {
     pub libcuda_files: Vec<String>,
     pub launch_probes: bool,
     pub dirty: bool,
+    /// Number of the last call applied (the journal numbers its entries with it).
+    pub seq: u64,
+    pub journal: Option<crate::journal::Journal>,
+    journal_pending: Vec<crate::journal::Entry>,
     pid_cgroup: HashMap<u32, String>,
     launch_prev: HashMap<u32, u64>,
     launch_rate: HashMap<u32, f64>,
@@ -81,6 +85,9 @@ impl State {
             libcuda_files: vec![],
             launch_probes: false,
             dirty: false,
+            seq: 0,
+            journal: None,
+            journal_pending: vec![],
             pid_cgroup: HashMap::new(),
             launch_prev: HashMap::new(),
             launch_rate: HashMap::new(),
@@ -150,9 +157,41 @@ impl State {
         let cgroup = self.cgroup_of(ev.tgid, ev.cgroup_id);
         self.ledger.apply(ev.tgid, start, ev.cgroup_id, call);
         self.dirty = true;
+        self.seq += 1;
+        if self.journal.is_some() {
+            self.journal_pending.push(crate::journal::Entry {
+                seq: self.seq,
+                tgid: ev.tgid,
+                start,
+                cgroup_id: ev.cgroup_id,
+                call,
+            });
+        }
         if matches!(call, Call::Alloc { .. }) {
             self.check_limit(&cgroup, Some(ev.ts_ns));
         }
+    }
+
+    /// Applies a call the previous agent journaled after its last save (no limit check: the next sweep
+    /// checks every container).
+    pub fn replay(&mut self, e: &crate::journal::Entry) {
+        self.cgroup_of(e.tgid, e.cgroup_id);
+        self.ledger.apply(e.tgid, e.start, e.cgroup_id, e.call);
+        self.seq = self.seq.max(e.seq);
+        self.dirty = true;
+    }
+
+    /// Writes the calls applied since the last flush to the journal.
+    pub fn flush_journal(&mut self) {
+        if let Some(j) = self.journal.as_mut() {
+            if let Err(e) = j.append(&self.journal_pending) {
+                tracing::warn!(
+                    "journal {}: {e}; an agent crash now would lose calls",
+                    j.path().display()
+                );
+            }
+        }
+        self.journal_pending.clear();
     }
 
     fn file_for(&self, cgroup: &str) -> Option<&CacheFile> {
