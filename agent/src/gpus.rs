@@ -76,10 +76,7 @@ impl Gpus {
                     })
                     .collect();
                 // NVML buffers samples for a while; the last second's are the current ones (timestamps in µs).
-                let since = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as u64)
-                    .saturating_sub(1_000_000);
+                let since = crate::state::unix_us().saturating_sub(1_000_000);
                 let mut latest: std::collections::HashMap<u32, (u64, u32)> = Default::default();
                 let mut busy_at: std::collections::HashMap<u32, u64> = Default::default();
                 for s in d.process_utilization_stats(since).unwrap_or_default() {

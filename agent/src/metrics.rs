@@ -34,11 +34,12 @@ impl Out {
 }
 
 type GpuFamily = (&'static str, &'static str, bool, fn(&GpuReport) -> f64);
+/// A per-container family; its value is None for a container it has nothing true to say about.
 type CtrFamily = (
     &'static str,
     &'static str,
     Labels,
-    fn(&ContainerReport) -> f64,
+    fn(&ContainerReport) -> Option<f64>,
 );
 
 #[derive(Clone, Copy)]
@@ -135,110 +136,103 @@ pub fn render(r: &Report) -> String {
 
     // Per container. Off Kubernetes the pod fields are empty and the container label names the cgroup.
     let uuid = r.gpus.first().map(|g| g.uuid.clone()).unwrap_or_default();
-    let families: [CtrFamily; 13] = [
+    let families: [CtrFamily; 14] = [
         (
             "vGPU_device_memory_usage_in_bytes",
             "memory charged in the container's cache (bytes), HAMi legacy name",
             Labels::Legacy,
-            |c| c.charged_bytes as f64,
+            |c| Some(c.charged_bytes as f64),
         ),
         (
             "vGPU_device_memory_limit_in_bytes",
             "the container's memory limit (bytes), HAMi legacy name",
             Labels::Legacy,
-            |c| c.limit_bytes as f64,
+            |c| Some(c.limit_bytes as f64),
         ),
         (
             "hami_vgpu_memory_used_bytes",
             "memory charged in the container's cache (bytes)",
             Labels::Current,
-            |c| c.charged_bytes as f64,
+            |c| Some(c.charged_bytes as f64),
         ),
         (
             "hami_container_device_utilization_ratio",
             "the container's share of the card's SM time in NVML's latest per-process samples (0-1)",
             Labels::Current,
-            |c| c.sm_util_percent as f64 / 100.0,
+            |c| Some(c.sm_util_percent as f64 / 100.0),
+        ),
+        (
+            "hami_container_last_kernel_elapsed_seconds",
+            // Only for containers seen running a kernel: an invented age would read as a real one.
+            "seconds since a process of the container last had a kernel on the GPU (NVML samples, launch probes or the shim's counter)",
+            Labels::Current,
+            |c| {
+                c.last_kernel_unix_us
+                    .map(|t| crate::state::unix_us().saturating_sub(t) as f64 / 1e6)
+            },
         ),
         (
             "hami_vgpu_memory_limit_bytes",
             "the container's memory limit (bytes)",
             Labels::Current,
-            |c| c.limit_bytes as f64,
+            |c| Some(c.limit_bytes as f64),
         ),
         (
             "vgpu_container_ebpf_memory_bytes",
             "device memory the uprobes saw the container's processes hold (bytes)",
             Labels::Ours,
-            |c| c.ebpf_bytes as f64,
+            |c| Some(c.ebpf_bytes as f64),
         ),
         (
             "vgpu_container_charged_memory_bytes",
             "memory charged in the container's cache file (bytes)",
             Labels::Ours,
-            |c| c.charged_bytes as f64,
+            |c| Some(c.charged_bytes as f64),
         ),
         (
             "vgpu_container_nvml_memory_bytes",
             "NVML's per-process used memory summed over the container (bytes)",
             Labels::Ours,
-            |c| c.nvml_bytes as f64,
+            |c| Some(c.nvml_bytes as f64),
         ),
         (
             "vgpu_container_limit_bytes",
             "the container's memory limit (bytes, 0 = none)",
             Labels::Ours,
-            |c| c.limit_bytes as f64,
+            |c| Some(c.limit_bytes as f64),
         ),
         (
             "vgpu_container_launches_per_second",
             "kernel launches per second (launch probes on)",
             Labels::Ours,
-            |c| c.launches_per_s,
+            |c| Some(c.launches_per_s),
         ),
         (
             "vgpu_container_throttled_seconds",
             "time the shim held the container's launches back",
             Labels::Ours,
-            |c| c.throttled_ms as f64 / 1000.0,
+            |c| Some(c.throttled_ms as f64 / 1000.0),
         ),
         (
             "vgpu_container_over_limit",
             "1 while the uprobes see the container past its limit",
             Labels::Ours,
-            |c| c.over_limit as u8 as f64,
+            |c| Some(c.over_limit as u8 as f64),
         ),
         (
             "vgpu_container_warnings",
             "number of warnings on the container (see vgpu-agent status)",
             Labels::Ours,
-            |c| c.warnings.len() as f64,
+            |c| Some(c.warnings.len() as f64),
         ),
     ];
     for (name, help, set, value) in families {
         o.family(name, "gauge", help);
         for c in &r.containers {
+            let Some(v) = value(c) else { continue };
             let l = container_labels(set, c, &uuid);
             let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            o.sample(name, &l, value(c));
-        }
-    }
-    // Only for containers seen running a kernel: an invented age would read as a real one on a dashboard.
-    let now_us = crate::state::unix_us();
-    o.family(
-        "hami_container_last_kernel_elapsed_seconds",
-        "gauge",
-        "seconds since a process of the container last had a kernel on the GPU (NVML samples, launch probes or the shim's counter)",
-    );
-    for c in &r.containers {
-        if let Some(t) = c.last_kernel_unix_us {
-            let l = container_labels(Labels::Current, c, &uuid);
-            let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            o.sample(
-                "hami_container_last_kernel_elapsed_seconds",
-                &l,
-                now_us.saturating_sub(t) as f64 / 1e6,
-            );
+            o.sample(name, &l, v);
         }
     }
     o.family(

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vgpu-agent";
 
 #[derive(clap::Args, Debug)]
@@ -56,7 +55,7 @@ fn on_bpffs(path: &Path) -> bool {
     // SAFETY: statfs writes into the zeroed struct we pass; c is a valid NUL-terminated path.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::BPF_FS_MAGIC
     }
 }
 

@@ -283,9 +283,7 @@ impl State {
                 seen_bytes: seen,
                 limit_bytes: limit,
                 latency_ms,
-                unix_time: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
+                unix_time: unix_us() / 1_000_000,
             });
             total -= seen;
         }

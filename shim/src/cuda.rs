@@ -1,6 +1,7 @@
 //! The few CUDA driver and NVML types and constants the shim needs (from cuda.h / nvml.h).
 
 use std::ffi::{c_int, c_uint, c_void};
+use vgpu_contract::cuda_arrays::array_bytes;
 
 pub type CUresult = c_int;
 pub type CUdevice = c_int;
@@ -37,6 +38,34 @@ pub struct Array3dDescriptor {
     pub format: c_int,
     pub num_channels: c_uint,
     pub flags: c_uint,
+}
+
+impl ArrayDescriptor {
+    /// Device bytes of the array it describes (contract::cuda_arrays' rule).
+    pub fn bytes(&self) -> u64 {
+        array_bytes(
+            self.width as u64,
+            self.height as u64,
+            0,
+            self.format as u32,
+            self.num_channels,
+            1,
+        )
+    }
+}
+
+impl Array3dDescriptor {
+    /// Device bytes of the array it describes with `levels` mipmap levels, every level counted.
+    pub fn bytes(&self, levels: c_uint) -> u64 {
+        array_bytes(
+            self.width as u64,
+            self.height as u64,
+            self.depth as u64,
+            self.format as u32,
+            self.num_channels,
+            levels,
+        )
+    }
 }
 
 /// The head of `CUmemAllocationProp`: type, requested handle types, then `CUmemLocation { type, id }`.

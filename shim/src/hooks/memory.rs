@@ -9,7 +9,6 @@ use crate::real::{call_real, CU_MISSING};
 use crate::{context, log};
 use std::ffi::{c_uint, c_ulonglong, c_void};
 use vgpu_contract::cache_layout::MAX_DEVICES;
-use vgpu_contract::cuda_arrays::array_bytes;
 
 /// The device of the calling thread's current context.
 pub fn current_device() -> Option<usize> {
@@ -228,6 +227,24 @@ pub unsafe extern "C" fn cuMemRelease(handle: c_ulonglong) -> CUresult {
     })
 }
 
+/// Charges an array (or mipmapped array) of `bytes` and creates it with `call`; its handle is what the driver
+/// wrote to `arr`.
+///
+/// # Safety
+/// `arr` must be valid for reads once `call` reported success (the caller's out-pointer).
+unsafe fn guarded_array(
+    kind: Kind,
+    what: &str,
+    arr: *mut *mut c_void,
+    bytes: u64,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    guarded_alloc(kind, None, bytes, what, call, || {
+        // SAFETY: read only after the driver reported success, so it wrote the handle.
+        unsafe { *arr as u64 }
+    })
+}
+
 /// # Safety
 /// As cuda.h.
 #[no_mangle]
@@ -237,25 +254,10 @@ pub unsafe extern "C" fn cuArrayCreate_v2(
 ) -> CUresult {
     type F = unsafe extern "C" fn(*mut *mut c_void, *const ArrayDescriptor) -> CUresult;
     // SAFETY: desc is the caller's descriptor (null checked).
-    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
-        array_bytes(
-            d.width as u64,
-            d.height as u64,
-            0,
-            d.format as u32,
-            d.num_channels,
-            1,
-        )
-    });
-    guarded_alloc(
-        Kind::Array,
-        None,
-        bytes,
-        "cuArrayCreate_v2",
-        || call_real!(r::cuArrayCreate_v2, F, CU_MISSING, (arr, desc)),
-        // SAFETY: read only after the driver reported success, so it wrote the handle.
-        || unsafe { *arr as u64 },
-    )
+    let bytes = unsafe { desc.as_ref() }.map_or(0, ArrayDescriptor::bytes);
+    let call = || call_real!(r::cuArrayCreate_v2, F, CU_MISSING, (arr, desc));
+    // SAFETY: arr is the caller's out-pointer for the handle, as cuda.h requires.
+    unsafe { guarded_array(Kind::Array, "cuArrayCreate_v2", arr, bytes, call) }
 }
 
 /// # Safety
@@ -267,25 +269,10 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
 ) -> CUresult {
     type F = unsafe extern "C" fn(*mut *mut c_void, *const Array3dDescriptor) -> CUresult;
     // SAFETY: desc is the caller's descriptor (null checked).
-    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
-        array_bytes(
-            d.width as u64,
-            d.height as u64,
-            d.depth as u64,
-            d.format as u32,
-            d.num_channels,
-            1,
-        )
-    });
-    guarded_alloc(
-        Kind::Array,
-        None,
-        bytes,
-        "cuArray3DCreate_v2",
-        || call_real!(r::cuArray3DCreate_v2, F, CU_MISSING, (arr, desc)),
-        // SAFETY: read only after the driver reported success, so it wrote the handle.
-        || unsafe { *arr as u64 },
-    )
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| d.bytes(1));
+    let call = || call_real!(r::cuArray3DCreate_v2, F, CU_MISSING, (arr, desc));
+    // SAFETY: arr is the caller's out-pointer for the handle, as cuda.h requires.
+    unsafe { guarded_array(Kind::Array, "cuArray3DCreate_v2", arr, bytes, call) }
 }
 
 /// # Safety
@@ -308,32 +295,17 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
 ) -> CUresult {
     type F = unsafe extern "C" fn(*mut *mut c_void, *const Array3dDescriptor, c_uint) -> CUresult;
     // SAFETY: desc is the caller's descriptor (null checked); every level of the chain is charged.
-    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
-        array_bytes(
-            d.width as u64,
-            d.height as u64,
-            d.depth as u64,
-            d.format as u32,
-            d.num_channels,
-            levels,
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| d.bytes(levels));
+    let call = || {
+        call_real!(
+            r::cuMipmappedArrayCreate,
+            F,
+            CU_MISSING,
+            (arr, desc, levels)
         )
-    });
-    guarded_alloc(
-        Kind::Mipmapped,
-        None,
-        bytes,
-        "cuMipmappedArrayCreate",
-        || {
-            call_real!(
-                r::cuMipmappedArrayCreate,
-                F,
-                CU_MISSING,
-                (arr, desc, levels)
-            )
-        },
-        // SAFETY: read only after the driver reported success, so it wrote the handle.
-        || unsafe { *arr as u64 },
-    )
+    };
+    // SAFETY: arr is the caller's out-pointer for the handle, as cuda.h requires.
+    unsafe { guarded_array(Kind::Mipmapped, "cuMipmappedArrayCreate", arr, bytes, call) }
 }
 
 /// # Safety
