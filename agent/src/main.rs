@@ -6,6 +6,7 @@ mod cgroups;
 mod decode;
 mod exec;
 mod gpus;
+mod handover;
 mod journal;
 mod ledger;
 mod metrics;

@@ -11,7 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 
 use crate::gpus::Gpus;
-use crate::ledger::Ledger;
+use crate::handover::{hand_over_probes, one_agent, save, Predecessor, LINGER};
 use crate::probes::{host_libcuda_candidates, parse_event, Probes};
 use crate::procs::{mapped_libcuda, ProcTable};
 use crate::report::{AgentInfo, Report};
@@ -61,27 +61,6 @@ pub struct RunArgs {
     pub pin_dir: PathBuf,
 }
 
-/// What a stopping agent leaves for its successor in the state file: the ledger's fields, and the holder.
-/// (Spelled out rather than a flattened Ledger: serde's flatten cannot read its integer map keys back.)
-#[derive(serde::Serialize, serde::Deserialize, Default)]
-struct Saved {
-    #[serde(default)]
-    procs: std::collections::HashMap<u32, crate::ledger::ProcMemory>,
-    /// The process holding the stopped agent's probes (pid, start time), see [`hand_over_probes`].
-    #[serde(default)]
-    holder: Option<(u32, u64)>,
-    /// Written by a clean stop, after the last event was applied. A crash leaves the sweep's last save,
-    /// which may miss events already taken from the ring buffer unless the journal has them.
-    #[serde(default)]
-    clean: bool,
-    /// Number of the last call in `procs`; the journal's later entries come after it.
-    #[serde(default)]
-    seq: u64,
-    /// The agent kept a journal (so after a crash, this plus the journal is everything it applied).
-    #[serde(default)]
-    journal: bool,
-}
-
 pub fn run(args: RunArgs) -> i32 {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -104,36 +83,6 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 type Shared = Arc<Mutex<(State, Probes)>>;
-
-/// Holds `<state file>.lock` (flock) for as long as the returned file lives: one agent per state file. A
-/// predecessor still stopping gets `wait` to let go.
-fn one_agent(state_file: &Path, wait: Duration) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let path = state_file.with_extension("lock");
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
-    }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| path.display().to_string())?;
-    let t = Instant::now();
-    loop {
-        // SAFETY: flock on a file descriptor we own; LOCK_NB makes it return at once.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(f);
-        }
-        if t.elapsed() >= wait {
-            bail!(
-                "another vgpu-agent holds {} (one agent per node and state file)",
-                path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn attach(state: &mut State, probes: &mut Probes, path: &Path) {
     match probes.attach_file(path) {
@@ -183,28 +132,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             })
             .ok()
     };
-    let saved: Option<Saved> = match std::fs::read_to_string(&args.state_file) {
-        Ok(text) => serde_json::from_str(&text)
-            .map_err(|e| tracing::warn!("ignoring {}: {e}", args.state_file.display()))
-            .ok(),
-        Err(_) => None,
-    };
-    // The predecessor's events since its last save are in the pinned ring buffer if it stopped cleanly and
-    // its probes stayed attached until ours are: pinned links, or its probe holder still alive.
-    let holder = saved
-        .as_ref()
-        .and_then(|s| s.holder)
-        .filter(|(pid, start)| {
-            vgpu_contract::cache_layout::process_start_time(*pid) == Some(*start)
-        });
-    let links_pinned = pins.as_ref().is_some_and(|d| {
-        std::fs::read_dir(d.join("links")).is_ok_and(|mut rd| rd.next().is_some())
-    });
-    let maps_pinned = pins
-        .as_ref()
-        .is_some_and(|d| d.join(vgpu_agent_ebpf_common::MAP_EVENTS).exists());
-    let clean = saved.as_ref().is_some_and(|s| s.clean || s.journal);
-    let seamless = clean && maps_pinned && (links_pinned || holder.is_some());
+    let pred = Predecessor::find(&args.state_file, pins.as_deref());
     let mut probes = Probes::load(args.launch_probes, pins.as_deref())?;
     let mut state = State::new(
         args.policy,
@@ -214,34 +142,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             .unwrap_or_else(crate::cgroups::cgroup2_mount),
     );
     state.launch_probes = args.launch_probes;
-    match saved {
-        Some(ref saved) => {
-            state.restore(
-                Ledger {
-                    procs: saved.procs.clone(),
-                },
-                !seamless,
-            );
-            state.seq = saved.seq;
-            let journaled =
-                crate::journal::read(&crate::journal::path_for(&args.state_file), saved.seq);
-            for e in &journaled {
-                state.replay(e);
-            }
-            if !journaled.is_empty() {
-                tracing::info!("replayed {} journaled call(s)", journaled.len());
-            }
-        }
-        None => state.procs = ProcTable::scan(),
-    }
-    match crate::journal::Journal::open(crate::journal::path_for(&args.state_file)) {
-        Ok(j) => state.journal = Some(j),
-        Err(e) => {
-            tracing::warn!("no journal ({e}): an agent crash loses the calls since the last save")
-        }
-    }
-    // The replayed calls are in the ledger now: save it, which empties the journal for this agent.
-    save(&mut state, &args.state_file, None, false);
+    pred.restore_into(&mut state, &args.state_file);
     for p in args
         .libcuda
         .iter()
@@ -255,34 +156,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         state.adopt_running(pid);
     }
     probes.prune_pinned_links();
-    // Our probes are attached: the predecessor's holder may go (their release takes seconds; a call seen by
-    // both meanwhile is reported once, since they share the in-flight map).
-    if let Some((pid, _)) = holder {
-        // SAFETY: kill(2) on a pid whose start time was just checked to be the holder's.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    }
-    if seamless {
-        tracing::info!(
-            "took over from the previous agent ({}): no call missed",
-            if links_pinned {
-                format!("{} libcuda file(s) with pinned probes", probes.adopted())
-            } else {
-                format!("probe holder pid {}", holder.map_or(0, |h| h.0))
-            }
-        );
-    } else if saved.is_some() {
-        tracing::info!(
-            "restored the previous agent's ledger; calls made while no agent watched may be missing, so its \
-             processes are marked partial ({})",
-            if !clean {
-                "it did not stop cleanly"
-            } else if !maps_pinned {
-                "no pinned maps"
-            } else {
-                "its probes were gone"
-            }
-        );
-    }
+    pred.end(&probes);
     // Cache files as they are now are the limits the agent holds containers to (a later rewrite is flagged).
     state.mirror.rescan();
     if probes.files().is_empty() {
@@ -389,69 +263,6 @@ async fn serve(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// How long the stopped agent's probes stay attached for a successor to take over (it ends this sooner).
-const LINGER: Duration = Duration::from_secs(120);
-
-/// Keeps this agent's uprobes attached for `linger` after it exits, in a child holding only their fds;
-/// returns the child's (pid, start time).
-///
-/// Releasing a uprobe's bpf link waits a tasks-trace RCU grace period, one link after another: exiting with
-/// ~50 links per libcuda file took ~9 s. With the links held elsewhere this process exits at once, and the
-/// probes keep writing to the pinned ring buffer until the successor's are attached and it ends the child.
-fn hand_over_probes(linger: Duration) -> Option<(u32, u64)> {
-    let mut keep: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map(|rd| {
-            rd.filter_map(|e| {
-                let e = e.ok()?;
-                let target = std::fs::read_link(e.path()).ok()?;
-                let t = target.to_string_lossy();
-                (t == "anon_inode:bpf_link" || t == "anon_inode:[perf_event]")
-                    .then(|| e.file_name().to_str()?.parse().ok())?
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    if keep.is_empty() {
-        return None;
-    }
-    keep.sort_unstable();
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct we pass.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
-    let last_fd = (rl.rlim_cur.min(1 << 20) as i32).max(keep.iter().copied().max().unwrap_or(0));
-    let ts = libc::timespec {
-        tv_sec: linger.as_secs() as libc::time_t,
-        tv_nsec: 0,
-    };
-    // SAFETY: the child of this multi-threaded process only makes async-signal-safe calls (setsid, close,
-    // nanosleep, _exit) on data prepared before the fork.
-    let child = unsafe {
-        let child = libc::fork();
-        if child != 0 {
-            child // parent (or fork failed: the links are released at exit as before)
-        } else {
-            // Out of the agent's session and process group, so a signal meant for the agent spares it.
-            libc::setsid();
-            // Everything but the probes: a listening socket held here would keep the successor from binding it.
-            for fd in 0..=last_fd {
-                if keep.binary_search(&fd).is_err() {
-                    libc::close(fd);
-                }
-            }
-            libc::nanosleep(&ts, std::ptr::null_mut());
-            libc::_exit(0);
-        }
-    };
-    if child <= 0 {
-        return None;
-    }
-    let pid = child as u32;
-    Some((pid, vgpu_contract::cache_layout::process_start_time(pid)?))
-}
-
 pub fn snapshot(shared: &Shared) -> Report {
     let g = shared.lock().unwrap();
     let (state, probes) = &*g;
@@ -481,36 +292,6 @@ fn save_state(shared: &Shared, path: &Path, holder: Option<(u32, u64)>, clean: b
     save(&mut g.0, path, holder, clean);
 }
 
-/// Saves the ledger and empties the journal, under the caller's lock, so no call lands in the journal between
-/// the two and is lost.
-fn save(state: &mut State, path: &Path, holder: Option<(u32, u64)>, clean: bool) {
-    state.dirty = false;
-    state.flush_journal();
-    let text = serde_json::to_string(&Saved {
-        procs: state.ledger.procs.clone(),
-        holder,
-        clean,
-        seq: state.seq,
-        journal: state.journal.is_some(),
-    })
-    .unwrap_or_default();
-    if let Some(d) = path.parent() {
-        let _ = std::fs::create_dir_all(d);
-    }
-    // Written aside and renamed, so a crash mid-write never leaves half a ledger.
-    let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .is_err()
-    {
-        tracing::warn!("could not save {}", path.display());
-        return;
-    }
-    if let Some(j) = state.journal.as_mut() {
-        let _ = j.truncate();
-    }
-}
-
 fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
     let interval = Duration::from_millis(args.interval_ms.max(50));
     let mut last_rescan = Instant::now();
@@ -538,55 +319,5 @@ fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
         if dirty {
             save_state(&shared, &args.state_file, None, false);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_second_agent_on_the_same_state_file_is_refused() {
-        let dir = std::env::temp_dir().join(format!("vgpu-lock-test-{}", std::process::id()));
-        let state = dir.join("state.json");
-        let first = one_agent(&state, Duration::ZERO).unwrap();
-        let e = one_agent(&state, Duration::from_millis(200))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("another vgpu-agent"), "{e}");
-        drop(first);
-        assert!(
-            one_agent(&state, Duration::ZERO).is_ok(),
-            "free once the first is gone"
-        );
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn saved_state_round_trips_and_reads_the_older_format() {
-        let mut l = Ledger::default();
-        l.procs.insert(42, Default::default());
-        l.procs.get_mut(&42).unwrap().total = 7;
-        let text = serde_json::to_string(&Saved {
-            procs: l.procs.clone(),
-            holder: Some((9, 10)),
-            clean: true,
-            seq: 5,
-            journal: true,
-        })
-        .unwrap();
-        let back: Saved = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.holder, Some((9, 10)));
-        assert!(back.clean);
-        assert_eq!(back.procs[&42].total, 7);
-        // A state file from before the hand-over: a bare ledger.
-        let old = serde_json::to_string(&l).unwrap();
-        let back: Saved = serde_json::from_str(&old).unwrap();
-        assert_eq!(back.holder, None);
-        assert!(
-            !back.clean,
-            "an old state file says nothing of how its agent stopped"
-        );
-        assert_eq!(back.procs[&42].total, 7);
     }
 }
