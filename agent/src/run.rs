@@ -191,16 +191,16 @@ async fn serve(args: RunArgs) -> Result<()> {
             // Clear readiness before draining: the kernel wakes a reader only when it had caught up, so an
             // event landing between a drain and a later clear_ready would never be signalled again.
             guard.clear_ready();
-            // Taken before draining: an event leaves the ring buffer only while this holds the lock, so it
-            // is applied and journaled at once (a sweep holding the lock would otherwise leave a drained
-            // batch in this task's hands, lost if the agent died then).
+            // An event leaves the ring buffer (when `item` drops) only after it is applied and journaled, so an
+            // agent dying at any point loses none: at worst the next one reads it twice, which the ledger
+            // absorbs (an allocation or free is keyed by its handle).
             let mut g = ev_shared.lock().unwrap();
             while let Some(item) = guard.get_inner_mut().next() {
                 if let Some(ev) = parse_event(&item) {
                     g.0.on_event(&ev);
+                    g.0.flush_journal();
                 }
             }
-            g.0.flush_journal();
         }
     });
 
