@@ -4,7 +4,8 @@
 //!
 //! # Layout, version 1 (native-endian 64-bit words)
 //! ```text
-//! header (64 bytes): magic "VGPUCARD" | version | entry count
+//! header (64 bytes): magic "VGPUCARD" | version | entry count | pacing period (ns; set by a slice that joins
+//!   a card with no other live container, followed by every other slice so their windows line up)
 //! entry i (64 bytes each, ENTRIES of them) at 64 + 64*i:
 //!   0  key: identity of the container (its cache file's device and inode, hashed); 0 = free
 //!   8  share percent | policy code << 32
@@ -32,6 +33,8 @@ pub const FILE_BYTES: usize = 64 + ENTRIES * 64;
 /// An entry not refreshed for this long belongs to no one.
 pub const STALE_NS: u64 = 10_000_000_000;
 
+/// Header word holding the pacing period.
+const H_PERIOD: usize = 3;
 const E_KEY: usize = 0;
 const E_SHARE: usize = 1;
 const E_ACTIVE: usize = 2;
@@ -113,6 +116,38 @@ impl CardFile {
         Self {
             ptr,
             private: Some(words),
+        }
+    }
+
+    fn period_word(&self) -> &AtomicU64 {
+        // SAFETY: header word 3, inside the FILE_BYTES region, 8-byte aligned, alive as long as self.
+        unsafe { &*(self.ptr as *const AtomicU64).add(H_PERIOD) }
+    }
+
+    /// The card's pacing period in ns (0 until a slice has recorded one).
+    pub fn period_ns(&self) -> u64 {
+        self.period_word().load(SeqCst)
+    }
+
+    /// Settles the card's period as the container in `entry` joins: with no other container live on the card
+    /// (every other entry free or stale) it records `wanted`, so a changed setting takes effect once the card
+    /// has emptied; otherwise it keeps the recorded one, which every slice then follows. Returns the period.
+    /// Two containers joining an empty card at once may record different values; both re-read the period
+    /// at every tick, so they agree again within one.
+    pub fn settle_period(&self, entry: usize, wanted: u64, now_ns: u64) -> u64 {
+        let others_live = (0..ENTRIES).any(|i| {
+            i != entry
+                && self.word(i, E_KEY).load(SeqCst) != 0
+                && now_ns.saturating_sub(self.word(i, E_ACTIVE).load(SeqCst)) <= STALE_NS
+        });
+        let w = self.period_word();
+        if !others_live {
+            w.store(wanted, SeqCst);
+            return wanted;
+        }
+        match w.compare_exchange(0, wanted, SeqCst, SeqCst) {
+            Ok(_) => wanted,
+            Err(recorded) => recorded,
         }
     }
 
@@ -291,12 +326,29 @@ mod tests {
     }
 
     #[test]
+    fn the_first_slice_sets_the_period_and_later_ones_adopt_it() {
+        let c = CardFile::private();
+        let a = c.join(1, 30, 1, 1_000).unwrap();
+        assert_eq!(c.settle_period(a, 50_000_000, 1_000), 50_000_000);
+        let b = c.join(2, 50, 1, 2_000).unwrap();
+        assert_eq!(c.settle_period(b, 1_000_000_000, 2_000), 50_000_000);
+        assert_eq!(c.period_ns(), 50_000_000);
+        // Once the others are stale, a newcomer's setting takes effect.
+        let later = 3_000 + STALE_NS;
+        let n = c.join(3, 10, 1, later).unwrap();
+        assert_eq!(c.settle_period(n, 200_000_000, later), 200_000_000);
+        assert_eq!(c.period_ns(), 200_000_000);
+    }
+
+    #[test]
     fn file_round_trip() {
         let d = std::env::temp_dir().join(format!("vgpu-card-{}", std::process::id()));
         let c1 = CardFile::open(&d, "GPU-x").unwrap();
         let c2 = CardFile::open(&d, "GPU-x").unwrap();
         c1.join(5, 30, 1, 10);
         assert_eq!(c2.entries()[0].share, 30);
+        c1.settle_period(0, 20_000_000, 10);
+        assert_eq!(c2.period_ns(), 20_000_000, "shared through the file");
         std::fs::write(d.join("GPU-bad.card"), b"junk").unwrap();
         assert!(CardFile::open(&d, "GPU-bad").is_err());
         std::fs::remove_dir_all(&d).unwrap();

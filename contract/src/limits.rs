@@ -72,6 +72,21 @@ pub fn parse_sm_limit(value: &str) -> Result<Option<u32>, ParseError> {
     }
 }
 
+/// `VGPU_PACING_PERIOD_MS`: whole milliseconds from 10 to 5000. Returns nanoseconds.
+pub fn parse_pacing_period(value: &str) -> Result<u64, ParseError> {
+    let n: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| err(value, "expected whole milliseconds from 10 to 5000"))?;
+    match n {
+        10..=5000 => Ok(n * 1_000_000),
+        _ => Err(err(
+            value,
+            "a pacing period must be from 10 to 5000 milliseconds",
+        )),
+    }
+}
+
 /// `GPU_CORE_UTILIZATION_POLICY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CorePolicy {
@@ -168,6 +183,15 @@ mod tests {
         assert!(parse_sm_limit("150").is_err());
         assert!(parse_sm_limit("abc").is_err());
         assert!(parse_sm_limit("-5").is_err());
+    }
+
+    #[test]
+    fn pacing_period_forms() {
+        assert_eq!(parse_pacing_period(" 50 ").unwrap(), 50_000_000);
+        assert_eq!(parse_pacing_period("1000").unwrap(), 1_000_000_000);
+        for bad in ["0", "9", "5001", "1s", "", "-50"] {
+            assert!(parse_pacing_period(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -33,12 +33,25 @@ fn baseline() -> f64 {
     })
 }
 
-/// `cuda_launch ARGS` in container `container` with `CUDA_DEVICE_SM_LIMIT=limit` and the given policy.
+/// `cuda_launch ARGS` in container `container` with `CUDA_DEVICE_SM_LIMIT=limit` and the given policy, in
+/// 50 ms pacing periods (short runs then cover many periods; the default 1 s period has tests of its own).
 fn paced(sim: &Sim, container: &str, limit: &str, policy: &str) -> std::process::Command {
     let mut c = sim.shim_cmd("cuda_launch", container);
     c.env("CUDA_DEVICE_SM_LIMIT", limit)
-        .env("GPU_CORE_UTILIZATION_POLICY", policy);
+        .env("GPU_CORE_UTILIZATION_POLICY", policy)
+        .env("VGPU_PACING_PERIOD_MS", "50");
     c
+}
+
+/// The pacing period recorded in the simulated GPU's card file (header word 3), in ns.
+fn card_period_ns(sim: &Sim) -> u64 {
+    let cards: Vec<_> = std::fs::read_dir(sim.card_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cards.len(), 1, "{cards:?}");
+    let bytes = std::fs::read(&cards[0]).unwrap();
+    u64::from_ne_bytes(bytes[24..32].try_into().unwrap())
 }
 
 fn assert_share(what: &str, got: f64, base: f64, want: f64, tol: f64, out: &Out) {
@@ -142,6 +155,62 @@ fn processes_of_one_container_share_its_compute_share() {
         "two processes of a 30% container together got {:.3} of unlimited\n{p1:#?}\n{p2:#?}",
         total / base
     );
+}
+
+/// Sleeps until CLOCK_MONOTONIC (the clock the periods are aligned to) is `at_ns` into a period of `period_ns`.
+fn sleep_to_phase(period_ns: u64, at_ns: u64) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer for clock_gettime.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let wait = (at_ns + period_ns - now % period_ns) % period_ns;
+    std::thread::sleep(Duration::from_nanos(wait));
+}
+
+/// Without `VGPU_PACING_PERIOD_MS` the card paces in 1 s periods (300 ms windows at 30%), and over whole
+/// periods the share is the same. Started 600 ms into a period, after the window it will get: what it ran
+/// before its first plan is not debt (it once was, and cost it a whole window).
+#[test]
+fn the_default_one_second_period_holds_the_share() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    let mut c = paced(&sim, "p1s", "30", "force");
+    c.env_remove("VGPU_PACING_PERIOD_MS");
+    sleep_to_phase(1_000_000_000, 600_000_000);
+    let out = run(c.args(["-s", "3"]));
+    assert_share("force 30, 1 s periods", busy(&out), base, 0.30, 0.05, &out);
+    assert_eq!(card_period_ns(&sim), 1_000_000_000);
+}
+
+/// A card keeps the period of the first slice on it: a later slice asking for 50 ms adopts the card's 1 s,
+/// says so, and the two windows still do not overlap (each gets its share).
+#[test]
+fn a_later_slice_adopts_the_cards_period() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    let mut first = paced(&sim, "first", "30", "force");
+    first
+        .env_remove("VGPU_PACING_PERIOD_MS")
+        .env("VGPU_LOG", "info");
+    let mut a = Running::spawn(first.args(["-s", "4.5"]));
+    a.wait_line("second 1", WAIT).expect("the first slice runs");
+    let mut later = paced(&sim, "later", "50", "force");
+    later.env("VGPU_LOG", "info");
+    let b = run(later.args(["-s", "3"]));
+    let a = a.finish();
+    assert!(
+        b.stderr.contains("paces in periods of 1000 ms") && b.stderr.contains("asked for 50 ms"),
+        "{}",
+        b.stderr
+    );
+    assert_share("first at 30", busy(&a), base, 0.30, 0.06, &a);
+    assert_share("later at 50", busy(&b), base, 0.50, 0.07, &b);
+    assert_eq!(card_period_ns(&sim), 1_000_000_000);
 }
 
 /// `default` runs free alone, falls back to its share while a neighbour wants time, and rises again after.

@@ -14,7 +14,9 @@
 use std::path::PathBuf;
 use vgpu_contract::cache_layout::MAX_DEVICES;
 use vgpu_contract::env;
-use vgpu_contract::limits::{parse_limits_file, parse_memory, parse_sm_limit, CorePolicy};
+use vgpu_contract::limits::{
+    parse_limits_file, parse_memory, parse_pacing_period, parse_sm_limit, CorePolicy,
+};
 
 /// A memory ceiling for one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub struct Config {
     pub disabled: bool,
     pub cache_path: Option<PathBuf>,
     pub card_dir: PathBuf,
+    /// The pacing period this process proposes for its cards (a card keeps the first one recorded).
+    pub pacing_period_ns: u64,
     /// Why allocations are refused wholesale, if they are.
     pub refuse_reason: Option<String>,
 }
@@ -235,6 +239,18 @@ pub fn resolve(
     let card_dir = get(env::CARD_DIR)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env::DEFAULT_CARD_DIR));
+    let default_period = env::DEFAULT_PACING_PERIOD_MS * 1_000_000;
+    let pacing_period_ns = match get(env::PACING_PERIOD_MS) {
+        None => default_period,
+        Some(v) => parse_pacing_period(&v).unwrap_or_else(|e| {
+            msgs.push(format!(
+                "environment: {}: {e}; using {} ms",
+                env::PACING_PERIOD_MS,
+                env::DEFAULT_PACING_PERIOD_MS
+            ));
+            default_period
+        }),
+    };
     let cfg = Config {
         memory,
         sm_limit,
@@ -242,6 +258,7 @@ pub fn resolve(
         disabled,
         cache_path,
         card_dir,
+        pacing_period_ns,
         refuse_reason,
     };
     (cfg, msgs)
@@ -367,5 +384,17 @@ mod tests {
         let (c, m) = run(&[("GPU_CORE_UTILIZATION_POLICY", "strict")], None);
         assert_eq!(c.policy, CorePolicy::Default);
         assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn pacing_period_from_the_environment_or_the_default() {
+        let (c, m) = run(&[("VGPU_PACING_PERIOD_MS", "50")], None);
+        assert_eq!((c.pacing_period_ns, m.len()), (50_000_000, 0));
+        let (c, m) = run(&[("VGPU_PACING_PERIOD_MS", "2ms")], None);
+        assert_eq!(c.pacing_period_ns, 1_000_000_000);
+        assert!(
+            m[0].contains("VGPU_PACING_PERIOD_MS") && m[0].contains("1000 ms"),
+            "{m:?}"
+        );
     }
 }

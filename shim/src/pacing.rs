@@ -18,7 +18,7 @@
 use crate::hooks::used;
 use crate::process::{self, now_ns};
 use crate::real::call_real;
-use crate::window::{self, Plan, PERIOD_NS};
+use crate::window::{self, Plan};
 use crate::{cuda::*, log};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use vgpu_contract::cache_layout::MAX_DEVICES;
@@ -27,8 +27,6 @@ use vgpu_contract::limits::CorePolicy;
 
 /// How often the monitor re-reads the card and refreshes activity.
 pub const TICK_NS: u64 = 5_000_000;
-/// Debt is capped at one period, so a long stall never starves a slice for long.
-const MAX_DEBT_NS: u64 = PERIOD_NS;
 
 const UNDECIDED: u8 = 0;
 const OFF: u8 = 1;
@@ -38,9 +36,12 @@ static MONITOR_STARTED: AtomicBool = AtomicBool::new(false);
 /// 1 when the process sees one device, so the launch path needs no driver call to know it.
 static SINGLE_DEVICE: AtomicU8 = AtomicU8::new(0);
 
-/// Plan word: 0 = free; else WINDOWED | offset_us << 32 | len_us (len_us may be 0: nothing this period).
+/// Plan word: 0 = free; else WINDOWED | period_ms << 48 | offset_us << 24 | len_us (len_us may be 0: nothing
+/// this period). The period travels in the word so a launch needs nothing else to place itself; 15 bits of
+/// milliseconds and 24 of microseconds hold the longest period the contract allows (5 s).
 const FREE: u64 = 0;
 const WINDOWED: u64 = 1 << 63;
+const US_MASK: u64 = (1 << 24) - 1;
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -60,6 +61,8 @@ struct DevicePace {
     overrun_total_ns: AtomicU64,
     /// End of the window whose overrun was measured last (so it is measured once).
     drained_for: AtomicU64,
+    /// When the plan last went from free to windowed: work launched before then ran free, not past a window.
+    windowed_since: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -74,18 +77,23 @@ const DP: DevicePace = DevicePace {
     holds: AtomicU64::new(0),
     overrun_total_ns: AtomicU64::new(0),
     drained_for: AtomicU64::new(0),
+    windowed_since: AtomicU64::new(0),
 };
 static DEVICES: [DevicePace; MAX_DEVICES] = [DP; MAX_DEVICES];
 
-fn encode(offset_ns: u64, len_ns: u64) -> u64 {
-    WINDOWED | ((offset_ns / 1000) << 32) | (len_ns / 1000)
+fn encode(period_ns: u64, offset_ns: u64, len_ns: u64) -> u64 {
+    WINDOWED
+        | ((period_ns / 1_000_000) << 48)
+        | (((offset_ns / 1000) & US_MASK) << 24)
+        | ((len_ns / 1000) & US_MASK)
 }
 
-/// Offset and length of the window in ns, from a non-free plan word.
-fn decode(plan: u64) -> (u64, u64) {
+/// Period, offset and length of the window in ns, from a non-free plan word.
+fn decode(plan: u64) -> (u64, u64, u64) {
     (
-        ((plan & !WINDOWED) >> 32) * 1000,
-        (plan & 0xffff_ffff) * 1000,
+        ((plan & !WINDOWED) >> 48) * 1_000_000,
+        ((plan >> 24) & US_MASK) * 1000,
+        (plan & US_MASK) * 1000,
     )
 }
 
@@ -94,14 +102,14 @@ fn wait_needed(plan: u64, now: u64) -> Result<(), u64> {
     if plan == FREE {
         return Ok(());
     }
-    let (off, len) = decode(plan);
-    let pos = now % PERIOD_NS;
+    let (period, off, len) = decode(plan);
+    let pos = now % period;
     if pos >= off && pos < off + len {
         Ok(())
     } else if pos < off {
         Err(off - pos)
     } else {
-        Err(PERIOD_NS - pos + off)
+        Err(period - pos + off)
     }
 }
 
@@ -110,11 +118,11 @@ fn gate_at(plan: u64, now: u64) -> (bool, Option<u64>) {
     if plan == FREE {
         return (true, None);
     }
-    let (off, len) = decode(plan);
+    let (period, off, len) = decode(plan);
     if len == 0 {
         return (false, None);
     }
-    let period_start = now - now % PERIOD_NS;
+    let period_start = now - now % period;
     match wait_needed(plan, now) {
         Ok(()) => (true, Some(period_start + off + len)),
         Err(ns) => (false, Some(now + ns)),
@@ -185,7 +193,8 @@ pub fn observe_sync(call: impl FnOnce() -> CUresult) -> CUresult {
 /// How long the GPU kept working past the window that ended at `end`, measured now (at `t0`, before any
 /// further launch). Either our own synchronize waits (the GPU was still busy: it finished when it returns),
 /// or the program's own synchronize already waited after `end`, or the GPU was idle and nothing is owed.
-fn overrun_since(end: u64) -> u64 {
+/// Capped at one period (`cap`), so a long stall never starves a slice for long.
+fn overrun_since(end: u64, cap: u64) -> u64 {
     let t0 = now_ns();
     let rc = call_real!(
         crate::hooks::real_fns::cuCtxSynchronize,
@@ -202,7 +211,7 @@ fn overrun_since(end: u64) -> u64 {
     } else {
         SYNC_WAITED_UNTIL.load(Relaxed)
     };
-    finished.saturating_sub(end).min(MAX_DEBT_NS)
+    finished.saturating_sub(end).min(cap)
 }
 
 #[cold]
@@ -215,11 +224,13 @@ fn hold(d: &DevicePace) {
     d.waiting.fetch_add(1, SeqCst);
     // Right after our window closed: measure the overrun once per window, to pay it from the next ones.
     if plan != FREE {
-        let (off, len) = decode(plan);
-        let pos = start % PERIOD_NS;
+        let (period, off, len) = decode(plan);
+        let pos = start % period;
         let end = start - pos + off + len;
         if pos >= off + len && d.drained_for.swap(end, SeqCst) != end {
-            let owed = overrun_since(end);
+            // A process that ran free until its first plan (its start, or a neighbour's arrival under
+            // `default`) owes only what ran past that moment, not everything since the window it never had.
+            let owed = overrun_since(end.max(d.windowed_since.load(SeqCst)), period);
             // Handed to the monitor, which reports it on the container's card entry.
             d.overrun_end.store(end, SeqCst);
             d.debt_ns.store(owed, SeqCst);
@@ -359,6 +370,14 @@ fn join(dev: usize, p: &process::Process, key: u64, share: u32) -> Option<Joined
             (c, e)
         }
     };
+    let period_ns = card.settle_period(entry, p.cfg.pacing_period_ns, now_ns());
+    if period_ns != p.cfg.pacing_period_ns {
+        log::info(&format!(
+            "card {uuid} paces in periods of {} ms, set by a slice already on it (this process asked for {} ms)",
+            period_ns / 1_000_000,
+            p.cfg.pacing_period_ns / 1_000_000
+        ));
+    }
     Some(Joined {
         card,
         entry,
@@ -433,18 +452,26 @@ fn tick(joined: &mut [Option<Joined>], p: &process::Process, key: u64, now: u64)
             .add_throttled_ns(p.slot, throttled - j.last_throttled);
         j.last_launches = launches;
         j.last_throttled = throttled;
-        let plan = match window::plan(&j.card.entries(), j.entry, p.cfg.policy, now) {
+        // Re-read each tick: the card's period may have been settled by another slice joining at the same time.
+        let period = match j.card.period_ns() {
+            0 => p.cfg.pacing_period_ns,
+            recorded => recorded,
+        };
+        let plan = match window::plan(&j.card.entries(), j.entry, p.cfg.policy, now, period) {
             Plan::Free => FREE,
             Plan::Window { offset_ns, len_ns } => {
                 let end = d.overrun_end.swap(0, SeqCst);
                 if end != 0 {
                     j.card
-                        .report_overrun(j.entry, end, d.debt_ns.load(SeqCst), MAX_DEBT_NS);
+                        .report_overrun(j.entry, end, d.debt_ns.load(SeqCst), period);
                 }
-                let paid = j.card.pay_debt(j.entry, now / PERIOD_NS, len_ns);
-                encode(offset_ns, len_ns.saturating_sub(paid))
+                let paid = j.card.pay_debt(j.entry, now / period, len_ns);
+                encode(period, offset_ns, len_ns.saturating_sub(paid))
             }
         };
+        if plan != FREE && d.plan.load(Relaxed) == FREE {
+            d.windowed_since.store(now, SeqCst);
+        }
         d.plan.store(plan, Relaxed);
     }
 }
@@ -484,10 +511,11 @@ pub fn forked_child() {
 mod tests {
     use super::*;
     const MS: u64 = 1_000_000;
+    const PERIOD_NS: u64 = 50 * MS;
 
     #[test]
     fn inside_and_outside_the_window() {
-        let plan = encode(10 * MS, 15 * MS);
+        let plan = encode(PERIOD_NS, 10 * MS, 15 * MS);
         assert_eq!(wait_needed(plan, 5 * PERIOD_NS + 12 * MS), Ok(()));
         assert_eq!(wait_needed(plan, 5 * PERIOD_NS + 2 * MS), Err(8 * MS));
         assert_eq!(
@@ -496,14 +524,14 @@ mod tests {
         );
         assert_eq!(wait_needed(FREE, 1), Ok(()));
         assert!(
-            wait_needed(encode(0, 0), 3).is_err(),
+            wait_needed(encode(PERIOD_NS, 0, 0), 3).is_err(),
             "an empty window holds everything"
         );
     }
 
     #[test]
     fn the_gate_changes_at_the_window_edges() {
-        let plan = encode(10 * MS, 15 * MS);
+        let plan = encode(PERIOD_NS, 10 * MS, 15 * MS);
         let p0 = 7 * PERIOD_NS;
         assert_eq!(gate_at(plan, p0 + 2 * MS), (false, Some(p0 + 10 * MS)));
         assert_eq!(gate_at(plan, p0 + 10 * MS), (true, Some(p0 + 25 * MS)));
@@ -514,6 +542,18 @@ mod tests {
             "closed at its end, until the next period's window"
         );
         assert_eq!(gate_at(FREE, p0), (true, None));
-        assert_eq!(gate_at(encode(0, 0), p0), (false, None));
+        assert_eq!(gate_at(encode(PERIOD_NS, 0, 0), p0), (false, None));
+    }
+
+    #[test]
+    fn the_longest_period_fits_the_plan_word() {
+        let p = 5000 * MS;
+        let plan = encode(p, 3500 * MS, 1499 * MS);
+        assert_eq!(decode(plan), (p, 3500 * MS, 1499 * MS));
+        assert_eq!(wait_needed(plan, 2 * p + 100 * MS), Err(3400 * MS));
+        assert_eq!(
+            gate_at(plan, 2 * p + 4000 * MS),
+            (true, Some(2 * p + 4999 * MS))
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Where a slice's compute window lies in each pacing period (pure, no I/O).
 //!
-//! Time on a card is cut into periods of [`PERIOD_NS`] aligned to CLOCK_MONOTONIC, which every container on
+//! Time on a card is cut into periods (the card's, see `CardFile::period_ns`) aligned to CLOCK_MONOTONIC, which every container on
 //! the host shares. Each paced slice that is active gets its share of every period as one window, the windows
 //! laid end to end in card-entry order, so competing slices never hold the GPU at the same time and each gets
 //! its share of real GPU time (time-sharing between contexts would otherwise split overlaps and short both).
@@ -10,9 +10,6 @@
 use vgpu_contract::card_layout::Entry;
 use vgpu_contract::limits::CorePolicy;
 
-/// 50 ms: short enough that NVML's ~1/6 s utilization samples and any 1 s window see the share, long enough
-/// that the work in flight at a window's end (a few ms for a saturating matmul loop) is a small correction.
-pub const PERIOD_NS: u64 = 50_000_000;
 /// A slice that launched or waited within this long wants the card.
 pub const ACTIVE_NS: u64 = 200_000_000;
 
@@ -25,7 +22,7 @@ pub enum Plan {
 }
 
 /// The plan of the slice in entry `me` given every entry of the card at `now_ns`.
-pub fn plan(entries: &[Entry], me: usize, policy: CorePolicy, now_ns: u64) -> Plan {
+pub fn plan(entries: &[Entry], me: usize, policy: CorePolicy, now_ns: u64, period_ns: u64) -> Plan {
     let active = |e: &&Entry| e.index == me || now_ns.saturating_sub(e.last_active_ns) <= ACTIVE_NS;
     let paced: Vec<&Entry> = entries
         .iter()
@@ -42,9 +39,9 @@ pub fn plan(entries: &[Entry], me: usize, policy: CorePolicy, now_ns: u64) -> Pl
     let total: u64 = paced.iter().map(|e| e.share as u64).sum();
     let scale = |share: u64| {
         if total > 100 {
-            PERIOD_NS * share / total
+            period_ns * share / total
         } else {
-            PERIOD_NS * share / 100
+            period_ns * share / 100
         }
     };
     let offset_ns = paced
@@ -74,12 +71,13 @@ mod tests {
         }
     }
     const MS: u64 = 1_000_000;
+    const PERIOD_NS: u64 = 50 * MS;
 
     #[test]
     fn force_alone_gets_its_share() {
         let es = [e(0, 30, CorePolicy::Force, 0)];
         assert_eq!(
-            plan(&es, 0, CorePolicy::Force, 0),
+            plan(&es, 0, CorePolicy::Force, 0, PERIOD_NS),
             Plan::Window {
                 offset_ns: 0,
                 len_ns: 15 * MS
@@ -95,20 +93,20 @@ mod tests {
             e(1, 50, CorePolicy::Force, now - 5_000 * MS),
         ];
         assert_eq!(
-            plan(&es, 0, CorePolicy::Default, now),
+            plan(&es, 0, CorePolicy::Default, now, PERIOD_NS),
             Plan::Free,
             "the other slice is idle"
         );
         es[1].last_active_ns = now - MS;
         assert_eq!(
-            plan(&es, 0, CorePolicy::Default, now),
+            plan(&es, 0, CorePolicy::Default, now, PERIOD_NS),
             Plan::Window {
                 offset_ns: 0,
                 len_ns: 15 * MS
             }
         );
         assert_eq!(
-            plan(&es, 1, CorePolicy::Force, now),
+            plan(&es, 1, CorePolicy::Force, now, PERIOD_NS),
             Plan::Window {
                 offset_ns: 15 * MS,
                 len_ns: 25 * MS
@@ -124,7 +122,7 @@ mod tests {
             .map(|(i, s)| e(i, *s, CorePolicy::Force, 0))
             .collect();
         let ws: Vec<(u64, u64)> = (0..3)
-            .map(|i| match plan(&es, i, CorePolicy::Force, 0) {
+            .map(|i| match plan(&es, i, CorePolicy::Force, 0, PERIOD_NS) {
                 Plan::Window { offset_ns, len_ns } => (offset_ns, len_ns),
                 Plan::Free => panic!("paced"),
             })
@@ -143,7 +141,7 @@ mod tests {
             e(1, 30, CorePolicy::Force, 0),
         ];
         assert_eq!(
-            plan(&es, 1, CorePolicy::Force, 0),
+            plan(&es, 1, CorePolicy::Force, 0, PERIOD_NS),
             Plan::Window {
                 offset_ns: 0,
                 len_ns: 15 * MS
