@@ -29,3 +29,6 @@ print(f"iterations/s {len(rows) / total:.0f}  iterations {len(rows)}  held {held
       f"running {len(norm) / max(total - held, 1e-9):.0f} iterations/s")
 print(f"  not held: mean enqueue {m(1):.1f} us  sync {m(2):.1f} us  iteration {m(1) + m(2):.1f} us  "
       f"gpu (events) {m(3):.1f} us  median iteration {statistics.median(r[1] + r[2] for r in norm) / 1e3:.1f} us")
+import resource
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(f"  process CPU time {ru.ru_utime + ru.ru_stime:.2f} s (all threads, start-up included)")

@@ -24,8 +24,8 @@ pub const CARD_DIR: &str = "VGPU_CARD_DIR";
 /// the limits it names. Default [`DEFAULT_LIMITS_FILE`].
 pub const LIMITS_FILE: &str = "VGPU_LIMITS_FILE";
 /// vgpu's own: length of a card's pacing period in milliseconds (10 to 5000; default
-/// [`DEFAULT_PACING_PERIOD_MS`]). The first slice to use a card records it in the card file and every later
-/// slice on that card adopts the recorded one, so windows never overlap.
+/// [`DEFAULT_PACING_PERIOD_MS`]). A slice joining a card no other container is using records it in the card
+/// file; every other slice on that card follows the recorded one, so windows never overlap.
 pub const PACING_PERIOD_MS: &str = "VGPU_PACING_PERIOD_MS";
 /// vgpu's own: `error` (default), `warn` or `off`: how much the shim writes to stderr.
 pub const LOG_LEVEL: &str = "VGPU_LOG";
@@ -34,10 +34,11 @@ pub const LOG_LEVEL: &str = "VGPU_LOG";
 pub const CONTAINER_DIR: &str = "/usr/local/vgpu";
 pub const DEFAULT_LIMITS_FILE: &str = "/usr/local/vgpu/limits";
 pub const DEFAULT_CARD_DIR: &str = "/var/run/vgpu/cards";
-/// One second: a window as long as a 30% slice's (300 ms) lets the card's power limit act inside it as it does
-/// under full load, so the slice's throughput matches its time share on a power-capped card (measured on the
-/// H100: 0.314 of unlimited at 30% with 1 s periods, 0.367 with 50 ms); the price is that a held launch may
-/// wait up to the rest of the period.
-pub const DEFAULT_PACING_PERIOD_MS: u64 = 1000;
+/// Half a second, chosen on the H100 (`integration/gpu/period_sweep.sh`): windows this long let the card's
+/// power limit act inside them as under full load, so a slice's throughput matches its time share (30% slice:
+/// 0.319 of unlimited at 500 ms, 0.368 at 50 ms, where it runs at boost clock); and NVML, which there reports
+/// a ~120 ms stretch of every 200 ms, sees every phase of a 500 ms period within any 1 s (at 1000 ms it read
+/// 36% for a 30% slice). The price: a held launch may wait up to the rest of the period (350 ms at 30%).
+pub const DEFAULT_PACING_PERIOD_MS: u64 = 500;
 /// HAMi-core's default when no cache path is given. Used only off Kubernetes; vgpu-agent exec always sets one.
 pub const DEFAULT_SHARED_CACHE: &str = "/tmp/vgpu.cache";

@@ -41,12 +41,13 @@ for c in 10 30 50 70; do
   echo "    NVML 1 s means: $(head -1 $T/uf$c.txt | cut -d: -f2)"
 done
 r=$(slice d30 30 default $D 4096 | overall); echo "default 30% alone: $(ratio $r $base) of unlimited"
+both() { python3 $G/overlap.py $T/a.txt $T/b.txt $base; }
 slice c30 30 force $D 4096 > $T/a.txt & slice c50 50 force $D 4096 > $T/b.txt; wait
-echo "force 30 + force 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
+echo "force 30 + force 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone; $(both)"
 slice p30 30 force $D 4096 > $T/a.txt & slice p70 70 force $D 4096 > $T/b.txt; wait
-echo "force 30 + force 70 together (card full, clock as under full load): $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
+echo "force 30 + force 70 together (card full, clock as under full load): $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone; $(both)"
 slice e30 30 default $D 4096 > $T/a.txt & slice e50 50 default $D 4096 > $T/b.txt; wait
-echo "default 30 + default 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone"
+echo "default 30 + default 50 together: $(ratio $(overall < $T/a.txt) $base) and $(ratio $(overall < $T/b.txt) $base) of unlimited alone; $(both)"
 slice r30 30 default $((D + 4)) 4096 > $T/c.txt & (sleep 3; slice r50 50 default $((D / 2)) 4096 > $T/d.txt); wait
 echo "default 30 while a default 50 runs from ~3 s for $((D / 2)) s, then alone (TFLOP/s per second; unlimited = $base):"
 echo "    $(grep window $T/c.txt | awk '{printf "%s ", $3} END {print ""}')"

@@ -34,7 +34,7 @@ fn baseline() -> f64 {
 }
 
 /// `cuda_launch ARGS` in container `container` with `CUDA_DEVICE_SM_LIMIT=limit` and the given policy, in
-/// 50 ms pacing periods (short runs then cover many periods; the default 1 s period has tests of its own).
+/// 50 ms pacing periods (short runs then cover many periods; the default 500 ms period has tests of its own).
 fn paced(sim: &Sim, container: &str, limit: &str, policy: &str) -> std::process::Command {
     let mut c = sim.shim_cmd("cuda_launch", container);
     c.env("CUDA_DEVICE_SM_LIMIT", limit)
@@ -170,23 +170,23 @@ fn sleep_to_phase(period_ns: u64, at_ns: u64) {
     std::thread::sleep(Duration::from_nanos(wait));
 }
 
-/// Without `VGPU_PACING_PERIOD_MS` the card paces in 1 s periods (300 ms windows at 30%), and over whole
-/// periods the share is the same. Started 600 ms into a period, after the window it will get: what it ran
+/// Without `VGPU_PACING_PERIOD_MS` the card paces in 500 ms periods (150 ms windows at 30%), and over whole
+/// periods the share is the same. Started 300 ms into a period, after the window it will get: what it ran
 /// before its first plan is not debt (it once was, and cost it a whole window).
 #[test]
-fn the_default_one_second_period_holds_the_share() {
+fn the_default_500_ms_period_holds_the_share() {
     let _g = serial();
     let base = baseline();
     let sim = Sim::new();
     let mut c = paced(&sim, "p1s", "30", "force");
     c.env_remove("VGPU_PACING_PERIOD_MS");
-    sleep_to_phase(1_000_000_000, 600_000_000);
+    sleep_to_phase(500_000_000, 300_000_000);
     let out = run(c.args(["-s", "3"]));
-    assert_share("force 30, 1 s periods", busy(&out), base, 0.30, 0.05, &out);
-    assert_eq!(card_period_ns(&sim), 1_000_000_000);
+    assert_share("force 30, 500 ms periods", busy(&out), base, 0.30, 0.05, &out);
+    assert_eq!(card_period_ns(&sim), 500_000_000);
 }
 
-/// A card keeps the period of the first slice on it: a later slice asking for 50 ms adopts the card's 1 s,
+/// A card keeps the period of the first slice on it: a later slice asking for 50 ms adopts the card's 500 ms,
 /// says so, and the two windows still do not overlap (each gets its share).
 #[test]
 fn a_later_slice_adopts_the_cards_period() {
@@ -204,13 +204,13 @@ fn a_later_slice_adopts_the_cards_period() {
     let b = run(later.args(["-s", "3"]));
     let a = a.finish();
     assert!(
-        b.stderr.contains("paces in periods of 1000 ms") && b.stderr.contains("asked for 50 ms"),
+        b.stderr.contains("paces in periods of 500 ms") && b.stderr.contains("asked for 50 ms"),
         "{}",
         b.stderr
     );
     assert_share("first at 30", busy(&a), base, 0.30, 0.06, &a);
     assert_share("later at 50", busy(&b), base, 0.50, 0.07, &b);
-    assert_eq!(card_period_ns(&sim), 1_000_000_000);
+    assert_eq!(card_period_ns(&sim), 500_000_000);
 }
 
 /// `default` runs free alone, falls back to its share while a neighbour wants time, and rises again after.

@@ -391,9 +391,9 @@ mod tests {
         let (c, m) = run(&[("VGPU_PACING_PERIOD_MS", "50")], None);
         assert_eq!((c.pacing_period_ns, m.len()), (50_000_000, 0));
         let (c, m) = run(&[("VGPU_PACING_PERIOD_MS", "2ms")], None);
-        assert_eq!(c.pacing_period_ns, 1_000_000_000);
+        assert_eq!(c.pacing_period_ns, 500_000_000);
         assert!(
-            m[0].contains("VGPU_PACING_PERIOD_MS") && m[0].contains("1000 ms"),
+            m[0].contains("VGPU_PACING_PERIOD_MS") && m[0].contains("500 ms"),
             "{m:?}"
         );
     }
