@@ -27,7 +27,7 @@ pub const LIMITS_FILE: &str = "VGPU_LIMITS_FILE";
 /// [`DEFAULT_PACING_PERIOD_MS`]). A slice joining a card no other container is using records it in the card
 /// file; every other slice on that card follows the recorded one, so windows never overlap.
 pub const PACING_PERIOD_MS: &str = "VGPU_PACING_PERIOD_MS";
-/// vgpu's own: `error` (default), `warn` or `off`: how much the shim writes to stderr.
+/// vgpu's own: `off`, `error`, `warn` (default) or `info`: how much the shim writes to stderr.
 pub const LOG_LEVEL: &str = "VGPU_LOG";
 
 /// Where Allocate mounts the container's directory (cache file and limits file live in it).

@@ -182,7 +182,14 @@ fn the_default_500_ms_period_holds_the_share() {
     c.env_remove("VGPU_PACING_PERIOD_MS");
     sleep_to_phase(500_000_000, 300_000_000);
     let out = run(c.args(["-s", "3"]));
-    assert_share("force 30, 500 ms periods", busy(&out), base, 0.30, 0.05, &out);
+    assert_share(
+        "force 30, 500 ms periods",
+        busy(&out),
+        base,
+        0.30,
+        0.05,
+        &out,
+    );
     assert_eq!(card_period_ns(&sim), 500_000_000);
 }
 
