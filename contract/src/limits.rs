@@ -78,13 +78,21 @@ pub fn parse_pacing_period(value: &str) -> Result<u64, ParseError> {
         .trim()
         .parse()
         .map_err(|_| err(value, "expected whole milliseconds from 10 to 5000"))?;
-    match n {
-        10..=5000 => Ok(n * 1_000_000),
-        _ => Err(err(
+    let ns = n.saturating_mul(1_000_000);
+    if valid_pacing_period(ns) {
+        Ok(ns)
+    } else {
+        Err(err(
             value,
             "a pacing period must be from 10 to 5000 milliseconds",
-        )),
+        ))
     }
+}
+
+/// Whether `ns` is a period [`parse_pacing_period`] could have produced. A card file is writable by every
+/// container on the node, so a period read from one is checked before it is used.
+pub fn valid_pacing_period(ns: u64) -> bool {
+    ns.is_multiple_of(1_000_000) && (10_000_000..=5_000_000_000).contains(&ns)
 }
 
 /// `GPU_CORE_UTILIZATION_POLICY`.
@@ -189,9 +197,10 @@ mod tests {
     fn pacing_period_forms() {
         assert_eq!(parse_pacing_period(" 50 ").unwrap(), 50_000_000);
         assert_eq!(parse_pacing_period("1000").unwrap(), 1_000_000_000);
-        for bad in ["0", "9", "5001", "1s", "", "-50"] {
+        for bad in ["0", "9", "5001", "1s", "", "-50", "18446744073709551615"] {
             assert!(parse_pacing_period(bad).is_err(), "{bad:?}");
         }
+        assert!(!valid_pacing_period(0) && !valid_pacing_period(50_000_001));
     }
 
     #[test]

@@ -220,6 +220,39 @@ fn a_later_slice_adopts_the_cards_period() {
     assert_eq!(card_period_ns(&sim), 500_000_000);
 }
 
+/// Every container on the node can write the card file: a period no slice could have recorded there is ignored
+/// (with a warning) instead of stalling or crashing the launches of every slice on the card.
+#[test]
+fn a_bad_period_in_the_card_file_is_ignored() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    run(paced(&sim, "first", "30", "force").args(["-s", "0.3"])).assert_ok();
+    let card = std::fs::read_dir(sim.card_dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&card).unwrap();
+    bytes[24..32].copy_from_slice(&7u64.to_ne_bytes());
+    std::fs::write(&card, &bytes).unwrap();
+    let out = run(paced(&sim, "second", "30", "force").args(["-s", "2"]));
+    assert_share(
+        "force 30 beside a bad period",
+        busy(&out),
+        base,
+        0.30,
+        0.05,
+        &out,
+    );
+    assert!(
+        out.stderr.contains("invalid pacing period (7 ns)"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// `default` runs free alone, falls back to its share while a neighbour wants time, and rises again after.
 #[test]
 fn default_yields_to_a_neighbour_and_takes_the_card_back() {

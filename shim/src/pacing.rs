@@ -23,7 +23,7 @@ use crate::{cuda::*, log};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use vgpu_contract::cache_layout::MAX_DEVICES;
 use vgpu_contract::card_layout::CardFile;
-use vgpu_contract::limits::CorePolicy;
+use vgpu_contract::limits::{valid_pacing_period, CorePolicy};
 
 /// How often the monitor re-reads the card and refreshes activity.
 pub const TICK_NS: u64 = 5_000_000;
@@ -370,7 +370,10 @@ fn join(dev: usize, p: &process::Process, key: u64, share: u32) -> Option<Joined
             (c, e)
         }
     };
-    let period_ns = card.settle_period(entry, p.cfg.pacing_period_ns, now_ns());
+    let period_ns = card_period(
+        card.settle_period(entry, p.cfg.pacing_period_ns, now_ns()),
+        p,
+    );
     if period_ns != p.cfg.pacing_period_ns {
         log::info(&format!(
             "card {uuid} paces in periods of {} ms, set by a slice already on it (this process asked for {} ms)",
@@ -385,6 +388,22 @@ fn join(dev: usize, p: &process::Process, key: u64, share: u32) -> Option<Joined
         last_throttled: 0,
     })
 }
+
+/// The period to pace by, given what the card records: this process's own when the card holds none or one no
+/// vgpu slice could have written (a bad value there must not stall or crash every launch on the card).
+fn card_period(recorded: u64, p: &process::Process) -> u64 {
+    if valid_pacing_period(recorded) {
+        return recorded;
+    }
+    if recorded != 0 && !BAD_PERIOD_REPORTED.swap(true, Relaxed) {
+        log::warn(&format!(
+            "the card file holds an invalid pacing period ({recorded} ns); using {} ms",
+            p.cfg.pacing_period_ns / 1_000_000
+        ));
+    }
+    p.cfg.pacing_period_ns
+}
+static BAD_PERIOD_REPORTED: AtomicBool = AtomicBool::new(false);
 
 fn monitor(ctx: usize) {
     // Make the launching thread's context current here too, so driver calls made on its behalf resolve.
@@ -453,10 +472,7 @@ fn tick(joined: &mut [Option<Joined>], p: &process::Process, key: u64, now: u64)
         j.last_launches = launches;
         j.last_throttled = throttled;
         // Re-read each tick: the card's period may have been settled by another slice joining at the same time.
-        let period = match j.card.period_ns() {
-            0 => p.cfg.pacing_period_ns,
-            recorded => recorded,
-        };
+        let period = card_period(j.card.period_ns(), p);
         let plan = match window::plan(&j.card.entries(), j.entry, p.cfg.policy, now, period) {
             Plan::Free => FREE,
             Plan::Window { offset_ns, len_ns } => {
