@@ -98,7 +98,7 @@ fn main() {
         "cuda_fork",
     ] {
         let src = format!("{}.c", name.trim_end_matches("_dl"));
-        gcc(&out.join(name), &["-o", &o(name), &src, "-ldl"]);
+        gcc(&out.join(name), &["-o", &o(name), &src, "-ldl", "-lm"]);
     }
     println!("cargo:rustc-env=VGPU_SIM_DIR={}", out.display());
 }

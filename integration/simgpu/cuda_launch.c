@@ -7,9 +7,14 @@
  * With -c COUNT it instead times COUNT launches of 1 us kernels (synchronizing untimed every 256, so the queue
  * never blocks) and prints `ns_per_launch X`: the CPU cost of a launch call.
  * With -w N each launch is preceded by N rounds of CPU work (a fixed amount of work, not of time, like a
- * framework's per-launch overhead): a launch-bound loop whose rate follows the CPU's speed. */
+ * framework's per-launch overhead): a launch-bound loop whose rate follows the CPU's speed.
+ * With -r MS it serves requests instead: K launches and a synchronize each, arriving at random (exponential gaps
+ * of mean MS milliseconds, fixed seed) for SECONDS, and prints `requests N p50 A p99 B max C` (milliseconds from
+ * arrival to completion): what waiting for a compute window costs a latency-bound service. */
 #include "cuda_common.h"
 
+#include <math.h>
+#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -35,6 +40,17 @@ static const char *api = "kernel";
 static volatile unsigned long sink;
 
 /* N rounds of integer work the compiler cannot drop. */
+static int by_value(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static void sleep_until_s(double t) {
+  struct timespec ts = {(time_t)t, (long)((t - (double)(time_t)t) * 1e9)};
+  while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) != 0) {
+  }
+}
+
 static void cpu_work(long n) {
   unsigned long x = sink + 1;
   for (long i = 0; i < n; i++) x = x * 6364136223846793005UL + 1442695040888963407UL;
@@ -54,10 +70,10 @@ static int launch(unsigned us, void *stream) {
 int main(int argc, char **argv) {
   const char *mode = "proc";
   unsigned us = 1000;
-  double secs = 2;
+  double secs = 2, gap_ms = 0;
   int k = 10, nstreams = 1, dev = 0, opt;
   long count = 0, work = 0;
-  while ((opt = getopt(argc, argv, "m:a:u:s:k:n:d:c:w:")) != -1) {
+  while ((opt = getopt(argc, argv, "m:a:u:s:k:n:d:c:w:r:")) != -1) {
     switch (opt) {
     case 'm': mode = optarg; break;
     case 'a': api = optarg; break;
@@ -68,6 +84,7 @@ int main(int argc, char **argv) {
     case 'd': dev = atoi(optarg); break;
     case 'c': count = atol(optarg); break;
     case 'w': work = atol(optarg); break;
+    case 'r': gap_ms = atof(optarg); break;
     default: return 3;
     }
   }
@@ -124,6 +141,26 @@ int main(int argc, char **argv) {
       done += batch;
     }
     printf("ns_per_launch %.1f\n", total * 1e9 / (double)count);
+    return 0;
+  }
+  if (gap_ms > 0) {
+    static double lat[1 << 16];
+    long n = 0;
+    unsigned seed = 1;
+    double arrive = now_s(), end = arrive + secs;
+    while (arrive < end && n < (1 << 16)) {
+      arrive += -log(1.0 - (double)rand_r(&seed) / ((double)RAND_MAX + 1.0)) * gap_ms / 1e3;
+      sleep_until_s(arrive);
+      for (int i = 0; i < k; i++)
+        if ((r = launch(us, streams[0]))) {
+          printf("launch failed: rc=%d\n", r);
+          return 3;
+        }
+      ssync(streams[0]);
+      lat[n++] = (now_s() - arrive) * 1e3;
+    }
+    qsort(lat, (size_t)n, sizeof lat[0], by_value);
+    printf("requests %ld p50 %.1f p99 %.1f max %.1f\n", n, lat[n / 2], lat[n * 99 / 100], lat[n - 1]);
     return 0;
   }
   double start = now_s(), last_report = start;

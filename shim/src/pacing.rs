@@ -63,6 +63,9 @@ struct DevicePace {
     drained_for: AtomicU64,
     /// When the plan last went from free to windowed: work launched before then ran free, not past a window.
     windowed_since: AtomicU64,
+    /// The launch count when the program's last successful synchronize began: when nothing was launched since,
+    /// the program has been waiting for no work of ours, and a held launch need not ask the GPU.
+    synced_launches: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -78,6 +81,7 @@ const DP: DevicePace = DevicePace {
     overrun_total_ns: AtomicU64::new(0),
     drained_for: AtomicU64::new(0),
     windowed_since: AtomicU64::new(0),
+    synced_launches: AtomicU64::new(0),
 };
 static DEVICES: [DevicePace; MAX_DEVICES] = [DP; MAX_DEVICES];
 
@@ -173,23 +177,28 @@ pub fn observe_sync(call: impl FnOnce() -> CUresult) -> CUresult {
         return call();
     }
     let d = current_pace();
-    if d.gate.load(Relaxed) == CLOSED {
+    let launched = d.launches.load(Relaxed);
+    let rc = if d.gate.load(Relaxed) == CLOSED {
         let t0 = now_ns();
         let rc = call();
         let t1 = now_ns();
         if t1 - t0 >= WAITED_NS {
             SYNC_WAITED_UNTIL.fetch_max(t1, Relaxed);
         }
-        return rc;
-    }
-    let rc = call();
-    if d.gate.load(Relaxed) == CLOSED {
-        // Began inside the window and returned after it closed: the GPU was busy until about now.
-        SYNC_WAITED_UNTIL.fetch_max(now_ns(), Relaxed);
+        rc
+    } else {
+        let rc = call();
+        if d.gate.load(Relaxed) == CLOSED {
+            // Began inside the window and returned after it closed: the GPU was busy until about now.
+            SYNC_WAITED_UNTIL.fetch_max(now_ns(), Relaxed);
+        }
+        rc
+    };
+    if rc == CUDA_SUCCESS {
+        d.synced_launches.fetch_max(launched, Relaxed);
     }
     rc
 }
-
 /// How long the GPU kept working past the window that ended at `end`, measured now (at `t0`, before any
 /// further launch). Either our own synchronize waits (the GPU was still busy: it finished when it returns),
 /// or the program's own synchronize already waited after `end`, or the GPU was idle and nothing is owed.
@@ -230,7 +239,18 @@ fn hold(d: &DevicePace) {
         if pos >= off + len && d.drained_for.swap(end, SeqCst) != end {
             // A process that ran free until its first plan (its start, or a neighbour's arrival under
             // `default`) owes only what ran past that moment, not everything since the window it never had.
-            let owed = overrun_since(end.max(d.windowed_since.load(SeqCst)), period);
+            let since = end.max(d.windowed_since.load(SeqCst));
+            // This launch is counted already. With nothing launched since the program last synchronized, the
+            // work is done and its own synchronize said when; asking the GPU instead misreads a slow call after
+            // a long sleep as work, and charged a request-serving slice whole windows it never used.
+            let owed = if d.launches.load(SeqCst) - 1 <= d.synced_launches.load(SeqCst) {
+                SYNC_WAITED_UNTIL
+                    .load(Relaxed)
+                    .saturating_sub(since)
+                    .min(period)
+            } else {
+                overrun_since(since, period)
+            };
             // Handed to the monitor, which reports it on the container's card entry.
             d.overrun_end.store(end, SeqCst);
             d.debt_ns.store(owed, SeqCst);
@@ -520,6 +540,7 @@ pub fn forked_child() {
         d.launches.store(0, Relaxed);
         d.waiting.store(0, Relaxed);
         d.debt_ns.store(0, Relaxed);
+        d.synced_launches.store(0, Relaxed);
     }
 }
 
