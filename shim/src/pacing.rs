@@ -2,13 +2,14 @@
 //!
 //! The control loop: a monitor thread (started on the first launch of a process whose slice has an SM limit)
 //! keeps the container's card entry alive, reads the card every [`TICK_NS`] and publishes for each device a
-//! plan word ("free", or the window's offset and length within the period). Between ticks it wakes at each
+//! plan word ("free", or the card's period and the window's offset and length in it). Between ticks it wakes at each
 //! window edge and opens or closes the device's gate. A launch reads the gate: open, it goes straight to the
 //! driver; closed, it sleeps until the window opens.
 //!
 //! Work still running when a window closes is measured, not guessed: the first launch held back after a
-//! window synchronizes the context, and the time the GPU kept running past the window end becomes debt that
-//! shortens the container's next windows. So the share is GPU time actually used, whatever the kernel sizes.
+//! window synchronizes the context (or, when nothing was launched since the program's own last synchronize,
+//! takes the end of the work from that one), and the time the GPU kept running past the window end becomes debt
+//! that shortens the container's next windows. So the share is GPU time actually used, whatever the kernel sizes.
 //!
 //! Cost: with no SM limit a launch pays one relaxed load. Under a limit, with the gate open: three relaxed
 //! atomics, no clock read, no syscall, no lock, no allocation, whatever the clock costs on the machine (on a
