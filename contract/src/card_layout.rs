@@ -135,11 +135,8 @@ impl CardFile {
     /// Two containers joining an empty card at once may record different values; both re-read the period
     /// at every tick, so they agree again within one.
     pub fn settle_period(&self, entry: usize, wanted: u64, now_ns: u64) -> u64 {
-        let others_live = (0..ENTRIES).any(|i| {
-            i != entry
-                && self.word(i, E_KEY).load(SeqCst) != 0
-                && now_ns.saturating_sub(self.word(i, E_ACTIVE).load(SeqCst)) <= STALE_NS
-        });
+        let others_live = (0..ENTRIES)
+            .any(|i| i != entry && self.word(i, E_KEY).load(SeqCst) != 0 && !self.stale(i, now_ns));
         let w = self.period_word();
         if !others_live {
             w.store(wanted, SeqCst);
@@ -149,6 +146,11 @@ impl CardFile {
             Ok(_) => wanted,
             Err(recorded) => recorded,
         }
+    }
+
+    /// Entry `i` has not been refreshed for [`STALE_NS`]: it belongs to no one.
+    fn stale(&self, i: usize, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.word(i, E_ACTIVE).load(SeqCst)) > STALE_NS
     }
 
     fn word(&self, entry: usize, field: usize) -> &AtomicU64 {
@@ -165,9 +167,7 @@ impl CardFile {
             .or_else(|| {
                 (0..ENTRIES).find(|&i| {
                     let k = self.word(i, E_KEY).load(SeqCst);
-                    let stale =
-                        now_ns.saturating_sub(self.word(i, E_ACTIVE).load(SeqCst)) > STALE_NS;
-                    (k == 0 || stale)
+                    (k == 0 || self.stale(i, now_ns))
                         && self
                             .word(i, E_KEY)
                             .compare_exchange(k, key, SeqCst, SeqCst)

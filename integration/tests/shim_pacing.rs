@@ -43,14 +43,19 @@ fn paced(sim: &Sim, container: &str, limit: &str, policy: &str) -> std::process:
     c
 }
 
-/// The pacing period recorded in the simulated GPU's card file (header word 3), in ns.
-fn card_period_ns(sim: &Sim) -> u64 {
+/// The simulated GPU's one card file.
+fn card_file(sim: &Sim) -> std::path::PathBuf {
     let cards: Vec<_> = std::fs::read_dir(sim.card_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(cards.len(), 1, "{cards:?}");
-    let bytes = std::fs::read(&cards[0]).unwrap();
+    cards[0].clone()
+}
+
+/// The pacing period recorded in the card file (header word 3), in ns.
+fn card_period_ns(sim: &Sim) -> u64 {
+    let bytes = std::fs::read(card_file(sim)).unwrap();
     u64::from_ne_bytes(bytes[24..32].try_into().unwrap())
 }
 
@@ -228,12 +233,7 @@ fn a_bad_period_in_the_card_file_is_ignored() {
     let base = baseline();
     let sim = Sim::new();
     run(paced(&sim, "first", "30", "force").args(["-s", "0.3"])).assert_ok();
-    let card = std::fs::read_dir(sim.card_dir())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let card = card_file(&sim);
     let mut bytes = std::fs::read(&card).unwrap();
     bytes[24..32].copy_from_slice(&7u64.to_ne_bytes());
     std::fs::write(&card, &bytes).unwrap();
