@@ -7,7 +7,7 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
 use serde::Serialize;
 
-use crate::report::GpuReport;
+use crate::observe::report::GpuReport;
 
 /// One GPU as NVML shows it: what the report prints, plus the per-process figures the agent attributes.
 #[derive(Debug, Clone, Serialize)]
@@ -76,7 +76,7 @@ impl Gpus {
                     })
                     .collect();
                 // NVML buffers samples for a while; the last second's are the current ones (timestamps in µs).
-                let since = crate::state::unix_us().saturating_sub(1_000_000);
+                let since = crate::ledger::state::unix_us().saturating_sub(1_000_000);
                 let mut latest: std::collections::HashMap<u32, (u64, u32)> = Default::default();
                 let mut busy_at: std::collections::HashMap<u32, u64> = Default::default();
                 for s in d.process_utilization_stats(since).unwrap_or_default() {

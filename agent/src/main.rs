@@ -1,22 +1,12 @@
 //! vgpu-agent: the node agent. `exec` runs a command in a slice on this host; `run` is the agent itself;
 //! `status` shows what the agent (or the cache files alone) knows.
 
-mod caches;
-mod cgroups;
-mod decode;
+mod ebpf;
 mod exec;
 mod gpus;
-mod handover;
-mod journal;
 mod ledger;
-mod metrics;
-mod pins;
-mod probes;
-mod procs;
-mod report;
+mod observe;
 mod run;
-mod state;
-mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -34,9 +24,9 @@ enum Cmd {
     /// Run the agent: eBPF host view of every container, cache mirror, policy, status socket, metrics.
     Run(run::RunArgs),
     /// Show per GPU and per container what the agent sees (or the cache files alone, with no agent).
-    Status(status::StatusArgs),
+    Status(observe::status::StatusArgs),
     /// Remove the agent's pinned probes and maps from bpffs (uninstall: the probes detach).
-    Unpin(pins::UnpinArgs),
+    Unpin(ebpf::pins::UnpinArgs),
 }
 
 fn main() {
@@ -44,8 +34,8 @@ fn main() {
     let code = match cli.cmd {
         Cmd::Exec(args) => exec::run(args),
         Cmd::Run(args) => run::run(args),
-        Cmd::Status(args) => status::run(args),
-        Cmd::Unpin(args) => pins::unpin(args),
+        Cmd::Status(args) => observe::status::run(args),
+        Cmd::Unpin(args) => ebpf::pins::unpin(args),
     };
     std::process::exit(code);
 }

@@ -10,12 +10,12 @@ use anyhow::{bail, Context, Result};
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 
+use crate::ebpf::probes::{host_libcuda_candidates, parse_event, Probes};
+use crate::ebpf::procs::{mapped_libcuda, ProcTable};
 use crate::gpus::Gpus;
-use crate::handover::{hand_over_probes, one_agent, save, Predecessor, LINGER};
-use crate::probes::{host_libcuda_candidates, parse_event, Probes};
-use crate::procs::{mapped_libcuda, ProcTable};
-use crate::report::{AgentInfo, Report};
-use crate::state::{Policy, State};
+use crate::ledger::handover::{hand_over_probes, one_agent, save, Predecessor, LINGER};
+use crate::ledger::state::{Policy, State};
+use crate::observe::report::{AgentInfo, Report};
 
 pub const DEFAULT_CACHE_DIR: &str = "/usr/local/vgpu/containers";
 
@@ -34,7 +34,7 @@ pub struct RunArgs {
     /// Where the containers' shared-cache files are (searched recursively for *.cache).
     #[arg(long, default_value = DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
-    #[arg(long, default_value = crate::status::DEFAULT_SOCKET)]
+    #[arg(long, default_value = crate::observe::status::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// Prometheus metrics address; "off" for none.
     #[arg(long, default_value = "0.0.0.0:9394")]
@@ -57,7 +57,7 @@ pub struct RunArgs {
     pub cgroup_root: Option<PathBuf>,
     /// Where on bpffs to pin the maps a restarted agent takes over, so calls made while no agent runs are
     /// still counted; "off" for none.
-    #[arg(long, default_value = crate::pins::DEFAULT_PIN_DIR)]
+    #[arg(long, default_value = crate::ebpf::pins::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 
@@ -103,7 +103,7 @@ fn attach(state: &mut State, probes: &mut Probes, path: &Path) {
 fn rescan_libcuda(state: &mut State, probes: &mut Probes) -> Vec<u32> {
     let mut users = vec![];
     let root = Path::new("/proc");
-    for pid in crate::procs::pids(root) {
+    for pid in crate::ebpf::procs::pids(root) {
         let files = mapped_libcuda(root, pid);
         if !files.is_empty() {
             users.push(pid);
@@ -124,7 +124,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     let pins = if args.pin_dir.as_os_str() == "off" {
         None
     } else {
-        crate::pins::prepare(&args.pin_dir, crate::probes::object())
+        crate::ebpf::pins::prepare(&args.pin_dir, crate::ebpf::probes::object())
             .map_err(|e| {
                 tracing::warn!(
                     "maps not pinned, so a restart misses the calls made while no agent runs: {e:#}"
@@ -139,7 +139,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         args.cache_dir.clone(),
         args.cgroup_root
             .clone()
-            .unwrap_or_else(crate::cgroups::cgroup2_mount),
+            .unwrap_or_else(crate::ledger::cgroups::cgroup2_mount),
     );
     state.launch_probes = args.launch_probes;
     pred.restore_into(&mut state, &args.state_file);
@@ -234,7 +234,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             "/metrics",
             axum::routing::get(move || {
                 let s = m_shared.clone();
-                async move { crate::metrics::render(&snapshot(&s)) }
+                async move { crate::observe::metrics::render(&snapshot(&s)) }
             }),
         );
         let l = tokio::net::TcpListener::bind(&args.metrics_addr)
@@ -270,7 +270,7 @@ pub fn snapshot(shared: &Shared) -> Report {
     r.agent = Some(AgentInfo {
         pid: std::process::id(),
         policy: format!("{:?}", state.policy).to_lowercase(),
-        ebpf_built_with: crate::probes::BUILT_WITH.into(),
+        ebpf_built_with: crate::ebpf::probes::BUILT_WITH.into(),
         libcuda_files: probes
             .files()
             .iter()

@@ -130,7 +130,7 @@ pub fn render_text(r: &Report) -> String {
         s += "(none)\n";
     }
     s += "\nCONTAINER                                          LIMIT MiB  CHARGED  eBPF     NVML     CORES  SM%  THROTTLED  LAST KERNEL  LAUNCH/s  PIDS\n";
-    let now_us = crate::state::unix_us();
+    let now_us = crate::ledger::state::unix_us();
     for c in &r.containers {
         let name = match (&c.pod_uid, &c.container_name) {
             (Some(p), Some(n)) => format!("pod {p} / {n}"),

@@ -1,4 +1,4 @@
-//! What one agent leaves the next: the saved ledger and journal, the pinned probes (see [`crate::pins`]) or
+//! What one agent leaves the next: the saved ledger and journal, the pinned probes (see [`crate::ebpf::pins`]) or
 //! a process holding them, and the lock that keeps two agents off one node. [`Predecessor`] reads what the
 //! last agent left and tells whether the new one starts with nothing missed.
 
@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::ledger::Ledger;
-use crate::probes::Probes;
-use crate::procs::ProcTable;
-use crate::state::State;
+use crate::ebpf::probes::Probes;
+use crate::ebpf::procs::ProcTable;
+use crate::ledger::book::Ledger;
+use crate::ledger::state::State;
 
 /// What a stopping agent leaves for its successor in the state file: the ledger's fields, and the holder.
 /// (Spelled out rather than a flattened Ledger: serde's flatten cannot read its integer map keys back.)
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 pub struct Saved {
     #[serde(default)]
-    procs: std::collections::HashMap<u32, crate::ledger::ProcMemory>,
+    procs: std::collections::HashMap<u32, crate::ledger::book::ProcMemory>,
     /// The process holding the stopped agent's probes (pid, start time), see [`hand_over_probes`].
     #[serde(default)]
     holder: Option<(u32, u64)>,
@@ -77,7 +77,7 @@ impl Predecessor {
 
     /// Restores its ledger into `state` and replays its journal, then opens this agent's journal and saves.
     pub fn restore_into(&self, state: &mut State, state_file: &Path) {
-        let journal_path = crate::journal::path_for(state_file);
+        let journal_path = crate::ledger::journal::path_for(state_file);
         match &self.saved {
             Some(saved) => {
                 state.restore(
@@ -87,7 +87,7 @@ impl Predecessor {
                     !self.seamless(),
                 );
                 state.seq = saved.seq;
-                let journaled = crate::journal::read(&journal_path, saved.seq);
+                let journaled = crate::ledger::journal::read(&journal_path, saved.seq);
                 for e in &journaled {
                     state.replay(e);
                 }
@@ -97,7 +97,7 @@ impl Predecessor {
             }
             None => state.procs = ProcTable::scan(),
         }
-        match crate::journal::Journal::open(journal_path) {
+        match crate::ledger::journal::Journal::open(journal_path) {
             Ok(j) => state.journal = Some(j),
             Err(e) => {
                 tracing::warn!(

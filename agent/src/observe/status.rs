@@ -6,9 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::caches::Mirror;
-use crate::procs::ProcTable;
-use crate::report::{render_text, ContainerReport, PidReport, Report};
+use crate::ebpf::procs::ProcTable;
+use crate::ledger::caches::Mirror;
+use crate::observe::report::{render_text, ContainerReport, PidReport, Report};
 
 pub const DEFAULT_SOCKET: &str = "/run/vgpu/agent.sock";
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::decode::Call;
+use crate::ebpf::decode::Call;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -77,7 +77,7 @@ pub fn read(path: &Path, after: u64) -> Vec<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Space;
+    use crate::ebpf::decode::Space;
 
     fn entry(seq: u64) -> Entry {
         Entry {

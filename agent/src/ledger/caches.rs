@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use vgpu_contract::cache_layout::{CacheRegion, HeaderInfo, SlotView};
 
-use crate::procs::ProcTable;
+use crate::ebpf::procs::ProcTable;
 
 /// A slot with its pid translated to the host's.
 #[derive(Debug, Clone)]
@@ -118,7 +118,7 @@ impl Mirror {
                     tracing::info!(
                         "mirroring {} (limits {})",
                         p.display(),
-                        crate::state::limits_text(&header.memory_limits)
+                        crate::ledger::state::limits_text(&header.memory_limits)
                     );
                     self.errors.remove(&p);
                     self.files.insert(

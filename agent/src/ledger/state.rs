@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use vgpu_agent_ebpf_common::CallEvent;
 
-use crate::caches::{CacheFile, Mirror};
-use crate::cgroups::{container_of, CgroupIds};
-use crate::decode::{decode, Call};
+use crate::ebpf::decode::{decode, Call};
+use crate::ebpf::procs::ProcTable;
 use crate::gpus::GpuSample;
-use crate::ledger::Ledger;
-use crate::procs::ProcTable;
-use crate::report::{ContainerReport, KillRecord, PidReport, Report};
+use crate::ledger::book::Ledger;
+use crate::ledger::caches::{CacheFile, Mirror};
+use crate::ledger::cgroups::{container_of, CgroupIds};
+use crate::observe::report::{ContainerReport, KillRecord, PidReport, Report};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Policy {
@@ -46,8 +46,8 @@ pub struct State {
     pub dirty: bool,
     /// Number of the last call applied (the journal numbers its entries with it).
     pub seq: u64,
-    pub journal: Option<crate::journal::Journal>,
-    journal_pending: Vec<crate::journal::Entry>,
+    pub journal: Option<crate::ledger::journal::Journal>,
+    journal_pending: Vec<crate::ledger::journal::Entry>,
     pid_cgroup: HashMap<u32, String>,
     launch_prev: HashMap<u32, u64>,
     launch_rate: HashMap<u32, f64>,
@@ -136,7 +136,7 @@ impl State {
             return c.clone();
         }
         let hint = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok();
-        let hint = hint.as_deref().and_then(crate::procs::parse_cgroup);
+        let hint = hint.as_deref().and_then(crate::ebpf::procs::parse_cgroup);
         let path = self
             .cgroups
             .path(cgroup_id, hint.as_deref())
@@ -159,7 +159,7 @@ impl State {
         self.dirty = true;
         self.seq += 1;
         if self.journal.is_some() {
-            self.journal_pending.push(crate::journal::Entry {
+            self.journal_pending.push(crate::ledger::journal::Entry {
                 seq: self.seq,
                 tgid: ev.tgid,
                 start,
@@ -174,7 +174,7 @@ impl State {
 
     /// Applies a call the previous agent journaled after its last save (no limit check: the next sweep
     /// checks every container).
-    pub fn replay(&mut self, e: &crate::journal::Entry) {
+    pub fn replay(&mut self, e: &crate::ledger::journal::Entry) {
         self.cgroup_of(e.tgid, e.cgroup_id);
         self.ledger.apply(e.tgid, e.start, e.cgroup_id, e.call);
         self.seq = self.seq.max(e.seq);
@@ -615,8 +615,8 @@ pub fn limits_text(l: &[u64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procs::Proc;
-    use crate::report::GpuReport;
+    use crate::ebpf::procs::Proc;
+    use crate::observe::report::GpuReport;
 
     fn proc(pid: u32, cgroup: &str) -> Proc {
         Proc {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{Call, Space};
+use crate::ebpf::decode::{Call, Space};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct ProcMemory {

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::report::{ContainerReport, GpuReport, Report};
+use crate::observe::report::{ContainerReport, GpuReport, Report};
 
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -168,7 +168,7 @@ pub fn render(r: &Report) -> String {
             Labels::Current,
             |c| {
                 c.last_kernel_unix_us
-                    .map(|t| crate::state::unix_us().saturating_sub(t) as f64 / 1e6)
+                    .map(|t| crate::ledger::state::unix_us().saturating_sub(t) as f64 / 1e6)
             },
         ),
         (
@@ -295,7 +295,7 @@ pub fn render(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::ContainerReport;
+    use crate::observe::report::ContainerReport;
 
     #[test]
     fn container_utilization_is_a_ratio_under_hamis_name() {
@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn last_kernel_age_is_exported_only_for_containers_seen_running_one() {
-        let now = crate::state::unix_us();
+        let now = crate::ledger::state::unix_us();
         let r = Report {
             containers: vec![
                 ContainerReport {
