@@ -10,6 +10,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 pub const SEAL_ANNOTATION: &str = "vgpu.io/placement-seal";
+/// The device list the seal covers, as the scheduler wrote it at bind (`hami.io/vgpu-devices-to-allocate` is
+/// emptied as containers are allocated, so the original is kept here).
+pub const SEALED_DEVICES_ANNOTATION: &str = "vgpu.io/devices-sealed";
 const VERSION: &str = "v1";
 
 /// What the seal covers. Every field is length-prefixed in the MAC input so no two placements share one.
