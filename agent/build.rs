@@ -73,9 +73,9 @@ fn toolchain_watch_paths() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = env::var_os("PATH")
         .map(|p| env::split_paths(&p).map(|d| d.join("bpf-linker")).collect())
         .unwrap_or_default();
-    if let Some(home) = env::var_os("CARGO_HOME").or_else(|| {
-        env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string())
-    }) {
+    if let Some(home) = env::var_os("CARGO_HOME")
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string()))
+    {
         v.push(Path::new(&home).join("bin/bpf-linker"));
     }
     v.push(PathBuf::from("/usr/bin/rustc"));

@@ -12,9 +12,12 @@ fn cargo_build(dir: &Path, home: &Path) -> String {
         .args(["build", "-vv", "--offline"])
         .env("HOME", home)
         .env_remove("CARGO_HOME")
-        .env("CARGO_HOME", std::env::var("CARGO_HOME").unwrap_or_else(|_| {
-            format!("{}/.cargo", std::env::var("HOME").unwrap_or_default())
-        }))
+        .env(
+            "CARGO_HOME",
+            std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+                format!("{}/.cargo", std::env::var("HOME").unwrap_or_default())
+            }),
+        )
         // bpf-linker is looked up on PATH; cargo's bin directory is on it as rustup sets it up.
         .env(
             "PATH",

@@ -15,7 +15,14 @@ fn agent(sim: &Sim) -> Command {
             None => c.env_remove(k),
         };
     }
-    c.env("PATH", format!("{}:{}", vgpu_integration::sim_dir().display(), std::env::var("PATH").unwrap_or_default()));
+    c.env(
+        "PATH",
+        format!(
+            "{}:{}",
+            vgpu_integration::sim_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
     c
 }
 
@@ -45,14 +52,25 @@ fn root() -> bool {
 #[test]
 fn values_are_checked_against_the_card_before_the_command_runs() {
     let sim = Sim::new().memory_mib(15360);
-    let o = exec(&sim, &["--gpumem", "99999999999999", "--", "sh", "-c", "echo ran"]);
+    let o = exec(
+        &sim,
+        &["--gpumem", "99999999999999", "--", "sh", "-c", "echo ran"],
+    );
     assert!(!o.status.success(), "{}", text(&o));
     assert!(!text(&o).contains("ran"), "the command ran: {}", text(&o));
-    assert!(text(&o).contains("more than GPU 0 has (15360 MiB)"), "{}", text(&o));
+    assert!(
+        text(&o).contains("more than GPU 0 has (15360 MiB)"),
+        "{}",
+        text(&o)
+    );
     for d in ["3", "GPU-nope"] {
         let o = exec(&sim, &["--gpumem", "4000", "--device", d, "--", "true"]);
         assert!(!o.status.success());
-        assert!(text(&o).contains(&format!("--device {d}: no such GPU")), "{}", text(&o));
+        assert!(
+            text(&o).contains(&format!("--device {d}: no such GPU")),
+            "{}",
+            text(&o)
+        );
     }
     let o = exec(&sim, &["--gpumem", "4000", "--device", "0", "--", "true"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -77,7 +95,16 @@ fn a_relative_cache_is_one_absolute_file_for_every_process() {
 #[test]
 fn the_command_needs_no_double_dash() {
     let sim = Sim::new();
-    let o = exec(&sim, &["--gpumem", "4000", "nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader"]);
+    let o = exec(
+        &sim,
+        &[
+            "--gpumem",
+            "4000",
+            "nvidia-smi",
+            "--query-gpu=memory.total",
+            "--format=csv,noheader",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("4000"), "{}", text(&o));
 }
@@ -98,7 +125,11 @@ fn any_user_gets_a_private_runtime_directory() {
         c.env_remove("XDG_RUNTIME_DIR");
         let inner = c.get_program().to_owned();
         let mut s = Command::new("setpriv");
-        s.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()]);
+        s.args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+        ]);
         s.arg(inner);
         for (k, v) in c.get_envs() {
             if let Some(v) = v {
@@ -117,7 +148,11 @@ fn any_user_gets_a_private_runtime_directory() {
         let o = run_as(uid);
         assert!(o.status.success(), "uid {uid}: {}", text(&o));
         // What a second user met before: the first user's directory, and the shim alone in charge.
-        assert!(!text(&o).contains("for this process alone"), "uid {uid}: {}", text(&o));
+        assert!(
+            !text(&o).contains("for this process alone"),
+            "uid {uid}: {}",
+            text(&o)
+        );
         let cache = String::from_utf8_lossy(&o.stdout).trim().to_string();
         let dir = std::path::Path::new(&cache).parent().unwrap().to_path_buf();
         let md = std::fs::metadata(&dir).unwrap();
@@ -142,5 +177,8 @@ fn status_without_an_agent_shows_the_gpus_and_a_missing_cache_dir() {
     assert_eq!(v["gpus"].as_array().map(|a| a.len()), Some(1), "{v}");
     assert_eq!(v["gpus"][0]["memory_total"], 15360u64 << 20, "{v}");
     let notes = v["notes"].to_string();
-    assert!(notes.contains("nowhere") && notes.contains("No such file"), "{notes}");
+    assert!(
+        notes.contains("nowhere") && notes.contains("No such file"),
+        "{notes}"
+    );
 }

@@ -84,10 +84,24 @@ mod tests {
             bind(&sock, b.clone()),
             Outcome::Refused("not your cgroup".into())
         );
-        assert_eq!(server.join().unwrap(), [Request::Bind(b.clone()), Request::Bind(b)]);
-        assert!(matches!(bind(&dir.join("none.sock"), ExecBinding {
-            cgroup: String::new(), cache: String::new(), memory_limits: Default::default(),
-            sm_limit: 0, policy: String::new(), pid: 0 }), Outcome::NoAgent(_)));
+        assert_eq!(
+            server.join().unwrap(),
+            [Request::Bind(b.clone()), Request::Bind(b)]
+        );
+        assert!(matches!(
+            bind(
+                &dir.join("none.sock"),
+                ExecBinding {
+                    cgroup: String::new(),
+                    cache: String::new(),
+                    memory_limits: Default::default(),
+                    sm_limit: 0,
+                    policy: String::new(),
+                    pid: 0
+                }
+            ),
+            Outcome::NoAgent(_)
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -37,7 +37,12 @@ pub fn check(
             };
             match hit {
                 Some(g) => vec![g],
-                None => return Err(format!("--device {d}: no such GPU; this host has {}", list())),
+                None => {
+                    return Err(format!(
+                        "--device {d}: no such GPU; this host has {}",
+                        list()
+                    ))
+                }
             }
         }
     };

@@ -149,7 +149,11 @@ fn run_inner(args: &ExecArgs) -> Result<i32, String> {
     // SAFETY: geteuid(2) cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let id = format!("{}-{:x}", std::process::id(), random_u64());
-    let cgroup = match slice_cgroup::SliceCgroup::create(&crate::ledger::cgroups::cgroup2_mount(), &id, root) {
+    let cgroup = match slice_cgroup::SliceCgroup::create(
+        &crate::ledger::cgroups::cgroup2_mount(),
+        &id,
+        root,
+    ) {
         Ok(cg) => {
             cg.enter_on_spawn(&mut cmd);
             Some(cg)
@@ -190,7 +194,11 @@ fn run_inner(args: &ExecArgs) -> Result<i32, String> {
                 .map(|&(o, m)| (o, m << 20))
                 .collect(),
             sm_limit: args.gpucores.unwrap_or(0),
-            policy: args.policy.unwrap_or(CorePolicy::Default).as_str().to_string(),
+            policy: args
+                .policy
+                .unwrap_or(CorePolicy::Default)
+                .as_str()
+                .to_string(),
             pid: child.id(),
         };
         match bind::bind(&args.bind_socket, binding) {

@@ -88,12 +88,17 @@ mod tests {
 
     #[test]
     fn root_and_users_get_different_places() {
-        assert_eq!(candidates(0, Some("/run/user/0")), [PathBuf::from("/run/vgpu/exec")]);
+        assert_eq!(
+            candidates(0, Some("/run/user/0")),
+            [PathBuf::from("/run/vgpu/exec")]
+        );
         let c = candidates(1000, Some("/run/user/1000"));
         assert_eq!(c[0], PathBuf::from("/run/user/1000/vgpu"));
         assert!(c.iter().all(|p| p.to_string_lossy().contains("1000")));
         assert!(
-            !candidates(1000, Some("relative")).iter().any(|p| p.starts_with("relative")),
+            !candidates(1000, Some("relative"))
+                .iter()
+                .any(|p| p.starts_with("relative")),
             "a relative XDG_RUNTIME_DIR is ignored"
         );
     }
@@ -111,13 +116,23 @@ mod tests {
         let open = t.join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(ensure_private(&open, me()).is_err(), "world-writable dir accepted");
+        assert!(
+            ensure_private(&open, me()).is_err(),
+            "world-writable dir accepted"
+        );
         assert!(ensure_private(&t.join("fresh"), me()).is_ok());
         assert_eq!(
-            std::fs::metadata(t.join("fresh")).unwrap().permissions().mode() & 0o777,
+            std::fs::metadata(t.join("fresh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o700
         );
-        assert!(ensure_private(&t.join("fresh"), me() + 1).is_err(), "another user's dir accepted");
+        assert!(
+            ensure_private(&t.join("fresh"), me() + 1).is_err(),
+            "another user's dir accepted"
+        );
         std::fs::remove_dir_all(&t).unwrap();
     }
 }

@@ -100,7 +100,10 @@ mod tests {
         let id = format!("test-{}", std::process::id());
         let cg = match SliceCgroup::create(&mount, &id, true) {
             Ok(c) => c,
-            Err(e) => panic!("root could not make a cgroup under {}: {e}", mount.display()),
+            Err(e) => panic!(
+                "root could not make a cgroup under {}: {e}",
+                mount.display()
+            ),
         };
         assert_eq!(cg.rel, format!("/vgpu-exec/{id}"));
         let mut cmd = Command::new("cat");
