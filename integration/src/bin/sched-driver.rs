@@ -48,7 +48,10 @@ async fn post(client: &Client, url: &str, body: serde_json::Value) -> Result<ser
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        return Err(anyhow!("{url}: HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+        return Err(anyhow!(
+            "{url}: HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        ));
     }
     Ok(serde_json::from_slice(&bytes)?)
 }
@@ -83,7 +86,11 @@ impl Driver {
         .await?;
         let fit: Vec<String> = res["nodenames"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let Some(node) = fit.first() else {
             let err = res["error"].as_str().unwrap_or_default();
@@ -91,7 +98,9 @@ impl Driver {
             for key in ["failedNodes", "failedAndUnresolvableNodes"] {
                 if let Some(m) = res[key].as_object() {
                     for v in m.values() {
-                        *reasons.entry(v.as_str().unwrap_or("").to_string()).or_default() += 1;
+                        *reasons
+                            .entry(v.as_str().unwrap_or("").to_string())
+                            .or_default() += 1;
                     }
                 }
             }
@@ -118,8 +127,13 @@ impl Driver {
         .await?;
         match res["Error"].as_str() {
             Some(e) if !e.is_empty() => {
-                self.event(pod, "Warning", "FailedScheduling", &format!("binding rejected: {e}"))
-                    .await;
+                self.event(
+                    pod,
+                    "Warning",
+                    "FailedScheduling",
+                    &format!("binding rejected: {e}"),
+                )
+                .await;
                 Ok(None)
             }
             _ => Ok(Some(node.clone())),
@@ -127,11 +141,18 @@ impl Driver {
     }
 
     async fn event(&self, pod: &Pod, type_: &str, reason: &str, message: &str) {
-        let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let now = chrono_now();
         let ev = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", pod.metadata.name.as_deref().unwrap_or("pod"))),
+                generate_name: Some(format!(
+                    "{}.",
+                    pod.metadata.name.as_deref().unwrap_or("pod")
+                )),
                 namespace: Some(ns.clone()),
                 ..Default::default()
             },
@@ -212,7 +233,12 @@ async fn main() -> Result<()> {
         };
         for pod in pods.into_iter().filter(|p| d.wants(p)) {
             let k = key(&pod);
-            if d.busy.lock().await.insert(k.clone(), Instant::now()).is_some() {
+            if d.busy
+                .lock()
+                .await
+                .insert(k.clone(), Instant::now())
+                .is_some()
+            {
                 continue;
             }
             let d = d.clone();
@@ -235,9 +261,16 @@ async fn main() -> Result<()> {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     // Scheduled by someone else, or deleted, in the meantime: stop.
-                    let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+                    let ns = pod
+                        .metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into());
                     let api: Api<Pod> = Api::namespaced(d.kube.clone(), &ns);
-                    match api.get_opt(pod.metadata.name.as_deref().unwrap_or("")).await {
+                    match api
+                        .get_opt(pod.metadata.name.as_deref().unwrap_or(""))
+                        .await
+                    {
                         Ok(Some(p)) if d.wants(&p) => pod = p,
                         _ => break,
                     }
