@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use vgpu_scheduler::webhook::server::{router, serve_tls, WebhookState};
-use vgpu_scheduler::webhook::{tls, ClusterLimits};
+use vgpu_scheduler::webhook::{tls, ClusterLimits, Writers};
 
 const CERT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -25,6 +25,7 @@ async fn start() -> std::net::SocketAddr {
 async fn start_with(cfg: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
     let state = Arc::new(WebhookState {
         scheduler_name: "vgpu-scheduler".into(),
+        writers: Writers::default(),
         limits: Box::new(|| ClusterLimits {
             max_card_mem_mib: Some(15360),
             max_cards_per_node: Some(1),
