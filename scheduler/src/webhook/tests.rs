@@ -322,7 +322,8 @@ fn unknown_policy_words_are_still_refused() {
 /// drop the label that makes the scheduler count it) after the fact.
 #[test]
 fn a_tenant_cannot_change_add_or_remove_placement_metadata_on_update() {
-    let edits: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let edits: Vec<(&str, Edit)> = vec![
         (
             "annotation \"hami.io/vgpu-devices-allocated\"",
             Box::new(|p| {
