@@ -88,7 +88,7 @@ impl Change {
             Edit::Remove => "remove",
         };
         let fix = match self.edit {
-            Edit::Add => "remove it from the pod (or from the template that makes the pod): the vgpu scheduler writes it when it binds the pod",
+            Edit::Add => "remove it from the pod (or from the template that makes the pod); vgpu writes it when it places the pod",
             Edit::Change | Edit::Remove => "leave it as vgpu wrote it; to place the pod anew, delete it and create it again",
         };
         format!(

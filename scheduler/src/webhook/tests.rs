@@ -512,3 +512,19 @@ fn a_request_that_is_not_a_pod_review_is_refused() {
     body["request"]["oldObject"] = Value::Null;
     assert!(refused(&body).contains("hami.io/"));
 }
+
+/// HAMi's webhook skips pods labelled `hami.io/webhook: ignore` (an objectSelector): a label the
+/// tenant writes. Here the label is accepted and changes nothing.
+#[test]
+fn hamis_ignore_label_does_not_switch_the_checks_off() {
+    let mut p = lab_pod();
+    p["metadata"]["labels"] = json!({"hami.io/webhook": "ignore"});
+    p["spec"]["nodeName"] = json!("hami-workshop");
+    assert!(refused(&create(TENANT, p.clone())).contains("spec.nodeName"));
+    p["spec"]["nodeName"] = Value::Null;
+    p["metadata"]["annotations"] = json!({"hami.io/vgpu-devices-allocated": "GPU-0,NVIDIA,1,0:;"});
+    assert!(refused(&create(TENANT, p)).contains("hami.io/vgpu-devices-allocated"));
+    let mut cpu = cpu_pod();
+    cpu["metadata"]["labels"] = json!({"hami.io/webhook": "ignore"});
+    allowed(Mode::Validate, &create(TENANT, cpu));
+}
