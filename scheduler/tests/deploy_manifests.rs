@@ -316,6 +316,8 @@ fn kube_scheduler_and_the_extender_run_under_different_accounts() {
         pod["automountServiceAccountToken"], false,
         "the pod's token would reach every container"
     );
+    // With a shared process namespace each container could read the other's token through /proc.
+    assert_ne!(pod["shareProcessNamespace"], true);
     let volume = |name: &str| {
         pod["volumes"]
             .as_sequence()

@@ -42,7 +42,10 @@ pub const USER_ANNOTATIONS: [&str; 2] = [ann::NODE_SCHEDULER_POLICY, ann::GPU_SC
 fn has_prefix(key: &str, prefix: &str) -> bool {
     // Keys are validated lowercase by the API server, but the mutating webhook sees them before
     // validation: compare without case so no spelling slips past.
-    key.len() >= prefix.len() && key[..prefix.len()].eq_ignore_ascii_case(prefix)
+    // Bytes, not a str slice: a key the tenant wrote may put a multi-byte character there.
+    key.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 pub fn is_protected_annotation(key: &str) -> bool {
@@ -180,12 +183,19 @@ mod tests {
             "example.hami.io/x",
             "hami.io",
             "hami-io/x",
+            "hamé.io/x",
+            "vgpué",
+            "ééééé",
+            // Byte 8 falls inside the last character: a str slice there would panic.
+            "abcdefgé",
+            "",
         ] {
             assert!(!is_protected_annotation(k), "{k}");
         }
         assert!(is_protected_label("hami.io/vgpu-node"));
         assert!(is_protected_label("vgpu.io/anything"));
         assert!(!is_protected_label("app"));
+        assert!(!is_protected_label("abcdefgé"));
     }
 
     #[test]
