@@ -28,12 +28,17 @@ pub struct WebhookState {
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
+/// The API server sends at most about 3 MiB in a review (an UPDATE holds the pod twice, each up to
+/// etcd's 1.5 MiB); axum's default of 2 MiB would answer 413, which fails the pod write closed.
+const MAX_REVIEW_BYTES: usize = 8 << 20;
+
 pub fn router(state: Arc<WebhookState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(state)
 }
 

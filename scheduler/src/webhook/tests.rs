@@ -528,3 +528,32 @@ fn hamis_ignore_label_does_not_switch_the_checks_off() {
     cpu["metadata"]["labels"] = json!({"hami.io/webhook": "ignore"});
     allowed(Mode::Validate, &create(TENANT, cpu));
 }
+
+/// An UPDATE carries the pod twice, and a pod may be up to 1.5 MB in etcd: a review near 3 MB must
+/// still be judged (an HTTP error would refuse the write under `failurePolicy: Fail`).
+#[tokio::test]
+async fn a_review_of_two_large_pods_is_answered() {
+    use axum::body::{to_bytes, Body};
+    use tower::ServiceExt;
+    let mut old = bound_pod();
+    old["spec"]["containers"][0]["env"] = json!([{"name": "BLOB", "value": "x".repeat(1_400_000)}]);
+    let mut new = old.clone();
+    new["metadata"]["labels"]["team"] = json!("vision");
+    for path in ["/mutate", "/validate"] {
+        let body = update(TENANT, old.clone(), new.clone()).to_string();
+        assert!(body.len() > 2_800_000);
+        let resp = super::server::router(std::sync::Arc::new(state()))
+            .oneshot(
+                axum::http::Request::post(path)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let v: Value =
+            serde_json::from_slice(&to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
+        assert_eq!(v["response"]["allowed"], true, "{path}");
+    }
+}
