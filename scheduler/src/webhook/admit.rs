@@ -58,7 +58,7 @@ pub fn admit(pod: &Pod, scheduler_name: &str, limits: ClusterLimits) -> Verdict 
     if !mentions_vgpu(pod) {
         return Verdict::Unchanged;
     }
-    let key = podspec::pod_key(pod);
+    let key = pod_key(pod);
     let spec = pod.spec.as_ref();
     if let Some(node) = spec.and_then(|s| s.node_name.as_deref()) {
         return Verdict::Deny(format!(
@@ -103,6 +103,18 @@ pub fn admit(pod: &Pod, scheduler_name: &str, limits: ClusterLimits) -> Verdict 
     match scheduler {
         None => Verdict::SetScheduler(scheduler_name.to_string()),
         Some(_) => Verdict::Unchanged,
+    }
+}
+
+/// `namespace/name` for messages; a pod a controller creates has no name before the API server
+/// generates one, so its prefix stands in (`ml/trainer-7d9f-*`).
+pub fn pod_key(pod: &Pod) -> String {
+    match (&pod.metadata.name, &pod.metadata.generate_name) {
+        (None, Some(prefix)) if !prefix.is_empty() => format!(
+            "{}/{prefix}*",
+            pod.metadata.namespace.as_deref().unwrap_or("default")
+        ),
+        _ => podspec::pod_key(pod),
     }
 }
 

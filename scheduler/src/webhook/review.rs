@@ -3,7 +3,7 @@
 //! route sets `spec.schedulerName`, the validating route (which sees the object after every
 //! mutating webhook ran) refuses a vGPU pod that does not carry it.
 
-use super::admit::{admit, ClusterLimits, Verdict};
+use super::admit::{admit, pod_key, ClusterLimits, Verdict};
 use super::protected::{self, Writers};
 use crate::podspec;
 use k8s_openapi::api::core::v1::Pod;
@@ -45,7 +45,7 @@ pub fn decide(req: &AdmissionRequest<Pod>, rules: &Rules, mode: Mode) -> Verdict
         }
         (Operation::Delete | Operation::Connect, _) => return Verdict::Unchanged,
     };
-    let key = podspec::pod_key(new);
+    let key = pod_key(new);
     if !rules.writers.trusts(user) {
         if let Some(change) = protected::first_change(old, new) {
             return Verdict::Deny(change.refusal(&key, user));
