@@ -104,9 +104,7 @@ fn route(path: &str, server: &Server) -> Result<Route, ApiError> {
     };
     // `namespaces/X` and `namespaces/X/status` are the namespace itself; `namespaces/X/<plural>…` is inside it.
     let (ns, rest) = match rest {
-        ["namespaces", ns, r @ ..] if !r.is_empty() && !(r.len() == 1 && r[0] == "status") => {
-            (Some(ns.to_string()), r)
-        }
+        ["namespaces", ns, r @ ..] if !matches!(r, [] | ["status"]) => (Some(ns.to_string()), r),
         r => (None, r),
     };
     let (plural, name, sub) = match rest {

@@ -6,9 +6,15 @@ use serde_json::{json, Map, Value};
 use super::errors::ApiError;
 use super::resources::Resource;
 
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the kernel's random source is readable");
+    b
+}
+
 /// A random (version 4) UUID.
 pub fn uuid_v4() -> String {
-    let mut b: [u8; 16] = rand::random();
+    let mut b: [u8; 16] = random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -33,7 +39,7 @@ pub fn now() -> String {
 /// The 5-character suffix `generateName` gets (kube's alphabet: no vowels, no look-alikes).
 fn name_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let r: [u8; 5] = rand::random();
+    let r: [u8; 5] = random();
     r.iter()
         .map(|x| ALPHABET[*x as usize % ALPHABET.len()] as char)
         .collect()

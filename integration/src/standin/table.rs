@@ -187,9 +187,12 @@ fn event_row(e: &Value) -> Vec<Value> {
     ]
 }
 
+/// The cells of one object's row.
+type Row = fn(&Value) -> Vec<Value>;
+
 /// A Table of `items` (already in the client's view); `rv` for a list.
 pub fn table(res: &Resource, items: &[Value], rv: Option<u64>) -> Value {
-    let (columns, row): (Vec<Value>, fn(&Value) -> Vec<Value>) = match res.storage {
+    let (columns, row): (Vec<Value>, Row) = match res.storage {
         "pods" => (
             vec![
                 col("Name", "string", 0),
