@@ -1037,3 +1037,205 @@ async fn too_old_watch_is_gone() {
     assert_eq!(reader.state().len(), 10);
     task.abort();
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with openssl: (dir, ca.pem, tls.pem, tls.key).
+fn certificates() -> (std::path::PathBuf, [std::path::PathBuf; 3]) {
+    let dir = tempfile_dir();
+    let p = |n: &str| dir.join(n);
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: Vec<Vec<String>> = vec![
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=standin-test-ca",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "tls.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    for args in steps {
+        let out = Command::new("openssl")
+            .current_dir(&dir)
+            .args(&args)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (dir.clone(), [p("ca.pem"), p("tls.pem"), p("tls.key")])
+}
+
+/// Over HTTPS, with a https webhook: the webhook is reached through --webhook-ca, and kubectl (which sends its
+/// token only over TLS) acts as the token's user: `auth whoami` names it and the webhook sees it.
+#[test]
+fn https_server_and_webhook_with_kubectl_users() {
+    let (dir, [ca, cert, key]) = certificates();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The webhook, over TLS with the same certificate.
+    let reviews = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let hook_addr = rt.block_on(async {
+        let kept = reviews.clone();
+        let app = axum::Router::new().route(
+            "/validate",
+            axum::routing::post(move |axum::Json(review): axum::Json<Value>| {
+                let kept = kept.clone();
+                async move {
+                    let req = review["request"].clone();
+                    kept.lock().unwrap().push(req.clone());
+                    let user = req["userInfo"]["username"].as_str().unwrap_or("").to_string();
+                    let allowed = user != "tenant";
+                    axum::Json(json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": {"uid": req["uid"], "allowed": allowed,
+                                     "status": {"message": format!("{user} may not create pods here")}}}))
+                }
+            }),
+        );
+        let tcp = tokio::net::TcpListener::bind(local()).await.unwrap();
+        let listener = vgpu_integration::standin::tls::TlsListener::new(
+            tcp,
+            vgpu_integration::standin::tls::server_config(&cert, &key).unwrap(),
+        )
+        .unwrap();
+        let addr = axum::serve::Listener::local_addr(&listener).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    });
+    let tokens = dir.join("tokens.csv");
+    std::fs::write(
+        &tokens,
+        "admin-token,admin,0\ntenant-token,tenant,1,\"tenants\"\n",
+    )
+    .unwrap();
+    let kc_admin = dir.join("admin.kubeconfig");
+    let mut server = vgpu_integration::Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kube-standin"))
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-private-key-file")
+            .arg(&key)
+            .arg("--kubeconfig-ca")
+            .arg(&ca)
+            .arg("--kubeconfig-out")
+            .arg(&kc_admin)
+            .args(["--kubeconfig-token", "admin-token"])
+            .arg("--token-auth-file")
+            .arg(&tokens)
+            .arg("--validating-webhook")
+            .arg(format!(
+                "tenancy=https://127.0.0.1:{}/validate",
+                hook_addr.port()
+            ))
+            .arg("--webhook-ca")
+            .arg(&ca),
+    );
+    server
+        .wait_line("", Duration::from_secs(20))
+        .expect("the port on stdout");
+    let kc_tenant = dir.join("tenant.kubeconfig");
+    std::fs::write(
+        &kc_tenant,
+        std::fs::read_to_string(&kc_admin)
+            .unwrap()
+            .replace("admin-token", "tenant-token"),
+    )
+    .unwrap();
+
+    let whoami = |kc: &std::path::Path| {
+        kubectl(
+            kc,
+            &[
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ],
+        )
+    };
+    assert_eq!(whoami(&kc_admin), "admin");
+    assert_eq!(whoami(&kc_tenant), "tenant");
+    let pod_a = repo_file("deploy/examples/gpumem-pod-a.yaml");
+    assert_eq!(
+        kubectl(&kc_admin, &["apply", "-f", &pod_a]).trim(),
+        "pod/gpumem-pod-a created"
+    );
+    let out = Command::new("kubectl")
+        .env("KUBECONFIG", &kc_tenant)
+        .args([
+            "apply",
+            "-f",
+            &repo_file("deploy/examples/gpumem-pod-b.yaml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "admission webhook \"tenancy\" denied the request: tenant may not create pods here"
+        ),
+        "{stderr}"
+    );
+    let users: Vec<String> = reviews
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r["userInfo"]["username"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(users, ["admin", "tenant"]);
+    server.kill9();
+    let _ = std::fs::remove_dir_all(&dir);
+}

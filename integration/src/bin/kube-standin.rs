@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use vgpu_integration::standin::{kubeconfig, Config, Standin, Users, WebhookSpec, DEFAULT_HISTORY};
+use vgpu_integration::standin::{
+    Config, ServingCert, Standin, Users, WebhookSpec, DEFAULT_HISTORY,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +39,15 @@ struct Args {
     /// kube-apiserver's static token file: `token,user,uid[,"group1,group2"]` per line.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (kubectl sends tokens only over HTTPS).
+    #[arg(long, requires = "tls_private_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, requires = "tls_cert_file")]
+    tls_private_key_file: Option<PathBuf>,
+    /// The CA that --tls-cert-file chains to, named in the written kubeconfig (default: the certificate).
+    #[arg(long, requires = "tls_cert_file")]
+    kubeconfig_ca: Option<PathBuf>,
     /// Changes kept for watches to resume from.
     #[arg(long, default_value_t = DEFAULT_HISTORY)]
     history: usize,
@@ -59,10 +70,18 @@ async fn main() -> anyhow::Result<()> {
         webhook_ca: args.webhook_ca,
         users,
         history: args.history,
+        tls: match (args.tls_cert_file, args.tls_private_key_file) {
+            (Some(cert), Some(key)) => Some(ServingCert {
+                cert,
+                key,
+                ca: args.kubeconfig_ca,
+            }),
+            _ => None,
+        },
     };
     let server = Standin::start(args.listen, config).await?;
     if let Some(path) = &args.kubeconfig_out {
-        let text = kubeconfig(&server.url(), args.kubeconfig_token.as_deref());
+        let text = server.kubeconfig(args.kubeconfig_token.as_deref());
         std::fs::write(path, text)
             .with_context(|| format!("cannot write the kubeconfig to {}", path.display()))?;
     }

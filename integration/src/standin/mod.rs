@@ -15,6 +15,7 @@ pub mod resources;
 pub mod selectors;
 pub mod store;
 mod table;
+pub mod tls;
 pub mod users;
 mod watch;
 
@@ -42,6 +43,16 @@ pub struct Config {
     pub webhook_ca: Option<PathBuf>,
     pub users: Users,
     pub history: usize,
+    /// Serve HTTPS with this certificate chain and key (PEM) instead of plain HTTP.
+    pub tls: Option<ServingCert>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServingCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that clients are to trust (written into kubeconfigs); the certificate itself if `None`.
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -52,6 +63,7 @@ impl Default for Config {
             webhook_ca: None,
             users: Users::default(),
             history: DEFAULT_HISTORY,
+            tls: None,
         }
     }
 }
@@ -59,6 +71,8 @@ impl Default for Config {
 /// A running server; stops accepting connections when dropped.
 pub struct Standin {
     addr: SocketAddr,
+    /// The CA clients trust when serving HTTPS.
+    ca: Option<PathBuf>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -94,12 +108,27 @@ impl Standin {
         let app = axum::Router::new()
             .fallback(http::handle)
             .with_state(server);
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("kube-standin stopped serving: {e}");
+        let ca = config
+            .tls
+            .as_ref()
+            .map(|t| t.ca.clone().unwrap_or_else(|| t.cert.clone()));
+        let task = match &config.tls {
+            None => tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("kube-standin stopped serving: {e}");
+                }
+            }),
+            Some(t) => {
+                let listener =
+                    tls::TlsListener::new(listener, tls::server_config(&t.cert, &t.key)?)?;
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("kube-standin stopped serving: {e}");
+                    }
+                })
             }
-        });
-        Ok(Standin { addr, task })
+        };
+        Ok(Standin { addr, ca, task })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -107,12 +136,13 @@ impl Standin {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// A kubeconfig that points at this server, authenticating with `token` if given.
     pub fn kubeconfig(&self, token: Option<&str>) -> String {
-        kubeconfig(&self.url(), token)
+        kubeconfig(&self.url(), token, self.ca.as_deref())
     }
 
     /// A kube-rs client of this server (anonymous, or the user of `token`).
@@ -122,7 +152,8 @@ impl Standin {
         if let Some(t) = token {
             config.auth_info.token = Some(t.to_string().into());
         }
-        kube::Client::try_from(config).expect("a client of a plain-HTTP server builds")
+        config.root_cert_file = self.ca.clone();
+        kube::Client::try_from(config).expect("a client of this server builds")
     }
 
     /// Waits until the server stops (it does not by itself).
@@ -137,17 +168,25 @@ impl Drop for Standin {
     }
 }
 
-/// kubeconfig YAML for the server at `url`.
-pub fn kubeconfig(url: &str, token: Option<&str>) -> String {
+/// kubeconfig YAML for the server at `url`, whose certificate chains to `ca` when it serves HTTPS.
+pub fn kubeconfig(url: &str, token: Option<&str>, ca: Option<&std::path::Path>) -> String {
+    let quote = |s: &str| serde_json::to_string(s).expect("a string serializes");
     let user = match token {
-        Some(t) => format!(
-            "    token: {}\n",
-            serde_json::to_string(t).expect("a string serializes")
-        ),
+        Some(t) => format!("    token: {}\n", quote(t)),
         None => "    {}\n".to_string(),
     };
+    let ca = match ca {
+        Some(p) => {
+            let abs = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+            format!(
+                "    certificate-authority: {}\n",
+                quote(&abs.to_string_lossy())
+            )
+        }
+        None => String::new(),
+    };
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {url}\n\
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {url}\n{ca}\
          contexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: default\n\
          current-context: standin\nusers:\n- name: standin\n  user:\n{user}preferences: {{}}\n"
     )
