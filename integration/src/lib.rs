@@ -406,3 +406,5 @@ impl Running {
         }
     }
 }
+
+pub mod kubelet;
