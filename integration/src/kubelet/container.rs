@@ -143,7 +143,8 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
         .as_ref()
         .map(|d| cstr(&d.join("cgroup.procs")))
         .transpose()?;
-    let workdir = spec.working_dir.as_deref().map(cstr).transpose()?;
+    // Without a workingDir the runtime starts the process in the image's WORKDIR, "/" by default.
+    let workdir = cstr(spec.working_dir.as_deref().unwrap_or(Path::new("/")))?;
     let mount_ns = spec.mount_ns;
 
     if let Some(dir) = spec.log.parent() {
@@ -191,10 +192,8 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
                     bind(m)?;
                 }
             }
-            if let Some(wd) = &workdir {
-                if libc::chdir(wd.as_ptr()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if libc::chdir(workdir.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
