@@ -407,4 +407,5 @@ impl Running {
     }
 }
 
+pub mod kubelet;
 pub mod standin;
