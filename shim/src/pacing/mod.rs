@@ -1,15 +1,21 @@
 //! Compute slices: holds kernel launches outside the container's window (see [`crate::window`]).
 //!
 //! The control loop: a monitor thread (started on the first launch of a process whose slice has an SM limit)
-//! keeps the container's card entry alive, reads the card every [`TICK_NS`] and publishes for each device a
-//! plan word ("free", or the card's period and the window's offset and length in it). Between ticks it wakes at each
-//! window edge and opens or closes the device's gate. A launch reads the gate: open, it goes straight to the
-//! driver; closed, it sleeps until the window opens.
+//! keeps the container's card entry alive, reads the card every [`TICK_NS`] ([`peers`]: a copy, and only what
+//! cannot hurt this slice) and publishes for each device a plan word ("free", or the period and the window's
+//! offset and length in it). Between ticks it wakes at each window edge and opens or closes the device's gate. A
+//! launch reads the gate: open, it goes straight to the driver; closed, it sleeps until the window opens. When no
+//! thread can be started, launches are still held: each reads the clock, and the launching threads take turns
+//! doing the monitor's work.
 //!
 //! Work still running when a window closes is measured, not guessed: the first launch held back after a
 //! window synchronizes the context (or, when nothing was launched since the program's own last synchronize,
 //! takes the end of the work from that one), and the time the GPU kept running past the window end becomes debt
 //! that shortens the container's next windows. So the share is GPU time actually used, whatever the kernel sizes.
+//! The debt is the container's, kept in its own cache file (shared by its processes, out of other tenants'
+//! reach), never in the card file.
+//!
+//! The core reaches the driver only through [`Driver`], which the launch hooks implement and hand in.
 //!
 //! Cost: with no SM limit a launch pays one relaxed load. Under a limit, with the gate open: three relaxed
 //! atomics, no clock read, no syscall, no lock, no allocation, whatever the clock costs on the machine (on a
@@ -142,6 +148,20 @@ fn wait_needed(plan: u64, now: u64) -> Result<(), u64> {
     }
 }
 
+/// The end of the latest window of a windowed `plan` that is over at `now`: this period's, or the previous
+/// period's while this one's has not begun. A window that ends with its period is followed by holds at the
+/// start of the next one, before its own window: its overrun is measured then (once read only after the window,
+/// within its period, it never was, and a slice placed last in the period ran half again over its share).
+fn latest_window_end(plan: u64, now: u64) -> u64 {
+    let (period, off, len) = decode(plan);
+    let period_start = now - now % period;
+    if now - period_start >= off + len {
+        period_start + off + len
+    } else {
+        (period_start + off + len).saturating_sub(period)
+    }
+}
+
 /// Whether the gate should be open at `now`, and when it next changes (None: never, as things stand).
 fn gate_at(plan: u64, now: u64) -> (bool, Option<u64>) {
     if plan == FREE {
@@ -268,15 +288,8 @@ fn hold(drv: &dyn Driver, d: &DevicePace) {
     d.waiting.fetch_add(1, SeqCst);
     // Right after our window closed: measure the overrun once per window, to pay it from the next ones.
     if plan != FREE {
-        let (period, off, len) = decode(plan);
-        let pos = start % period;
-        // The end of the latest window: this period's if it is over, else the previous period's (a window
-        // at the end of the period is followed by a hold at the start of the next one).
-        let end = if pos >= off + len {
-            start - pos + off + len
-        } else {
-            (start - pos + off + len).saturating_sub(period)
-        };
+        let (period, _, _) = decode(plan);
+        let end = latest_window_end(plan, start);
         if end > 0 && d.drained_for.swap(end, SeqCst) != end {
             // A process that ran free until its first plan (its start, or a neighbour's arrival under
             // `default`) owes only what ran past that moment, not everything since the window it never had.
@@ -614,6 +627,31 @@ mod tests {
         );
         assert_eq!(gate_at(FREE, p0), (true, None));
         assert_eq!(gate_at(encode(PERIOD_NS, 0, 0), p0), (false, None));
+    }
+
+    #[test]
+    fn the_latest_window_end_is_found_across_the_period_boundary() {
+        let p0 = 7 * PERIOD_NS;
+        let first = encode(PERIOD_NS, 0, 15 * MS);
+        assert_eq!(latest_window_end(first, p0 + 20 * MS), p0 + 15 * MS);
+        let last = encode(PERIOD_NS, 35 * MS, 15 * MS);
+        assert_eq!(
+            latest_window_end(last, p0 + 2 * MS),
+            p0,
+            "held at the start of the next period: the window that just ended"
+        );
+        let middle = encode(PERIOD_NS, 10 * MS, 15 * MS);
+        assert_eq!(
+            latest_window_end(middle, p0 + 5 * MS),
+            p0 - PERIOD_NS + 25 * MS
+        );
+        assert_eq!(latest_window_end(middle, p0 + 30 * MS), p0 + 25 * MS);
+        let empty = encode(PERIOD_NS, 10 * MS, 0);
+        assert_eq!(
+            latest_window_end(empty, p0 + 12 * MS),
+            p0 + 10 * MS,
+            "an empty window too"
+        );
     }
 
     #[test]
