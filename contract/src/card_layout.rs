@@ -121,6 +121,9 @@ pub fn entry_offset(i: usize) -> u64 {
 /// An opened card file. Reads copy the whole file out; the only write is a slice's own entry.
 pub struct CardFile {
     file: File,
+    path: std::path::PathBuf,
+    /// Device and inode of the file opened, to notice when another file takes its name.
+    id: (u64, u64),
 }
 
 /// What a lock on an entry is for.
@@ -139,7 +142,20 @@ impl CardFile {
         let mut empty = vec![0u8; FILE_BYTES];
         empty[..HEADER_BYTES].copy_from_slice(&header());
         let file = crate::mapped::open_shared_file(dir, &format!("{uuid}.card"), &empty)?;
-        Ok(Self { file })
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            file,
+            path: dir.join(format!("{uuid}.card")),
+            id: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Whether the card's name still names the file opened (not removed, renamed over or replaced by a link).
+    /// Slices that opened different files would not see each other.
+    pub fn still_in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 
     /// A copy of the file as it is now, or why it is no card file (truncated, replaced, damaged).
@@ -351,6 +367,19 @@ mod tests {
         assert_eq!(late.join(entry(999, 1)), None);
         drop(holders);
         assert!(late.join(entry(999, 1)).is_some());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_put_in_the_cards_place_is_noticed() {
+        let d = dir();
+        let c = CardFile::open(&d, "GPU-w").unwrap();
+        assert!(c.still_in_place());
+        std::fs::rename(d.join("GPU-w.card"), d.join("moved")).unwrap();
+        std::fs::write(d.join("GPU-w.card"), b"x").unwrap();
+        assert!(!c.still_in_place());
+        std::fs::remove_file(d.join("GPU-w.card")).unwrap();
+        assert!(!c.still_in_place(), "removed");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

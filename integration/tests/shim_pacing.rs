@@ -610,7 +610,7 @@ fn a_symlink_in_place_of_the_card_is_not_followed() {
     let before = std::fs::read(&evil).unwrap();
     std::os::unix::fs::symlink(&evil, sim.card_dir().join(card_name(0))).unwrap();
     let mut n = Running::spawn(paced(&sim, "n", "30", "force").args(["-s", "2"]));
-    n.wait_line("second 0", WAIT);
+    n.wait_line("second 1", WAIT).expect("it runs");
     let after = std::fs::read(&evil).unwrap();
     File::options()
         .write(true)
@@ -704,5 +704,40 @@ fn launches_are_held_when_the_pacer_thread_cannot_start() {
         out.stderr.contains("cannot start the pacing thread"),
         "the thread was really refused: {}",
         out.stderr
+    );
+}
+
+/// A tenant moves the card file away and puts a fresh one in its place. A slice that kept using the file it had
+/// open would no longer see newcomers, and their windows would overlap: the running slice notices the new file
+/// at its name, joins it, and it and the newcomer keep their shares.
+#[test]
+fn a_card_file_replaced_under_a_running_slice_is_followed() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    let mut a = Running::spawn(
+        paced(&sim, "a", "30", "force")
+            .env("VGPU_LOG", "info")
+            .args(["-s", "3.5"]),
+    );
+    let card = wait_for_card(&sim);
+    a.wait_line("second 1", WAIT).expect("it runs");
+    std::fs::rename(&card, sim.dir().join("moved.card")).unwrap();
+    let fresh = sim.dir().join("fresh.card");
+    write_blank_card(&fresh);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::rename(&fresh, &card).unwrap();
+    let c = run(paced(&sim, "c", "30", "force").args(["-s", "2"]));
+    let a = a.finish();
+    assert_share("running slice at 30", busy(&a), base, 0.30, 0.06, &a);
+    assert_share("newcomer at 30", busy(&c), base, 0.30, 0.06, &c);
+    assert_eq!(
+        (0..ENTRIES).filter(|&i| entry_key(&card, i) != 0).count(),
+        2,
+        "both joined the file now at the card's name: {:?}\n{}\n{}",
+        (0..4).map(|i| entry_key(&card, i)).collect::<Vec<_>>(),
+        a.stderr,
+        c.stderr
     );
 }

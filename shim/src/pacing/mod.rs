@@ -476,7 +476,7 @@ impl Monitor {
             let dv = self.devices[dev].get_or_insert_with(|| {
                 let uuid = self.drv.uuid(dev).unwrap_or_else(|| format!("dev{dev}"));
                 Device {
-                    card: Membership::join(&p.cfg.card_dir, &uuid, entry(now)),
+                    card: Membership::join(&p.cfg.card_dir, &uuid, entry(now), now),
                     last_launches: 0,
                     last_throttled: 0,
                     last_period: own_period,

@@ -9,7 +9,7 @@
 //! once and paces alone at its own share.
 
 use crate::log;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use vgpu_contract::card_layout::{CardFile, Entry};
 use vgpu_contract::limits::{valid_pacing_period, CorePolicy};
 
@@ -27,7 +27,7 @@ pub struct Peer {
 }
 
 /// What one refresh saw: the believable peers, and this container's entry (None: pacing outside the table).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct View {
     pub peers: Vec<Peer>,
     pub me: Option<usize>,
@@ -103,76 +103,118 @@ pub fn period(own_ns: u64, peers: &[Peer]) -> u64 {
         .fold(own_ns, u64::min)
 }
 
+/// How often a slice pacing alone tries the card again (it may have been repaired or removed).
+pub const RETRY_NS: u64 = 1_000_000_000;
+
 /// This container's membership of one card.
 pub struct Membership {
+    dir: PathBuf,
     uuid: String,
+    key: u64,
     card: Option<CardFile>,
     me: Option<usize>,
-    key: u64,
     /// The card was unusable at the last refresh (said once per change).
     broken: bool,
     lie_reported: bool,
+    /// The others as last read from a whole card, and this container's entry then: while the card is
+    /// unusable the slice keeps its window where it was, instead of every slice falling back to the start of
+    /// the period on top of one another.
+    last_good: View,
+    next_retry: u64,
 }
 
 impl Membership {
     /// Opens the card of GPU `uuid` in `dir` and claims this container's entry, written as `mine`. Never fails:
-    /// a card that cannot be used leaves the slice pacing alone, with one message.
-    pub fn join(dir: &Path, uuid: &str, mine: Entry) -> Membership {
+    /// a card that cannot be used leaves the slice pacing alone (tried again every [`RETRY_NS`]), with one
+    /// message.
+    pub fn join(dir: &Path, uuid: &str, mine: Entry, now_ns: u64) -> Membership {
         let mut m = Membership {
+            dir: dir.to_path_buf(),
             uuid: uuid.to_string(),
+            key: mine.key,
             card: None,
             me: None,
-            key: mine.key,
             broken: false,
             lie_reported: false,
+            last_good: View::default(),
+            next_retry: now_ns + RETRY_NS,
         };
-        match CardFile::open(dir, uuid) {
+        m.open(mine);
+        m
+    }
+
+    fn open(&mut self, mine: Entry) {
+        match CardFile::open(&self.dir, &self.uuid) {
             Ok(card) => {
-                m.me = card.join(mine);
-                if m.me.is_none() {
+                self.me = card.join(mine);
+                if self.me.is_none() {
                     log::warn(&format!(
-                        "card {uuid}: every entry of the card file is held by another slice; this container paces at its own share without announcing itself"
+                        "card {}: every entry of the card file is held by another slice; this container paces at its own share without announcing itself",
+                        self.uuid
                     ));
                 }
-                m.card = Some(card);
+                self.card = Some(card);
             }
-            Err(e) => {
-                m.broken = true;
-                log::warn(&format!(
-                    "card directory: {e}; this container paces alone at its own share (ask the node's administrator to remove what is there)"
-                ));
-            }
+            Err(e) => self.report_broken(&format!(
+                "card directory: {e}; this container paces alone at its own share (ask the node's administrator to remove what is there)"
+            )),
         }
-        m
+    }
+
+    fn report_broken(&mut self, msg: &str) {
+        if !std::mem::replace(&mut self.broken, true) {
+            log::warn(msg);
+        }
+    }
+
+    /// What to pace by while the card is unusable: the last good view, every slice in it taken as active.
+    fn fallback(&self, now_ns: u64) -> View {
+        View {
+            peers: self
+                .last_good
+                .peers
+                .iter()
+                .map(|p| Peer {
+                    last_active_ns: now_ns,
+                    ..*p
+                })
+                .collect(),
+            me: self.last_good.me,
+        }
     }
 
     /// Writes this container's entry (`mine`, placed at its index) and reads the others.
     pub fn refresh(&mut self, mine: Entry, now_ns: u64) -> View {
+        if self.card.as_ref().is_some_and(|c| !c.still_in_place()) {
+            // Removed or replaced: slices opening the card from now on would not see this one. Follow them.
+            self.card = None;
+            self.me = None;
+            self.report_broken(&format!(
+                "card {}: the card file was removed or replaced; joining whatever is there now, at its own share meanwhile",
+                self.uuid
+            ));
+            self.next_retry = now_ns;
+        }
+        if self.card.is_none() && now_ns >= self.next_retry {
+            self.next_retry = now_ns + RETRY_NS;
+            self.open(mine);
+        }
         let Some(card) = &self.card else {
-            return View {
-                peers: Vec::new(),
-                me: None,
-            };
+            return self.fallback(now_ns);
         };
         let entries = match card.read() {
             Ok(e) => e,
             Err(why) => {
-                if !self.broken {
-                    self.broken = true;
-                    log::warn(&format!(
-                        "card {}: {why}; this container paces alone at its own share until the card file is whole again",
-                        self.uuid
-                    ));
-                }
-                return View {
-                    peers: Vec::new(),
-                    me: self.me,
-                };
+                let msg = format!(
+                    "card {}: {why}; this container keeps its window at its own share until the card file is whole again",
+                    self.uuid
+                );
+                self.report_broken(&msg);
+                return self.fallback(now_ns);
             }
         };
-        if self.broken {
-            self.broken = false;
-            log::info(&format!("card {}: whole again", self.uuid));
+        if std::mem::replace(&mut self.broken, false) {
+            log::info(&format!("card {}: usable again", self.uuid));
         }
         if let Some(i) = self.me {
             // Processes of one container share the entry: the latest activity any of them wrote stands, so an
@@ -206,6 +248,10 @@ impl Membership {
                 }
             },
         );
+        self.last_good = View {
+            peers: peers.clone(),
+            me: self.me,
+        };
         View { peers, me: self.me }
     }
 }
