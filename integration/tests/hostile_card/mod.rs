@@ -249,7 +249,10 @@ pub fn plant_at_temporary(cmd: &mut std::process::Command, dir: &Path, what: Pla
     }
 }
 
-/// Runs the child as uid/gid 65534 with at most one process of that user: it can start no thread.
+/// A uid and gid no account on the test machine uses: with RLIMIT_NPROC at 1, its only task is the child.
+const LONE_ID: u32 = 3_999_999;
+
+/// Runs the child as [`LONE_ID`] with at most one process of that user: it can start no thread.
 pub fn without_threads(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: setrlimit, setgroups, setgid and setuid are async-signal-safe system calls.
@@ -261,8 +264,8 @@ pub fn without_threads(cmd: &mut std::process::Command) {
             };
             if libc::setrlimit(libc::RLIMIT_NPROC, &one) != 0
                 || libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
+                || libc::setgid(LONE_ID) != 0
+                || libc::setuid(LONE_ID) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }

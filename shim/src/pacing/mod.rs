@@ -441,6 +441,8 @@ struct Monitor {
     drv: &'static dyn Driver,
     devices: Vec<Option<Device>>,
     next_tick: u64,
+    /// This container's identity on the cards, found once.
+    key: Option<u64>,
 }
 
 impl Monitor {
@@ -449,6 +451,7 @@ impl Monitor {
             drv,
             devices: (0..MAX_DEVICES).map(|_| None).collect(),
             next_tick: 0,
+            key: None,
         }
     }
 
@@ -457,6 +460,7 @@ impl Monitor {
         let Some(p) = process::get() else { return };
         let Some(share) = p.cfg.sm_limit else { return };
         let own_period = p.cfg.pacing_period_ns;
+        let key = *self.key.get_or_insert_with(|| container_key(p));
         for (dev, d) in DEVICES.iter().enumerate() {
             let launches = d.launches.load(Relaxed);
             let waiting = d.waiting.load(Relaxed) > 0;
@@ -465,7 +469,7 @@ impl Monitor {
             }
             let entry = |last_active_ns: u64| Entry {
                 index: 0,
-                key: container_key(p),
+                key,
                 share,
                 policy: p.cfg.policy.code(),
                 last_active_ns,
