@@ -9,6 +9,9 @@
 //! 24      8      SM limit in percent (0 = none) | policy code << 32   (as the creator saw them; informational)
 //! 64      8x16   memory limit per CUDA ordinal in bytes (0 = none; as the creator saw them; informational)
 //! 192     8x16   UUID hint per ordinal: first 8 bytes after "GPU-" as written by whoever resolved it (0 = unknown)
+//! 512     8x48   pacing debt per ordinal, 3 words each (the container's, shared by its processes; see
+//!                `report_overrun`): overrun record (window end, low 40 bits of its µs, << 24 | largest overrun
+//!                µs), debt ns still to pay, last payment (period index << 24 | µs paid out of that period)
 //! 4096           slot 0, then SLOT_BYTES per slot
 //!
 //! slot:
@@ -55,6 +58,10 @@ const H_HIGH_WATER: usize = 2;
 const H_SM: usize = 3;
 const H_LIMITS: usize = 64 / W;
 const H_UUIDS: usize = 192 / W;
+const H_PACING: usize = 512 / W;
+const P_OVERRUN: usize = 0;
+const P_DEBT: usize = 1;
+const P_PAID: usize = 2;
 const S_OWNER: usize = 0;
 const S_START: usize = 1;
 const S_PIDNS: usize = 2;
@@ -288,6 +295,68 @@ impl CacheRegion {
     pub fn set_uuid_hint(&self, dev: usize, hint: u64) {
         if dev < MAX_DEVICES {
             self.word(H_UUIDS + dev).store(hint, SeqCst);
+        }
+    }
+
+    fn pacing_word(&self, dev: usize, field: usize) -> &AtomicU64 {
+        self.word(H_PACING + dev.min(MAX_DEVICES - 1) * 3 + field)
+    }
+
+    /// Reports that a process's work on CUDA ordinal `dev` ran `ns` past the container's window that ended at
+    /// `end_ns`. The pacing debt is the container's, kept here and not in the card file (which every tenant on
+    /// the node can write): all of its processes launch in the same window, so all of them must be held back
+    /// while it is paid. They drain their queues at once, so the container owes the largest of their overruns
+    /// for a window, not their sum: reports for one window are kept as a maximum, which joins the debt (capped
+    /// at `cap_ns`) when the first report for a later window arrives.
+    pub fn report_overrun(&self, dev: usize, end_ns: u64, ns: u64, cap_ns: u64) {
+        let tag = (end_ns / 1000) & ((1 << 40) - 1);
+        let us = (ns / 1000).min(0xff_ffff);
+        let rec = self.pacing_word(dev, P_OVERRUN);
+        loop {
+            let cur = rec.load(SeqCst);
+            let (cur_tag, cur_us) = (cur >> 24, cur & 0xff_ffff);
+            if cur_tag == tag {
+                if us <= cur_us
+                    || rec
+                        .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
+                        .is_ok()
+                {
+                    return;
+                }
+            } else if cur_tag > tag {
+                return; // a report for a window already closed out
+            } else if rec
+                .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
+                .is_ok()
+            {
+                let owed = cur_us * 1000;
+                let _ = self
+                    .pacing_word(dev, P_DEBT)
+                    .fetch_update(SeqCst, SeqCst, |d| {
+                        Some((d.saturating_add(owed)).min(cap_ns))
+                    });
+                return;
+            }
+        }
+    }
+
+    /// What period `period`'s window of `len_ns` on ordinal `dev` gives up to the container's debt: paid once
+    /// per period by the first process to ask, the same answer for every other. Never more than `len_ns`.
+    pub fn pay_debt(&self, dev: usize, period: u64, len_ns: u64) -> u64 {
+        let paid = self.pacing_word(dev, P_PAID);
+        loop {
+            let cur = paid.load(SeqCst);
+            if cur >> 24 == period & ((1 << 40) - 1) {
+                return ((cur & 0xff_ffff) * 1000).min(len_ns);
+            }
+            let debt = self.pacing_word(dev, P_DEBT);
+            let pay_us = (debt.load(SeqCst).min(len_ns) / 1000).min(0xff_ffff);
+            let next = ((period & ((1 << 40) - 1)) << 24) | pay_us;
+            if paid.compare_exchange(cur, next, SeqCst, SeqCst).is_ok() {
+                let _ =
+                    debt.fetch_update(SeqCst, SeqCst, |d| Some(d.saturating_sub(pay_us * 1000)));
+                return pay_us * 1000;
+            }
         }
     }
 
@@ -662,5 +731,39 @@ mod tests {
             !pid_alive(me, t + 1),
             "a reused pid is not the same process"
         );
+    }
+
+    #[test]
+    fn pacing_debt_is_paid_once_per_period_for_the_whole_container() {
+        let c = CacheRegion::private(&HeaderInfo::default());
+        // Two processes report on window 1 (the larger counts), then a report on window 2 closes window 1 out.
+        c.report_overrun(0, 1_000_000_000, 8_000_000, 50_000_000);
+        c.report_overrun(0, 1_000_000_000, 3_000_000, 50_000_000);
+        assert_eq!(
+            c.pay_debt(0, 9, 5_000_000),
+            0,
+            "nothing owed until the window is closed out"
+        );
+        c.report_overrun(0, 1_050_000_000, 1_000, 50_000_000);
+        assert_eq!(
+            c.pay_debt(0, 10, 5_000_000),
+            5_000_000,
+            "a window pays at most its length"
+        );
+        assert_eq!(
+            c.pay_debt(0, 10, 5_000_000),
+            5_000_000,
+            "a second process sees the same payment"
+        );
+        assert_eq!(
+            c.pay_debt(0, 11, 5_000_000),
+            3_000_000,
+            "the rest next period"
+        );
+        assert_eq!(c.pay_debt(0, 12, 5_000_000), 0);
+        assert_eq!(c.pay_debt(1, 12, 5_000_000), 0, "each device its own");
+        c.report_overrun(0, 1_100_000_000, 80_000_000, 50_000_000);
+        c.report_overrun(0, 1_150_000_000, 0, 50_000_000);
+        assert_eq!(c.pay_debt(0, 13, 60_000_000), 50_000_000, "capped");
     }
 }
