@@ -1,14 +1,8 @@
 //! vgpu-agent: the node agent. `exec` runs a command in a slice on this host; `run` is the agent itself;
 //! `status` shows what the agent (or the cache files alone) knows.
 
-mod ebpf;
-mod exec;
-mod gpus;
-mod ledger;
-mod observe;
-mod run;
-
 use clap::{Parser, Subcommand};
+use vgpu_agent::{ebpf, exec, observe, run};
 
 #[derive(Parser)]
 #[command(name = "vgpu-agent", version, about = "vgpu node agent")]
