@@ -401,7 +401,7 @@ async fn patch_node(
     let patch: Value = serde_json::from_slice(&body).unwrap();
     let mut db = api.db.lock().unwrap();
     db.writes
-        .push(("PATCH".into(), uri.path().to_string(), patch.clone()));
+        .push(("PATCH".into(), uri.to_string(), patch.clone()));
     let Some(mut node) = db.nodes.get(&name).cloned() else {
         return status(
             StatusCode::NOT_FOUND,
