@@ -145,7 +145,7 @@ async fn a_stale_register_and_handshake_are_overwritten_at_start() {
         .api
         .writes()
         .into_iter()
-        .find(|(_, p, _)| p.ends_with(&format!("/nodes/{NODE}")))
+        .find(|(_, p, _)| p.contains(&format!("/nodes/{NODE}?")))
         .unwrap();
     assert_eq!(patch.0, "PATCH");
     assert!(patch.1.contains("fieldManager=vgpu-agent"), "{}", patch.1);
