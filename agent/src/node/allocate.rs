@@ -574,3 +574,265 @@ async fn list_node_pods(node: &Node) -> Result<Vec<Arc<Pod>>, kube::Error> {
         .map(Arc::new)
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    const KEY: &[u8] = b"k";
+
+    fn card(uuid: &str) -> Card {
+        Card {
+            uuid: uuid.into(),
+            index: 0,
+            name: "T4".into(),
+            memory_mib: 15360,
+            numa: 0,
+            healthy: true,
+            reason: None,
+        }
+    }
+
+    /// A pod on n1 with containers asking for `gpus`, sealed over `devices` unless `seal` is false.
+    fn pod(gpus: &[u64], devices: &str, seal: bool, extra: serde_json::Value) -> Arc<Pod> {
+        let containers: Vec<_> = gpus
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                serde_json::json!({"name": format!("c{i}"),
+                "resources": {"limits": {"nvidia.com/gpu": n.to_string()}}})
+            })
+            .collect();
+        let mut a = serde_json::json!({
+            "hami.io/vgpu-node": "n1", "hami.io/bind-time": "7", "hami.io/bind-phase": "allocating",
+            "hami.io/vgpu-devices-to-allocate": devices, "vgpu.io/devices-sealed": devices,
+        });
+        if seal {
+            a["vgpu.io/placement-seal"] = placement_seal::seal(
+                KEY,
+                &placement_seal::Placement {
+                    pod_uid: "u",
+                    namespace: "ns",
+                    name: "p",
+                    node: "n1",
+                    devices,
+                    bind_time: "7",
+                },
+            )
+            .into();
+        }
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            a[k] = v.clone();
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "u", "annotations": a},
+                "spec": {"nodeName": "n1", "containers": containers}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn never(_: &str, _: usize) -> bool {
+        false
+    }
+
+    fn verdict(p: &Arc<Pod>, n: usize) -> Verdict {
+        judge(p, "n1", KEY, &[card("GPU-a"), card("GPU-b")], n, &never)
+    }
+
+    fn refused(v: Verdict) -> String {
+        match v {
+            Verdict::Refused(r) => r,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sealed_placement_is_a_candidate_for_its_own_count_only() {
+        let p = pod(
+            &[1, 2],
+            "GPU-a,NVIDIA,100,0:;GPU-a,NVIDIA,100,0:GPU-b,NVIDIA,100,0:;",
+            true,
+            serde_json::json!({}),
+        );
+        let Verdict::Candidate(c) = verdict(&p, 1) else {
+            panic!()
+        };
+        assert_eq!((c.index, c.container.as_str()), (0, "c0"));
+        assert!(
+            matches!(verdict(&p, 2), Verdict::NotNow),
+            "its next container has 1 GPU"
+        );
+        let served = |_: &str, i: usize| i == 0;
+        let Verdict::Candidate(c) =
+            judge(&p, "n1", KEY, &[card("GPU-a"), card("GPU-b")], 2, &served)
+        else {
+            panic!()
+        };
+        assert_eq!((c.index, c.devices.len()), (1, 2));
+    }
+
+    #[test]
+    fn unsealed_or_altered_placements_are_refused_with_the_reason() {
+        let d = "GPU-a,NVIDIA,100,0:;";
+        assert!(
+            refused(verdict(&pod(&[1], d, false, serde_json::json!({})), 1))
+                .contains("no placement sealed")
+        );
+        let raised = pod(
+            &[1],
+            d,
+            true,
+            serde_json::json!({"vgpu.io/devices-sealed": "GPU-a,NVIDIA,9999,0:;"}),
+        );
+        assert!(refused(verdict(&raised, 1)).contains("does not verify"));
+        let moved = pod(
+            &[1],
+            d,
+            true,
+            serde_json::json!({"hami.io/vgpu-node": "n2"}),
+        );
+        assert!(refused(verdict(&moved, 1)).contains("names node \"n2\""));
+        let edited = pod(
+            &[1],
+            d,
+            true,
+            serde_json::json!({"hami.io/vgpu-devices-to-allocate": "GPU-b,NVIDIA,100,0:;"}),
+        );
+        assert!(refused(verdict(&edited, 1)).contains("no longer matches"));
+        let policy = {
+            let p = pod(&[1], d, true, serde_json::json!({}));
+            let mut p = (*p).clone();
+            p.spec.as_mut().unwrap().containers[0].env =
+                Some(vec![k8s_openapi::api::core::v1::EnvVar {
+                    name: "GPU_CORE_UTILIZATION_POLICY".into(),
+                    value: Some("turbo".into()),
+                    ..Default::default()
+                }]);
+            Arc::new(p)
+        };
+        assert!(refused(verdict(&policy, 1)).contains("use default, force or disable"));
+    }
+
+    #[test]
+    fn a_placement_on_a_card_this_node_lacks_or_with_the_wrong_count_is_refused() {
+        let other = pod(&[1], "GPU-zz,NVIDIA,100,0:;", true, serde_json::json!({}));
+        assert!(refused(verdict(&other, 1)).contains("GPU-zz"));
+        let short = pod(&[2], "GPU-a,NVIDIA,100,0:;", true, serde_json::json!({}));
+        assert!(refused(verdict(&short, 1))
+            .contains("asks for 2 GPU(s) but its sealed placement has 1"));
+    }
+
+    #[test]
+    fn finished_or_failed_pods_are_not_ours() {
+        let d = "GPU-a,NVIDIA,100,0:;";
+        for phase in ["success", "failed"] {
+            let p = pod(
+                &[1],
+                d,
+                false,
+                serde_json::json!({"hami.io/bind-phase": phase}),
+            );
+            assert!(matches!(verdict(&p, 1), Verdict::NotOurs), "{phase}");
+        }
+    }
+
+    #[test]
+    fn progress_keeps_one_entry_per_container() {
+        let sealed = PodDevices::decode(";GPU-a,NVIDIA,100,0:;GPU-b,NVIDIA,200,10:;").unwrap();
+        let p = progress(&sealed, &sealed, 1, true);
+        assert_eq!(
+            p[ann::DEVICES_TO_ALLOCATE].as_deref(),
+            Some(";;GPU-b,NVIDIA,200,10:;")
+        );
+        assert_eq!(
+            p[ann::DEVICES_ALLOCATED].as_deref(),
+            Some(";GPU-a,NVIDIA,100,0:;;")
+        );
+        assert_eq!(p[ann::BIND_PHASE].as_deref(), Some("allocating"));
+        let half = PodDevices::decode(";;GPU-b,NVIDIA,200,10:;").unwrap();
+        let p = progress(&sealed, &half, 2, true);
+        assert_eq!(p[ann::DEVICES_TO_ALLOCATE].as_deref(), Some(";;;"));
+        assert_eq!(
+            p[ann::DEVICES_ALLOCATED].as_deref(),
+            Some(sealed.encode().as_str())
+        );
+        assert_eq!(p[ann::BIND_PHASE].as_deref(), Some("success"));
+        // Given back: the entry returns, the phase is allocating again.
+        let done = PodDevices::decode(";;;").unwrap();
+        let p = progress(&sealed, &done, 1, false);
+        assert_eq!(
+            p[ann::DEVICES_TO_ALLOCATE].as_deref(),
+            Some(";GPU-a,NVIDIA,100,0:;;")
+        );
+        assert_eq!(
+            p[ann::DEVICES_ALLOCATED].as_deref(),
+            Some(";;GPU-b,NVIDIA,200,10:;")
+        );
+        assert_eq!(p[ann::BIND_PHASE].as_deref(), Some("allocating"));
+    }
+
+    #[test]
+    fn the_answer_sets_hamis_environment_and_the_container_directory() {
+        let devs = [
+            ContainerDevice::nvidia("GPU-a", 4000, 30),
+            ContainerDevice::nvidia("GPU-b", 2000, 30),
+        ];
+        let over = NodeConfig {
+            device_memory_scaling: 1.5,
+            ..NodeConfig::default()
+        };
+        let s = settings(&devs, CorePolicy::Force, &over);
+        let env: Vec<(&str, &str)> = s.0.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            env,
+            [
+                ("NVIDIA_VISIBLE_DEVICES", "GPU-a,GPU-b"),
+                ("CUDA_DEVICE_MEMORY_LIMIT_0", "4000m"),
+                ("CUDA_DEVICE_MEMORY_LIMIT_1", "2000m"),
+                ("CUDA_DEVICE_SM_LIMIT", "30"),
+                (
+                    "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+                    "/usr/local/vgpu/vgpu.cache"
+                ),
+                ("GPU_CORE_UTILIZATION_POLICY", "force"),
+                ("CUDA_OVERSUBSCRIBE", "true"),
+            ]
+        );
+        let plain = settings(&devs[..1], CorePolicy::Default, &NodeConfig::default());
+        assert!(plain.0.iter().all(|(k, _)| k != "CUDA_OVERSUBSCRIBE"));
+        assert_eq!(
+            limits_lines(&plain).0.last().unwrap(),
+            &(
+                "VGPU_CARD_DIR".to_string(),
+                "/var/run/vgpu/cards".to_string()
+            )
+        );
+        let paths = Paths {
+            containers_dir: PathBuf::from("/c"),
+            shim_lib: PathBuf::from("/opt/libvgpu.so"),
+            card_dir: PathBuf::from("/var/run/vgpu/cards"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        };
+        let dir = ContainerDir::path(&paths.containers_dir, "u", "app").unwrap();
+        let r = answer(&plain, &dir, &paths);
+        assert_eq!(r.envs.len(), plain.0.len());
+        let m: Vec<_> = r
+            .mounts
+            .iter()
+            .map(|m| (m.container_path.as_str(), m.host_path.as_str(), m.read_only))
+            .collect();
+        assert_eq!(
+            m,
+            [
+                ("/usr/local/vgpu/limits", "/c/u_app/limits", true),
+                ("/usr/local/vgpu/libvgpu.so", "/opt/libvgpu.so", true),
+                ("/etc/ld.so.preload", "/c/u_app/ld.so.preload", true),
+                ("/usr/local/vgpu/vgpu.cache", "/c/u_app/vgpu.cache", false),
+                ("/var/run/vgpu/cards", "/var/run/vgpu/cards", false),
+            ]
+        );
+    }
+}
