@@ -16,7 +16,7 @@ enum Cmd {
     /// Run a command in a GPU slice on this host, without Kubernetes.
     Exec(exec::ExecArgs),
     /// Run the agent: eBPF host view of every container, cache mirror, policy, status socket, metrics.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Show per GPU and per container what the agent sees (or the cache files alone, with no agent).
     Status(observe::status::StatusArgs),
     /// Remove the agent's pinned probes and maps from bpffs (uninstall: the probes detach).
@@ -27,7 +27,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Exec(args) => exec::run(args),
-        Cmd::Run(args) => run::run(args),
+        Cmd::Run(args) => run::run(*args),
         Cmd::Status(args) => observe::status::run(args),
         Cmd::Unpin(args) => ebpf::pins::unpin(args),
     };

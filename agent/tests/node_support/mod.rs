@@ -539,7 +539,10 @@ impl Drop for KubeletRegistration {
 
 /// The kubelet's PodResources record: (namespace, pod, container, device IDs).
 #[derive(Clone, Default)]
-pub struct Record(pub Arc<Mutex<Vec<(String, String, String, Vec<String>)>>>);
+pub struct Record(pub Arc<Mutex<Vec<Assigned>>>);
+
+/// (namespace, pod, container, device IDs).
+type Assigned = (String, String, String, Vec<String>);
 
 impl Record {
     pub fn assign(&self, pod: &str, container: &str, ids: &[&str]) {
