@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 
@@ -24,6 +24,9 @@ pub struct RunArgs {
     /// Run without Kubernetes (no kubelet, no API server): the host view, status and metrics only.
     #[arg(long)]
     pub standalone: bool,
+    /// The Kubernetes node side (ignored with --standalone).
+    #[command(flatten)]
+    pub node: crate::node::NodeArgs,
     /// What to do about a container past its limit.
     #[arg(long, value_enum, default_value = "report")]
     pub policy: Policy,
@@ -119,9 +122,6 @@ fn rescan_libcuda(state: &mut State, probes: &mut Probes) -> Vec<u32> {
 }
 
 async fn serve(args: RunArgs) -> Result<()> {
-    if !args.standalone {
-        bail!("only --standalone is available in this build: the Kubernetes side (device plugin, registration) is not part of it yet");
-    }
     // Two agents on one node would split the pinned ring buffer's events between them and each see half.
     let _lock = one_agent(&args.state_file, Duration::from_secs(30))?;
     let pins = if args.pin_dir.as_os_str() == "off" {
@@ -249,6 +249,12 @@ async fn serve(args: RunArgs) -> Result<()> {
         });
     }
 
+    let kubernetes = if args.standalone {
+        None
+    } else {
+        Some(start_kubernetes(&args, &shared).await?)
+    };
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -256,6 +262,9 @@ async fn serve(args: RunArgs) -> Result<()> {
     }
     // Events not read by now stay in the ring buffer for the successor (pinned) and must not be half
     // applied here: stop reading before the ledger is saved. The reader stops only between batches.
+    if let Some(k) = kubernetes {
+        stop_kubernetes(k).await;
+    }
     events_task.abort();
     let _ = events_task.await;
     // With pinned links nothing is left to hold; links that could not be pinned are held by a child, for a
@@ -282,6 +291,43 @@ async fn serve(args: RunArgs) -> Result<()> {
         None => tracing::info!("stopped"),
     }
     Ok(())
+}
+
+/// Kubernetes mode: the device plugin, the node's registration and Allocate (`crate::node`).
+async fn start_kubernetes(args: &RunArgs, _shared: &Shared) -> Result<crate::node::Running> {
+    let cgroup_root = args
+        .cgroup_root
+        .clone()
+        .unwrap_or_else(crate::ledger::cgroups::cgroup2_mount);
+    crate::node::start(&args.node, cgroup_root, Arc::new(LogBinder))
+        .await
+        .context("starting the Kubernetes node side")
+}
+
+async fn stop_kubernetes(k: crate::node::Running) {
+    let _ = k.shutdown.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), k.plugin).await;
+}
+
+/// Interim binder: the ledger's binding API (`ledger/bindings.rs`) replaces it at merge; until then a
+/// confirmed container is only logged, and the ledger attributes it by its processes as in standalone mode.
+struct LogBinder;
+
+impl crate::node::bind::ContainerBinder for LogBinder {
+    fn bind(&self, b: crate::node::bind::Binding) {
+        tracing::info!(
+            "confirmed {}/{} container {:?}: cgroup {}, cache {}, limits {:?}, sm {} ({}), from the {}",
+            b.pod.namespace,
+            b.pod.name,
+            b.pod.container,
+            b.cgroup,
+            b.cache_path.display(),
+            b.limits,
+            b.sm_limit,
+            b.policy,
+            b.source
+        );
+    }
 }
 
 pub fn snapshot(shared: &Shared) -> Report {
