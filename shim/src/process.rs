@@ -49,6 +49,12 @@ pub fn get() -> Option<&'static Process> {
     init()
 }
 
+/// Whether kernel launches are refused: the agent revoked this container's slice. A launch needs a context,
+/// and creating one goes through a hook, so this never is the call that reads the config.
+pub fn launches_refused() -> bool {
+    get().is_some_and(|p| p.cfg.revoked.is_some())
+}
+
 /// This process's state only if something already created it (frees and queries of untouched processes).
 pub fn existing() -> Option<&'static Process> {
     let p = PROCESS.load(Acquire);
@@ -290,7 +296,7 @@ mod tests {
     fn proc_with(limit_mib: u64) -> Process {
         let (cfg, _) = config::resolve(
             &|k| (k == "CUDA_DEVICE_MEMORY_LIMIT_0").then(|| format!("{limit_mib}m")),
-            None,
+            config::LimitsFile::Absent,
         );
         Process::new(cfg)
     }

@@ -373,6 +373,10 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
 /// whole context (about 500 MiB for PyTorch on an H100) before its first allocation.
 fn context_admitted(dev: CUdevice, what: &str) -> bool {
     let Some(p) = process::get() else { return true };
+    if let Some(why) = &p.cfg.revoked {
+        log::error(&format!("{what} refused: {why}"));
+        return false;
+    }
     let Some(dev) = usize::try_from(dev).ok().filter(|d| *d < MAX_DEVICES) else {
         return true;
     };
