@@ -555,7 +555,10 @@ fn unreadable_or_damaged_limits_file_refuses_every_allocation() {
     );
     for (file, message) in [
         (&unreadable, "unreadable (Is a directory"),
-        (&no_equals, "damaged (\"CUDA_DEVICE_MEMORY_LIMIT_0\": limits file line is not NAME=value)"),
+        (
+            &no_equals,
+            "damaged (\"CUDA_DEVICE_MEMORY_LIMIT_0\": limits file line is not NAME=value)",
+        ),
         (&bad_value, "lots"),
     ] {
         for env in [&[][..], &[("CUDA_DISABLE_CONTROL", "true")][..]] {
@@ -968,4 +971,111 @@ fn a_revoked_limits_file_refuses_contexts_and_allocations() {
         );
     }
     assert_eq!(sim.smi_memory(0), (0, 16384), "nothing was allocated");
+}
+
+/// `cmd` as the only process tree of a new pid namespace with its own /proc (`unshare --pid --fork
+/// --mount-proc`), as a pod without hostPID runs. The outer /proc stays reachable at `host_proc` for the
+/// simulated driver, which (like the kernel driver) must know the host's pid of each process.
+fn in_pid_namespace(cmd: &Command, host_proc: &Path) -> Command {
+    std::fs::create_dir_all(host_proc).unwrap();
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind /proc \"$0\" && exec unshare --pid --fork --mount-proc \"$@\"")
+        .arg(host_proc)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.env("VGPU_SIM_HOST_PROC", host_proc);
+    c
+}
+
+/// The agent's translation, done here from the test's (host's) view: the host pid of the process that is `pid`
+/// in the pid namespace with inode `pid_ns`.
+fn host_pid_of(pid_ns: u64, pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let host: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let ns = std::fs::metadata(format!("/proc/{host}/ns/pid"))
+            .ok()?
+            .ino();
+        let status = std::fs::read_to_string(format!("/proc/{host}/status")).ok()?;
+        let inner: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))?
+            .split_whitespace()
+            .last()?
+            .parse()
+            .ok()?;
+        (ns == pid_ns && inner == pid).then_some(host)
+    })
+}
+
+/// issue 15: the CUDA context is charged inside a pid namespace whichever pids NVML names. With a 700 MiB
+/// context the lab loop stops at 3072 MiB outside; inside, with a driver naming host pids, the shim found no
+/// entry of its own and went on to 3584 (the context uncharged). Now the agent records each slot's host pid
+/// (here the test plays the agent, with the same contract call) and the shim matches NVML by either pid.
+#[test]
+fn the_context_is_charged_inside_a_pid_namespace() {
+    if !can_mount("the_context_is_charged_inside_a_pid_namespace") {
+        return;
+    }
+    for mode in ["namespace", "host"] {
+        let sim = Sim::new().context_mib(700);
+        let outside = run(capped(&sim, "cuda_oom", "outside").env("VGPU_SIM_NVML_PIDS", mode));
+        outside.assert_ok();
+        assert_eq!(outside.hit_limit(), Some((3072, 2)), "{mode}: {outside:#?}");
+
+        let go = sim.dir().join("go");
+        let container = format!("inside-{mode}");
+        let mut c = capped(&sim, "cuda_oom", &container);
+        c.env("VGPU_SIM_NVML_PIDS", mode)
+            .args(["-W", go.to_str().unwrap()]);
+        let mut inside = Running::spawn(&mut in_pid_namespace(&c, &sim.dir().join("host-proc")));
+        inside
+            .wait_line("Waiting for", WAIT)
+            .expect("context created");
+        let slots = sim.cache_slots(&container);
+        assert_eq!(slots.len(), 1, "{slots:?}");
+        let slot = &slots[0];
+        assert!(slot.pid < 10, "namespaced pid: {slot:?}");
+        let host = host_pid_of(slot.pid_ns, slot.pid).expect("the process is found from the host");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(sim.cache_path(&container))
+            .unwrap();
+        assert!(vgpu_contract::cache_layout::write_host_pid(
+            &file,
+            slot.index,
+            slot.pid,
+            slot.start_time,
+            host
+        )
+        .unwrap());
+        write(&go, b"");
+        let out = inside.finish();
+        out.assert_ok();
+        assert_eq!(
+            out.hit_limit(),
+            outside.hit_limit(),
+            "{mode}: the loop stops at the same MiB inside: {out:#?}"
+        );
+        assert_eq!(
+            out.oom_lines(),
+            vec![(0, (700 + 7 * 512) * MIB, LIMIT)],
+            "{mode}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr
+                .contains("734003200 of them this process's CUDA context"),
+            "{mode}: {}",
+            out.stderr
+        );
+    }
 }

@@ -163,6 +163,11 @@ impl Process {
         }
     }
 
+    /// This process's pid on the host, when the agent has recorded it in our slot.
+    pub fn host_pid(&self) -> Option<u32> {
+        self.region.host_pid(self.slot)
+    }
+
     pub fn limit(&self, dev: usize) -> Option<u64> {
         self.cfg.memory.get(dev).and_then(|l| l.bytes())
     }
