@@ -1079,3 +1079,86 @@ fn the_context_is_charged_inside_a_pid_namespace() {
         );
     }
 }
+
+/// The MiB after `<kind> <step> rc=R used=` in `out`, with R.
+fn reserve_line(out: &vgpu_integration::Out, kind: &str, step: &str) -> (i32, u64) {
+    let prefix = format!("{kind} {step} rc=");
+    let l = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line: {out:#?}"));
+    let (rc, used) = l.split_once(" used=").unwrap();
+    (
+        rc.parse().unwrap(),
+        used.trim_end_matches(" MiB").parse().unwrap(),
+    )
+}
+
+/// issue 16 item 8: context limits, graph memory nodes, module globals and pools that keep memory are charged
+/// (and uncharged when given back), through each way a program finds the driver, and refused past the slice.
+/// Before, each reserve past the slice went through (rc=0, the card has 16 GiB) and showed up only later as
+/// "context".
+#[test]
+fn reserves_outside_allocation_calls_are_charged_and_refused() {
+    let sim = Sim::new();
+    // Stack: 1024 MiB over the resident threads (132 SMs x 2048), beyond the 1 KiB default.
+    let threads = 132 * 2048;
+    let stack = (1024 * MIB / threads) * threads - 1024 * threads;
+    let fits = [
+        ("heap", 300 + 1024 - 8),
+        ("fifo", 300 + 1024 - 1),
+        ("stack", (300 * MIB + stack) >> 20),
+        ("graph", 300 + 1024),
+        ("module", 300 + 1024),
+        ("library", 300 + 1024),
+        ("pool", 300 + 1024),
+    ];
+    for mode in ["proc", "dlsym", "ptsz"] {
+        for (kind, used) in fits {
+            let out = run(capped(&sim, "cuda_reserves_dl", kind).args(["-m", mode, "-k", kind]));
+            out.assert_ok();
+            assert_eq!(
+                reserve_line(&out, kind, "reserve"),
+                (0, used),
+                "{mode} {kind}: {out:#?}"
+            );
+            assert_eq!(
+                reserve_line(&out, kind, "release"),
+                (0, 300),
+                "{mode} {kind}: {out:#?}"
+            );
+            assert!(out.oom_lines().is_empty(), "{mode} {kind}: {}", out.stderr);
+        }
+    }
+    for (kind, what) in [
+        ("heap", "cuCtxSetLimit"),
+        ("stack", "cuCtxSetLimit"),
+        ("graph", "cuGraphInstantiateWithFlags"),
+        ("module", "cuModuleLoadData"),
+        ("library", "cuLibraryLoadData"),
+    ] {
+        let out = run(capped(&sim, "cuda_reserves_dl", kind).args(["-k", kind, "-s", "4096"]));
+        out.assert_ok();
+        let (rc, used) = reserve_line(&out, kind, "reserve");
+        assert_eq!((rc, used), (2, 300), "{kind}: {out:#?}");
+        assert_eq!(out.oom_lines().len(), 1, "{kind}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!(": {what} of ")),
+            "{kind}: {}",
+            out.stderr
+        );
+    }
+    // Memory freed into a pool that keeps it stays charged: a second pool cannot take the slice again.
+    let out = run(capped(&sim, "cuda_reserves_dl", "pool2").args(["-k", "pool2", "-s", "3000"]));
+    out.assert_ok();
+    assert!(out.stdout.contains("pool2 second rc=2"), "{out:#?}");
+    assert_eq!(reserve_line(&out, "pool2", "reserve"), (0, 3300));
+    assert_eq!(
+        out.oom_lines(),
+        vec![(0, 6300 * MIB, LIMIT)],
+        "{}",
+        out.stderr
+    );
+    assert_eq!(sim.smi_memory(0), (0, 16384), "everything was given back");
+}

@@ -78,7 +78,11 @@ fn nvml_handle(dev: usize) -> Option<*mut c_void> {
 /// us it, else the one named by our own `pid`. The host pid goes first: inside a pid namespace our own pid is a
 /// small number a host process may also have.
 pub fn pick_own_entry(list: &[NvmlProcessInfo], pid: u32, host_pid: Option<u32>) -> Option<u64> {
-    let by = |want: u32| list.iter().find(|p| p.pid == want).map(|p| p.used_gpu_memory);
+    let by = |want: u32| {
+        list.iter()
+            .find(|p| p.pid == want)
+            .map(|p| p.used_gpu_memory)
+    };
     host_pid.and_then(by).or_else(|| by(pid))
 }
 
