@@ -91,6 +91,7 @@ hook_table! {
     Cuda: reserves::cuGraphAddMemAllocNode,
     Cuda: reserves::cuGraphDestroy,
     Cuda: reserves::cuGraphInstantiateWithFlags,
+    Cuda: reserves::cuGraphInstantiate,
     Cuda: reserves::cuGraphInstantiate_v2,
     Cuda: reserves::cuGraphInstantiateWithParams,
     Cuda: reserves::cuGraphInstantiateWithParams_ptsz,

@@ -319,6 +319,37 @@ pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
     unsafe { guarded_instantiate(graph, exec, "cuGraphInstantiateWithFlags", call) }
 }
 
+/// The CUDA 10 entry point (same arguments as `_v2`), still exported for programs built against it.
+///
+/// # Safety
+/// As cuda.h.
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiate(
+    exec: *mut *mut c_void,
+    graph: *mut c_void,
+    err_node: *mut *mut c_void,
+    log: *mut c_char,
+    log_size: usize,
+) -> CUresult {
+    type F = unsafe extern "C" fn(
+        *mut *mut c_void,
+        *mut c_void,
+        *mut *mut c_void,
+        *mut c_char,
+        usize,
+    ) -> CUresult;
+    let call = || {
+        call_real!(
+            r::cuGraphInstantiate,
+            F,
+            CU_MISSING,
+            (exec, graph, err_node, log, log_size)
+        )
+    };
+    // SAFETY: exec is the caller's out-pointer, as cuda.h requires.
+    unsafe { guarded_instantiate(graph, exec, "cuGraphInstantiate", call) }
+}
+
 /// # Safety
 /// As cuda.h.
 #[no_mangle]
