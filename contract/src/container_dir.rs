@@ -15,11 +15,17 @@
 //! **The limits file is the root of trust.** Allocate creates it *empty* (a bind mount needs the file to exist
 //! when the container is created) and fills it in place (same inode, so the read-only bind sees it) only once
 //! the kubelet's own record (PodResources) confirms which pod and container hold the devices. Its lines are the
-//! environment's `NAME=value` keys ([`crate::env`]) plus [`LIMITS_STATE`]. The shim reads it as follows:
+//! environment's `NAME=value` keys ([`crate::env`]) plus [`LIMITS_STATE`], written with [`render_limits`] and
+//! read with [`limits_state`]. Whenever anything is at [`CONTAINER_LIMITS`], it is the file (the
+//! `VGPU_LIMITS_FILE` variable only names one off Kubernetes). The shim reads it as follows:
 //! - file absent: not under Kubernetes; the environment is the contract (HAMi's behaviour).
 //! - empty, or no [`LIMITS_STATE`] line yet: pending; wait up to [`PENDING_WAIT_MS`], then refuse every
 //!   allocation with a clear message (fail closed).
-//! - `VGPU_LIMITS_STATE=ready`: the values are the ceiling; the environment may only lower them.
+//! - `VGPU_LIMITS_STATE=ready`: the values are the ceiling; the environment may only tighten them (memory and
+//!   share lower, policy towards force, period shorter); the cache file and card directory are the file's
+//!   (without a cache line: [`CACHE_NAME`] beside the limits file; without a card line: the default). Every
+//!   value the file names must parse, and a second state line or an unknown state is a damaged file: both
+//!   refuse every allocation.
 //! - `VGPU_LIMITS_STATE=revoked`: the container is not on its own devices (or its pod was refused): refuse
 //!   every allocation and launch, and log the `VGPU_LIMITS_REASON` line.
 
