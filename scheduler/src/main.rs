@@ -50,6 +50,13 @@ struct ServeArgs {
     /// The schedulerName the webhook gives vGPU pods (the KubeSchedulerConfiguration profile).
     #[arg(long, default_value = "vgpu-scheduler")]
     scheduler_name: String,
+    /// The username (as the API server authenticates it) of this extender's service account: the
+    /// webhook lets it alone write hami.io/* and vgpu.io/* pod metadata, with --agent-user.
+    #[arg(long, default_value = vgpu_scheduler::webhook::Writers::DEFAULT_SCHEDULER, value_parser = parse_username)]
+    scheduler_user: String,
+    /// The username of the node agents' service account (they record Allocate on the pod).
+    #[arg(long, default_value = vgpu_scheduler::webhook::Writers::DEFAULT_AGENT, value_parser = parse_username)]
+    agent_user: String,
     /// Seconds a filter's reservation waits for its bind before it is given back.
     #[arg(long, default_value_t = 120)]
     reservation_ttl: u64,
@@ -84,6 +91,15 @@ impl PlacementArgs {
 fn parse_policy(s: &str) -> Result<Policy, String> {
     s.parse()
         .map_err(|e: vgpu_scheduler::placement::policy::UnknownPolicy| e.to_string())
+}
+
+fn parse_username(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() || s.trim() != s {
+        return Err(format!(
+            "{s:?} is not a username: give it as the API server names it, e.g. system:serviceaccount:vgpu-system:vgpu-scheduler"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_default_memory(s: &str) -> Result<DefaultMemory, String> {
@@ -141,6 +157,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let tls = vgpu_scheduler::webhook::tls::server_config(&cert, &key)?;
             let st = Arc::new(WebhookState {
                 scheduler_name: args.scheduler_name,
+                writers: vgpu_scheduler::webhook::Writers {
+                    scheduler: args.scheduler_user,
+                    agent: args.agent_user,
+                },
                 limits: Box::new({
                     let ext = ext.clone();
                     move || ext.cluster_limits()
