@@ -21,8 +21,14 @@
 //! 24      8      kernel launches seen by the shim
 //! 32      8      nanoseconds the shim held launches back (pacing)
 //! 40      8      bytes of the charge that are the CUDA context (already inside used[])
+//! 48      8      host pid of the owner, written by the agent: generation << 32 | host pid (0 = not known yet)
 //! 128     8x16   bytes charged per CUDA ordinal
 //! ```
+//!
+//! The host-pid word sat in the zeroed reserve of the first version-1 files, so it needs no new version: a file
+//! written before it existed reads as "host pid not known", which is what it was. It carries the owner word's
+//! generation so that a pid the agent translated for one process can never be taken by the next owner of the
+//! slot (the slot may be freed and claimed again between the agent's read and its write).
 //!
 //! # Why no lock
 //! A process may die at any instruction. Each process writes only its own slot, so the only shared decisions
@@ -68,6 +74,7 @@ const S_PIDNS: usize = 2;
 const S_LAUNCHES: usize = 3;
 const S_THROTTLED_NS: usize = 4;
 const S_CONTEXT: usize = 5;
+const S_HOST_PID: usize = 6;
 const S_USED: usize = 128 / W;
 
 /// What the creator of the file knew about the container's limits; stored for readers (agent, status).
@@ -387,7 +394,7 @@ impl CacheRegion {
             {
                 self.word(H_HIGH_WATER).fetch_max(slot as u64 + 1, SeqCst);
                 self.slot_word(slot, S_PIDNS).store(pid_ns, SeqCst);
-                for k in [S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT] {
+                for k in [S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT, S_HOST_PID] {
                     self.slot_word(slot, k).store(0, SeqCst);
                 }
                 // Written last: a slot with a start time is fully ours; reclaimers treat 0 as "claiming".
@@ -464,6 +471,32 @@ impl CacheRegion {
         self.slot_word(slot, S_THROTTLED_NS).fetch_add(ns, SeqCst);
     }
 
+    /// Records the host pid of the process that owns `slot` as `pid` (its pid in its own namespace) started at
+    /// `start_time`: the agent's translation, so the shim can find itself in NVML's list when the driver names
+    /// host pids. Does nothing (returns false) when the slot has another owner by now.
+    pub fn record_host_pid(&self, slot: usize, pid: u32, start_time: u64, host_pid: u32) -> bool {
+        if slot >= SLOTS {
+            return false;
+        }
+        let owner = self.slot_word(slot, S_OWNER).load(SeqCst);
+        let start = self.slot_word(slot, S_START).load(SeqCst);
+        let Some(word) = host_pid_word(owner, start, pid, start_time, host_pid) else {
+            return false;
+        };
+        self.slot_word(slot, S_HOST_PID).store(word, SeqCst);
+        true
+    }
+
+    /// The host pid the agent recorded for the current owner of `slot`, if it has.
+    pub fn host_pid(&self, slot: usize) -> Option<u32> {
+        if slot >= SLOTS {
+            return None;
+        }
+        let word = self.slot_word(slot, S_HOST_PID).load(SeqCst);
+        let owner = self.slot_word(slot, S_OWNER).load(SeqCst);
+        (word != 0 && word >> 32 == owner >> 32 && word as u32 != 0).then_some(word as u32)
+    }
+
     /// Every claimed slot as it is now.
     pub fn slots(&self) -> Vec<SlotView> {
         (0..self.high_water())
@@ -532,11 +565,57 @@ impl CacheRegion {
         for d in 0..MAX_DEVICES {
             self.slot_word(slot, S_USED + d).store(0, SeqCst);
         }
-        for k in [S_START, S_PIDNS, S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT] {
+        for k in [
+            S_START,
+            S_PIDNS,
+            S_LAUNCHES,
+            S_THROTTLED_NS,
+            S_CONTEXT,
+            S_HOST_PID,
+        ] {
             self.slot_word(slot, k).store(0, SeqCst);
         }
         owner.store(gen << 32, SeqCst);
         true
+    }
+}
+
+/// The host-pid word for a slot whose owner word and start time read `owner` and `start`, if they still name
+/// the process (`pid`, `start_time`) that was translated.
+fn host_pid_word(owner: u64, start: u64, pid: u32, start_time: u64, host_pid: u32) -> Option<u64> {
+    let state = owner as u32;
+    let owned = state != 0 && state & RECLAIMING == 0 && state == pid;
+    (owned && start == start_time && start != 0 && host_pid != 0)
+        .then_some((owner >> 32) << 32 | host_pid as u64)
+}
+
+/// [`CacheRegion::record_host_pid`] through a file read and written with `pread`/`pwrite` (for a reader that
+/// does not map the file). The slot's owner and start time are read first; a slot claimed again since the
+/// caller read it is left alone (and the generation in the word keeps a late write from applying to the next
+/// owner). Returns whether the word was written.
+pub fn write_host_pid(
+    file: &File,
+    slot: usize,
+    pid: u32,
+    start_time: u64,
+    host_pid: u32,
+) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    if slot >= SLOTS {
+        return Ok(false);
+    }
+    let base = (HEADER_BYTES + slot * SLOT_BYTES) as u64;
+    let mut head = [0u8; 16];
+    file.read_exact_at(&mut head, base)?;
+    let owner = u64::from_ne_bytes(head[..8].try_into().unwrap());
+    let start = u64::from_ne_bytes(head[8..].try_into().unwrap());
+    match host_pid_word(owner, start, pid, start_time, host_pid) {
+        None => Ok(false),
+        Some(word) => {
+            // One aligned 8-byte write: the shim reads the word with one atomic load.
+            file.write_all_at(&word.to_ne_bytes(), base + (S_HOST_PID * W) as u64)?;
+            Ok(true)
+        }
     }
 }
 
@@ -704,6 +783,45 @@ mod tests {
             h.join().unwrap();
         }
         assert!(r.device_total(0) <= 10_000);
+    }
+
+    #[test]
+    fn host_pids_follow_their_owner_only() {
+        let r = CacheRegion::private(&info(0));
+        let a = r.claim(7, 500, 1).unwrap();
+        assert_eq!(r.host_pid(a), None);
+        assert!(!r.record_host_pid(a, 8, 500, 4242), "another pid");
+        assert!(!r.record_host_pid(a, 7, 501, 4242), "another start time");
+        assert!(r.record_host_pid(a, 7, 500, 4242));
+        assert_eq!(r.host_pid(a), Some(4242));
+        // The slot is freed and claimed again by a process with the same namespaced pid and start tick: the
+        // word written for the first owner does not carry over.
+        r.release(a, 7);
+        assert_eq!(r.claim(7, 500, 1), Some(a));
+        assert_eq!(r.host_pid(a), None);
+        // A late write for the first owner lands with the old generation: ignored.
+        let stale_gen = (r.slot_word(a, S_OWNER).load(SeqCst) >> 32) - 2;
+        r.slot_word(a, S_HOST_PID)
+            .store(stale_gen << 32 | 4242, SeqCst);
+        assert_eq!(r.host_pid(a), None);
+    }
+
+    #[test]
+    fn host_pids_through_pwrite_and_in_old_files() {
+        let d = tmpdir().join("hostpid");
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("c.cache");
+        let _ = std::fs::remove_file(&p);
+        let r = CacheRegion::open_or_create(&p, &info(0)).unwrap();
+        let s = r.claim(9, 77, 1).unwrap();
+        // A file from before the word existed has zeros there: "not known".
+        assert_eq!(r.host_pid(s), None);
+        let f = File::options().read(true).write(true).open(&p).unwrap();
+        assert!(!write_host_pid(&f, s, 9, 78, 5151).unwrap());
+        assert!(write_host_pid(&f, s, 9, 77, 5151).unwrap());
+        assert_eq!(r.host_pid(s), Some(5151));
+        assert!(!write_host_pid(&f, SLOTS, 9, 77, 5151).unwrap());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

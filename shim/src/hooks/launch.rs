@@ -6,6 +6,7 @@ use super::real_fns as r;
 use super::used;
 use crate::cuda::*;
 use crate::pacing::{self, observe_sync};
+use crate::process::launches_refused;
 use crate::real::{call_real, CU_MISSING};
 use std::ffi::{c_int, c_uint, c_void};
 
@@ -112,6 +113,9 @@ hook_pair!(cuLaunchKernel / cuLaunchKernel_ptsz(
     f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shm: c_uint,
     s: CUstream, p: *mut *mut c_void, e: *mut *mut c_void,
 ) -> CUresult, |real| {
+    if launches_refused() {
+        return CUDA_ERROR_NOT_PERMITTED;
+    }
     before_launch(s);
     call_real!(real, LaunchF, CU_MISSING, (f, gx, gy, gz, bx, by, bz, shm, s, p, e))
 });
@@ -120,6 +124,9 @@ hook_pair!(cuLaunchCooperativeKernel / cuLaunchCooperativeKernel_ptsz(
     f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shm: c_uint,
     s: CUstream, p: *mut *mut c_void,
 ) -> CUresult, |real| {
+    if launches_refused() {
+        return CUDA_ERROR_NOT_PERMITTED;
+    }
     before_launch(s);
     call_real!(real, CoopF, CU_MISSING, (f, gx, gy, gz, bx, by, bz, shm, s, p))
 });
@@ -127,11 +134,17 @@ hook_pair!(cuLaunchCooperativeKernel / cuLaunchCooperativeKernel_ptsz(
 hook_pair!(cuLaunchKernelEx / cuLaunchKernelEx_ptsz(
     config: *const c_void, f: CUfunction, p: *mut *mut c_void, e: *mut *mut c_void,
 ) -> CUresult, |real| {
+    if launches_refused() {
+        return CUDA_ERROR_NOT_PERMITTED;
+    }
     before_launch(launch_config_stream(config));
     call_real!(real, ExF, CU_MISSING, (config, f, p, e))
 });
 
 hook_pair!(cuGraphLaunch / cuGraphLaunch_ptsz(g: *mut c_void, s: CUstream) -> CUresult, |real| {
+    if launches_refused() {
+        return CUDA_ERROR_NOT_PERMITTED;
+    }
     before_launch(s);
     call_real!(real, GraphF, CU_MISSING, (g, s))
 });
