@@ -156,6 +156,7 @@ pub unsafe extern "C" fn cuCtxSetLimit(limit: c_int, value: usize) -> CUresult {
     let kind = Kind::CtxLimit(limit as u8);
     let want =
         limit_bytes(dev, limit, value as u64).saturating_sub(limit_baseline(ctx, dev, limit));
+    crate::context::refresh(p, dev, want.saturating_sub(p.held(kind, ctx)));
     let old = match p.set_held(kind, ctx, dev, want) {
         Ok(old) => old,
         Err(e) => {
