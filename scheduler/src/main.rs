@@ -33,8 +33,9 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Where kube-scheduler reaches the extender (plain HTTP, inside the cluster).
-    #[arg(long, default_value = "0.0.0.0:8888")]
+    /// Where kube-scheduler reaches the extender (plain HTTP). Loopback by default: kube-scheduler
+    /// runs in the same pod, and nothing else should be able to ask for binds.
+    #[arg(long, default_value = "127.0.0.1:8888")]
     extender_listen: std::net::SocketAddr,
     /// Where Prometheus scrapes the allocation metrics (HAMi's names), plain HTTP.
     #[arg(long, default_value = "0.0.0.0:9395")]
@@ -50,6 +51,10 @@ struct ServeArgs {
     /// The schedulerName the webhook gives vGPU pods (the KubeSchedulerConfiguration profile).
     #[arg(long, default_value = "vgpu-scheduler")]
     scheduler_name: String,
+    /// The placement-seal key (a Secret shared with the node agents): bind seals each placement
+    /// with it and the agent's Allocate serves only sealed ones. The key is the file's bytes as they are.
+    #[arg(long)]
+    seal_key_file: PathBuf,
     /// Seconds a filter's reservation waits for its bind before it is given back.
     #[arg(long, default_value_t = 120)]
     reservation_ttl: u64,
@@ -100,6 +105,26 @@ fn parse_default_memory(s: &str) -> Result<DefaultMemory, String> {
     }
 }
 
+/// Shortest key accepted: an HMAC-SHA256 key much shorter than the hash adds nothing but guessability.
+const MIN_SEAL_KEY_BYTES: usize = 16;
+
+fn read_seal_key(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let key = std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the placement-seal key {}: {e}; mount the seal Secret there or pass --seal-key-file",
+            path.display()
+        )
+    })?;
+    if key.len() < MIN_SEAL_KEY_BYTES {
+        anyhow::bail!(
+            "the placement-seal key {} has {} bytes; it needs at least {MIN_SEAL_KEY_BYTES} (e.g. `head -c 32 /dev/urandom`)",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(key)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
     use vgpu_scheduler::extender::{self, Extender};
@@ -107,6 +132,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use vgpu_scheduler::watch::{self, Readiness};
     use vgpu_scheduler::webhook::server::{self as webhook, WebhookState};
 
+    let seal_key = read_seal_key(&args.seal_key_file)?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the API server: {e}"))?;
@@ -116,7 +142,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     extender::spawn_event_writer(api.clone(), rx);
     let ready = Arc::new(Readiness::default());
-    let mut ext = Extender::new(args.placement.config(), api, tx).with_readiness(ready.clone());
+    let mut ext = Extender::new(args.placement.config(), api, tx)
+        .with_readiness(ready.clone())
+        .with_seal_key(seal_key);
     ext.reservation_ttl = std::time::Duration::from_secs(args.reservation_ttl);
     let ext = Arc::new(ext);
     let _watchers = watch::spawn(client, ext.clone(), ready);

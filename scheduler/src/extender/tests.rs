@@ -566,3 +566,64 @@ async fn a_relist_racing_a_bind_keeps_the_new_placement() {
         "once shown, the API's word decides"
     );
 }
+
+#[tokio::test]
+async fn bind_seals_the_placement_in_the_same_patch_and_the_seal_verifies() {
+    use vgpu_contract::placement_seal::{self as ps, Placement};
+    let api = FakeApi::default();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let key = b"0123456789abcdef-test-key".to_vec();
+    let ext = Extender::new(Config::default(), api.clone(), tx).with_seal_key(key.clone());
+    with_lab_node(&ext);
+    filter(
+        &ext,
+        json!({"pod": pod_json("p", "uid-p", mib(4000)), "nodenames": ["hami-workshop"]}),
+    );
+    assert_eq!(
+        bind(&ext, "p", "uid-p", "hami-workshop").await,
+        json!({"Error": ""})
+    );
+    let calls = api.calls.lock().unwrap().clone();
+    let Call::Annotate(_, a, _) = &calls[0] else {
+        panic!("{calls:?}")
+    };
+    let devices = format!("{T4},NVIDIA,4000,0:;");
+    assert_eq!(a[ann::DEVICES_TO_ALLOCATE], devices);
+    assert_eq!(a[ps::SEALED_DEVICES_ANNOTATION], devices);
+    let seal = &a[ps::SEAL_ANNOTATION];
+    let sealed = Placement {
+        pod_uid: "uid-p",
+        namespace: "default",
+        name: "p",
+        node: "hami-workshop",
+        devices: &devices,
+        bind_time: &a[ann::BIND_TIME],
+    };
+    assert!(ps::verify(&key, &sealed, seal));
+    let copied = Placement {
+        pod_uid: "uid-other",
+        ..sealed
+    };
+    assert!(!ps::verify(&key, &copied, seal), "copied to another pod");
+    assert!(
+        !ps::verify(b"another-key-of-16+", &sealed, seal),
+        "other key"
+    );
+}
+
+#[tokio::test]
+async fn without_a_key_bind_writes_no_seal() {
+    let api = FakeApi::default();
+    let (ext, _rx) = new_ext(api.clone());
+    with_lab_node(&ext);
+    filter(
+        &ext,
+        json!({"pod": pod_json("p", "uid-p", mib(4000)), "nodenames": ["hami-workshop"]}),
+    );
+    bind(&ext, "p", "uid-p", "hami-workshop").await;
+    let calls = api.calls.lock().unwrap().clone();
+    let Call::Annotate(_, a, _) = &calls[0] else {
+        panic!("{calls:?}")
+    };
+    assert!(!a.contains_key(vgpu_contract::placement_seal::SEAL_ANNOTATION));
+}
