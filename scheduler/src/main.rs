@@ -1,6 +1,6 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use vgpu_scheduler::placement::policy::Policy;
+use vgpu_scheduler::placement::policy::{GpuPolicy, Policy};
 use vgpu_scheduler::placement::request::DefaultMemory;
 use vgpu_scheduler::placement::Config;
 
@@ -24,6 +24,10 @@ enum Command {
         /// Print a JSON array of {pod, node, devices, reason, score}.
         #[arg(long)]
         json: bool,
+        /// Stop at the first object that cannot be read, instead of skipping it with a warning
+        /// as `serve` does.
+        #[arg(long)]
+        strict: bool,
         #[command(flatten)]
         placement: PlacementArgs,
     },
@@ -67,9 +71,10 @@ struct PlacementArgs {
     /// Node policy when a pod sets no hami.io/node-scheduler-policy.
     #[arg(long, default_value = "binpack", value_parser = parse_policy)]
     node_policy: Policy,
-    /// GPU policy when a pod sets no hami.io/gpu-scheduler-policy.
-    #[arg(long, default_value = "spread", value_parser = parse_policy)]
-    gpu_policy: Policy,
+    /// GPU policy when a pod sets no hami.io/gpu-scheduler-policy: binpack, spread, mutex,
+    /// topology-aware, numa, or a comma chain such as binpack,numa.
+    #[arg(long, default_value = "spread", value_parser = parse_gpu_policy)]
+    gpu_policy: GpuPolicy,
     /// Memory per vGPU when a container sets neither gpumem nor gpumem-percentage: MiB (`2048`)
     /// or a percentage of the card (`100%`, HAMi's default).
     #[arg(long, default_value = "100%", value_parser = parse_default_memory)]
@@ -87,6 +92,11 @@ impl PlacementArgs {
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
+    s.parse()
+        .map_err(|e: vgpu_scheduler::placement::policy::UnknownPolicy| e.to_string())
+}
+
+fn parse_gpu_policy(s: &str) -> Result<GpuPolicy, String> {
     s.parse()
         .map_err(|e: vgpu_scheduler::placement::policy::UnknownPolicy| e.to_string())
 }
@@ -206,6 +216,7 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate {
             file,
             json,
+            strict,
             placement,
         } => {
             let text = if file.as_os_str() == "-" {
@@ -214,8 +225,16 @@ fn main() -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
             };
-            let out = vgpu_scheduler::simulate::run(&text, &placement.config(), json)
-                .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
+            let mut warnings = vgpu_scheduler::simulate::Warnings {
+                strict,
+                ..Default::default()
+            };
+            let out =
+                vgpu_scheduler::simulate::run(&text, &placement.config(), json, &mut warnings)
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
+            for w in &warnings.list {
+                tracing::warn!("{}: {w}", file.display());
+            }
             print!("{out}");
         }
         Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(args))?,

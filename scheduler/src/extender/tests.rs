@@ -408,7 +408,7 @@ async fn concurrent_filter_and_bind_never_double_book() {
     let nodes: Vec<String> = (0..3).map(|i| format!("n{i}")).collect();
     for (i, n) in nodes.iter().enumerate() {
         let reg = format!(
-            r#"[{{"id":"GPU-{i}a","count":6,"devmem":16000,"devcore":100,"type":"T4","health":true}},{{"id":"GPU-{i}b","count":6,"devmem":16000,"devcore":100,"type":"T4","health":true}}]"#
+            r#"[{{"id":"GPU-{i}a","count":6,"devmem":16000,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}},{{"id":"GPU-{i}b","count":6,"devmem":16000,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}}]"#
         );
         ext.node_applied(&serde_json::from_value(node_json(n, &reg)).unwrap());
     }

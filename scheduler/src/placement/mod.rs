@@ -11,7 +11,7 @@ pub mod score;
 
 use fit::{check_pod, fit_pod, NodeFit};
 use node::NodeState;
-use policy::Policy;
+use policy::{GpuPolicy, Policy};
 use reason::{FitReason, NodeMiss};
 use request::{DefaultMemory, PodRequest};
 use score::{better, node_score};
@@ -23,7 +23,7 @@ pub struct Config {
     /// HAMi's node default is binpack.
     pub node_policy: Policy,
     /// HAMi's card default is spread.
-    pub gpu_policy: Policy,
+    pub gpu_policy: GpuPolicy,
 }
 
 impl Default for Config {
@@ -31,7 +31,7 @@ impl Default for Config {
         Config {
             default_memory: DefaultMemory::default(),
             node_policy: Policy::Binpack,
-            gpu_policy: Policy::Spread,
+            gpu_policy: GpuPolicy::SPREAD,
         }
     }
 }

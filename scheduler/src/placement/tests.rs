@@ -1,6 +1,6 @@
 use super::fit::fit_pod;
 use super::ledger::{Ledger, Placement};
-use super::policy::Policy;
+use super::policy::{GpuPolicy, Policy};
 use super::reason::FitReason;
 use super::request::{CardFilter, ContainerRequest, DefaultMemory, MemRequest, PodRequest};
 use super::*;
@@ -137,7 +137,7 @@ fn reasons_come_in_hami_order() {
 
 #[test]
 fn every_card_reason_is_reachable() {
-    let mut node = NodeState::new("n", &[card("GPU-a", 0, 2, 1000, "T4")]);
+    let mut node = NodeState::new("n", &[card("GPU-a", 0, 2, 1000, "NVIDIA-Tesla T4")]);
     let r = |node: &NodeState, req: PodRequest| {
         fit_pod(node, &req, DefaultMemory::default(), Policy::Spread)
             .map(|_| ())
@@ -162,13 +162,13 @@ fn every_card_reason_is_reachable() {
         r(&node, one(1, MemRequest::MiB(100), 0)),
         "1/1 CardTimeSlicingExhausted"
     );
-    let mut full = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "T4")]);
+    let mut full = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "NVIDIA-Tesla T4")]);
     full.usage[0].add(100, 100);
     assert_eq!(
         r(&full, one(1, MemRequest::MiB(100), 0)),
         "1/1 CardComputeUnitsExhausted"
     );
-    let mut busy = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "T4")]);
+    let mut busy = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "NVIDIA-Tesla T4")]);
     busy.usage[0].add(100, 0);
     assert_eq!(
         r(&busy, one(1, MemRequest::MiB(100), 100)),
@@ -178,7 +178,7 @@ fn every_card_reason_is_reachable() {
     req.filter.nouse_uuids = vec!["GPU-a".into()];
     assert_eq!(
         r(
-            &NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "T4")]),
+            &NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "NVIDIA-Tesla T4")]),
             req
         ),
         "1/1 CardUuidMismatch"
@@ -188,8 +188,8 @@ fn every_card_reason_is_reachable() {
 #[test]
 fn a_container_gets_distinct_cards_or_node_insufficient_device() {
     let devs = [
-        card("GPU-a", 0, 10, 16000, "T4"),
-        card("GPU-b", 1, 10, 16000, "T4"),
+        card("GPU-a", 0, 10, 16000, "NVIDIA-Tesla T4"),
+        card("GPU-b", 1, 10, 16000, "NVIDIA-Tesla T4"),
     ];
     let node = NodeState::new("n", &devs);
     let fit = fit_pod(
@@ -199,9 +199,10 @@ fn a_container_gets_distinct_cards_or_node_insufficient_device() {
         Policy::Spread,
     )
     .unwrap();
+    // HAMi walks its sorted list from the end: among equal cards the higher index comes first.
     assert_eq!(
         fit.devices(&node).encode(),
-        "GPU-a,NVIDIA,4000,30:GPU-b,NVIDIA,4000,30:;"
+        "GPU-b,NVIDIA,4000,30:GPU-a,NVIDIA,4000,30:;"
     );
     let miss = fit_pod(
         &node,
@@ -211,7 +212,8 @@ fn a_container_gets_distinct_cards_or_node_insufficient_device() {
     )
     .unwrap_err();
     assert_eq!(miss.to_string(), "NodeInsufficientDevice");
-    // Two cards exist but one is too full: the card reason is reported with its count.
+    // Two cards exist but one is too full: the card reason is reported with its count, and (as
+    // HAMi does) how many cards did fit.
     let mut half = node.clone();
     half.usage[1].add(15000, 0);
     let miss = fit_pod(
@@ -221,12 +223,15 @@ fn a_container_gets_distinct_cards_or_node_insufficient_device() {
         Policy::Spread,
     )
     .unwrap_err();
-    assert_eq!(miss.to_string(), "1/2 CardInsufficientMemory");
+    assert_eq!(
+        miss.to_string(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 CardInsufficientMemory"
+    );
 }
 
 #[test]
 fn containers_without_gpus_keep_their_place_and_later_containers_see_earlier_ones() {
-    let node = NodeState::new("n", &[card("GPU-a", 0, 2, 10000, "T4")]);
+    let node = NodeState::new("n", &[card("GPU-a", 0, 2, 10000, "NVIDIA-Tesla T4")]);
     let req = PodRequest {
         containers: vec![
             ContainerRequest::NONE,
@@ -262,7 +267,7 @@ fn containers_without_gpus_keep_their_place_and_later_containers_see_earlier_one
 #[test]
 fn default_memory_is_the_whole_card_unless_configured() {
     let mut l = Ledger::default();
-    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "T4")]);
+    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "NVIDIA-Tesla T4")]);
     let d = place(&mut l, "p1", &["n"], &one(1, MemRequest::Default, 0));
     assert_eq!(d.chosen.unwrap().1.picks[0][0].mem_mib, 15360);
     let d = place(&mut l, "p2", &["n"], &one(1, MemRequest::Default, 0));
@@ -272,7 +277,7 @@ fn default_memory_is_the_whole_card_unless_configured() {
         ..Config::default()
     };
     let mut l = Ledger::default();
-    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "T4")]);
+    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "NVIDIA-Tesla T4")]);
     let d = l.place(
         "p1",
         "default/p1",
@@ -290,18 +295,21 @@ fn default_memory_is_the_whole_card_unless_configured() {
 fn node_policy_picks_the_node_it_names() {
     let mut l = Ledger::default();
     for n in ["empty", "busy"] {
-        l.upsert_node(n, vec![card(&format!("GPU-{n}"), 0, 10, 16000, "T4")]);
+        l.upsert_node(
+            n,
+            vec![card(&format!("GPU-{n}"), 0, 10, 16000, "NVIDIA-Tesla T4")],
+        );
     }
     let nodes = ["empty", "busy"];
     let mut seed = one(1, MemRequest::MiB(8000), 0);
     seed.node_policy = Some(Policy::Binpack);
     l.record(
         "seed",
-        Placement {
-            pod: "default/seed".into(),
-            node: "busy".into(),
-            devices: PodDevices::decode("GPU-busy,NVIDIA,8000,0:;").unwrap(),
-        },
+        Placement::as_asked(
+            "default/seed",
+            "busy",
+            PodDevices::decode("GPU-busy,NVIDIA,8000,0:;").unwrap(),
+        ),
     );
     let mut req = one(1, MemRequest::MiB(1000), 0);
     assert_eq!(
@@ -331,22 +339,22 @@ fn node_policy_picks_the_node_it_names() {
     );
 }
 
-/// Four cards, card 2 partly used: binpack puts the pod on card 2, spread on card 0 (the first
-/// of the idle ones).
+/// Four cards, card 2 partly used: binpack puts the pod on card 2, spread on card 3 (HAMi takes
+/// the highest index among the equally idle ones).
 #[test]
 fn gpu_policy_picks_the_card_it_names() {
     let devs: Vec<DeviceInfo> = (0..4)
-        .map(|i| card(&format!("GPU-{i}"), i, 10, 16000, "A100"))
+        .map(|i| card(&format!("GPU-{i}"), i, 10, 16000, "NVIDIA A100"))
         .collect();
     let mut l = Ledger::default();
     l.upsert_node("n", devs);
     l.record(
         "seed",
-        Placement {
-            pod: "default/seed".into(),
-            node: "n".into(),
-            devices: PodDevices::decode("GPU-2,NVIDIA,2000,10:;").unwrap(),
-        },
+        Placement::as_asked(
+            "default/seed",
+            "n",
+            PodDevices::decode("GPU-2,NVIDIA,2000,10:;").unwrap(),
+        ),
     );
     let mut req = one(1, MemRequest::MiB(1000), 0);
     let uuid = |l: &Ledger, req: &PodRequest, cfg: &Config| {
@@ -357,19 +365,19 @@ fn gpu_policy_picks_the_card_it_names() {
     };
     assert_eq!(
         uuid(&l, &req, &Config::default()),
-        "GPU-0",
+        "GPU-3",
         "spread is the card default"
     );
-    req.gpu_policy = Some(Policy::Binpack);
+    req.gpu_policy = Some(GpuPolicy::BINPACK);
     assert_eq!(uuid(&l, &req, &Config::default()), "GPU-2");
     let binpack_cfg = Config {
-        gpu_policy: Policy::Binpack,
+        gpu_policy: GpuPolicy::BINPACK,
         ..Config::default()
     };
     req.gpu_policy = None;
     assert_eq!(uuid(&l, &req, &binpack_cfg), "GPU-2");
-    req.gpu_policy = Some(Policy::Spread);
-    assert_eq!(uuid(&l, &req, &binpack_cfg), "GPU-0");
+    req.gpu_policy = Some(GpuPolicy::SPREAD);
+    assert_eq!(uuid(&l, &req, &binpack_cfg), "GPU-3");
 }
 
 #[test]
@@ -465,9 +473,16 @@ fn arb_pod() -> impl Strategy<Value = PodRequest> {
     (
         prop::collection::vec(arb_container(), 1..4),
         prop::option::of(prop_oneof![Just(Policy::Binpack), Just(Policy::Spread)]),
-        prop::option::of(prop_oneof![Just(Policy::Binpack), Just(Policy::Spread)]),
+        prop::option::of(prop_oneof![
+            Just(GpuPolicy::BINPACK),
+            Just(GpuPolicy::SPREAD),
+            Just("mutex".parse().unwrap()),
+            Just("binpack,numa".parse().unwrap()),
+        ]),
+        0usize..3,
     )
-        .prop_map(|(containers, node_policy, gpu_policy)| PodRequest {
+        .prop_map(|(containers, node_policy, gpu_policy, init)| PodRequest {
+            init: init.min(containers.len()),
             containers,
             filter: Default::default(),
             node_policy,
@@ -528,12 +543,15 @@ fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
     )
 }
 
-/// Sums every recorded placement per card straight from the placements, independently of the
-/// ledger's running usage.
+/// What every recorded placement books per card, straight from the placements and independently
+/// of the ledger's running usage: per pod and card, the larger of any one init container and the
+/// app containers' sum, field by field.
 fn sums(l: &Ledger) -> HashMap<(String, String), (u32, u64, u32)> {
     let mut out: HashMap<(String, String), (u32, u64, u32)> = HashMap::new();
     for (_, p) in l.placements() {
-        for c in &p.devices.0 {
+        let mut init: HashMap<String, (u32, u64, u32)> = HashMap::new();
+        let mut app: HashMap<String, (u32, u64, u32)> = HashMap::new();
+        for (ci, c) in p.devices.0.iter().enumerate() {
             let mut seen = std::collections::HashSet::new();
             for d in c {
                 assert!(
@@ -541,11 +559,22 @@ fn sums(l: &Ledger) -> HashMap<(String, String), (u32, u64, u32)> {
                     "a container got card {} twice",
                     d.uuid
                 );
-                let e = out.entry((p.node.clone(), d.uuid.clone())).or_default();
-                e.0 += 1;
-                e.1 += d.mem_mib;
-                e.2 += d.cores;
+                if ci < p.init {
+                    let e = init.entry(d.uuid.clone()).or_default();
+                    *e = (e.0.max(1), e.1.max(d.mem_mib), e.2.max(d.cores));
+                } else {
+                    let e = app.entry(d.uuid.clone()).or_default();
+                    *e = (e.0 + 1, e.1 + d.mem_mib, e.2 + d.cores);
+                }
             }
+        }
+        for (uuid, i) in init {
+            let a = app.entry(uuid).or_default();
+            *a = (a.0.max(i.0), a.1.max(i.1), a.2.max(i.2));
+        }
+        for (uuid, a) in app {
+            let e = out.entry((p.node.clone(), uuid)).or_default();
+            *e = (e.0 + a.0, e.1 + a.1, e.2 + a.2);
         }
     }
     out
