@@ -489,4 +489,87 @@ mod tests {
         });
         assert_eq!(pod_placement(&p, DefaultMemory::default()).unwrap(), None);
     }
+
+    /// HAMi's webhook cases for the default of 100 cores ("no memory fields defaults to
+    /// exclusive", "exclusive via percentage", "memory size present treated as shareable",
+    /// "explicit cores remains unchanged", "non-exclusive percentage").
+    #[test]
+    fn a_whole_card_request_gets_all_of_its_cores() {
+        let c = |limits: &str| {
+            pod_request(&with_limits(limits, ""))
+                .unwrap()
+                .unwrap()
+                .containers[1]
+        };
+        assert_eq!(c("nvidia.com/gpu: 1").cores, 100);
+        assert_eq!(
+            c("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 100").cores,
+            100
+        );
+        assert_eq!(
+            c("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 50").cores,
+            0
+        );
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpumem: 8000").cores, 0);
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 30").cores, 30);
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 0").cores, 0);
+    }
+
+    /// "gpumem: 0" and "memory percentage of 0 — treated as unset": the default memory applies,
+    /// and the explicit field keeps the card shareable.
+    #[test]
+    fn zero_memory_means_unset() {
+        let c = |limits: &str| {
+            pod_request(&with_limits(limits, ""))
+                .unwrap()
+                .unwrap()
+                .containers[1]
+        };
+        let m = c("nvidia.com/gpu: 1, nvidia.com/gpumem: 0");
+        assert_eq!((m.mem, m.cores), (MemRequest::Default, 0));
+        let p = c("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 0");
+        assert_eq!((p.mem, p.cores), (MemRequest::Default, 0));
+    }
+
+    #[test]
+    fn gpumem_with_a_binary_unit_says_the_unit_is_mib() {
+        let e = pod_request(&with_limits(
+            "nvidia.com/gpu: 1, nvidia.com/gpumem: 16Gi",
+            "",
+        ))
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("its unit is MiB") && e.contains("write 16384"),
+            "{e}"
+        );
+        // The API's canonical form of 4000 (4k) is a plain number of MiB.
+        assert!(pod_request(&with_limits("nvidia.com/gpu: 1, nvidia.com/gpumem: 4k", "")).is_ok());
+    }
+
+    #[test]
+    fn init_containers_are_counted_and_gpu_policy_chains_parse() {
+        let r = pod_request(&with_limits(
+            "nvidia.com/gpu: 1",
+            "hami.io/gpu-scheduler-policy: 'binpack,numa'",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.init, 1);
+        assert_eq!(r.gpu_policy, Some("binpack,numa".parse().unwrap()));
+        assert!(pod_request(&with_limits(
+            "nvidia.com/gpu: 1",
+            "hami.io/gpu-scheduler-policy: mutex"
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn device_cordon_is_read_as_hami_reads_it() {
+        let n: Node = serde_yaml::from_str(
+            "metadata: {name: n, annotations: {hami.io/device-cordon: ' GPU-a,,GPU-b , '}}",
+        )
+        .unwrap();
+        assert_eq!(node_cordoned(&n), vec!["GPU-a", "GPU-b"]);
+    }
 }

@@ -703,3 +703,286 @@ proptest! {
         }
     }
 }
+
+// ---- HAMi v2.10 parity (issue 17), each case as HAMi behaves ----
+
+fn ledger_with(devs: Vec<DeviceInfo>) -> Ledger {
+    let mut l = Ledger::default();
+    l.upsert_node("n", devs);
+    l
+}
+
+fn devices_on(l: &Ledger, req: &PodRequest) -> Result<String, String> {
+    let d = l.decide(&["n"], req, &Config::default());
+    match d.chosen {
+        Some((_, fit, _)) => Ok(fit.devices(l.node("n").unwrap()).encode()),
+        None => Err(d.misses[0].1.to_string()),
+    }
+}
+
+#[test]
+fn hami_takes_the_highest_index_among_equal_cards() {
+    let l = ledger_with(vec![
+        card("uuid1", 0, 10, 16000, "NVIDIA A100"),
+        card("uuid2", 1, 10, 16000, "NVIDIA A100"),
+    ]);
+    assert_eq!(
+        devices_on(&l, &one(1, MemRequest::MiB(1000), 0)).unwrap(),
+        "uuid2,NVIDIA,1000,0:;"
+    );
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap(),
+        "uuid2,NVIDIA,1000,0:uuid1,NVIDIA,1000,0:;"
+    );
+    let mut binpack = one(1, MemRequest::MiB(1000), 0);
+    binpack.gpu_policy = Some(GpuPolicy::BINPACK);
+    assert_eq!(devices_on(&l, &binpack).unwrap(), "uuid2,NVIDIA,1000,0:;");
+}
+
+/// HAMi's one-word order breaks score ties by NUMA node, higher first.
+#[test]
+fn equal_scores_go_to_the_higher_numa_node() {
+    let mut a = card("GPU-n1", 0, 10, 16000, "NVIDIA A100");
+    a.numa = 1;
+    let b = card("GPU-n0", 1, 10, 16000, "NVIDIA A100");
+    let l = ledger_with(vec![a, b]);
+    assert_eq!(
+        devices_on(&l, &one(1, MemRequest::MiB(1000), 0)).unwrap(),
+        "GPU-n1,NVIDIA,1000,0:;"
+    );
+}
+
+/// `numa,binpack` sorts by NUMA first (higher first), then binpack within it; `binpack,numa` the
+/// other way round.
+#[test]
+fn policy_chains_sort_by_their_keys_in_order() {
+    let mut busy0 = card("GPU-busy-numa0", 0, 10, 16000, "NVIDIA A100");
+    busy0.numa = 0;
+    let mut idle1 = card("GPU-idle-numa1", 1, 10, 16000, "NVIDIA A100");
+    idle1.numa = 1;
+    let mut l = ledger_with(vec![busy0, idle1]);
+    l.record(
+        "seed",
+        Placement::as_asked(
+            "default/seed",
+            "n",
+            PodDevices::decode("GPU-busy-numa0,NVIDIA,4000,0:;").unwrap(),
+        ),
+    );
+    let with = |p: &str| {
+        let mut r = one(1, MemRequest::MiB(1000), 0);
+        r.gpu_policy = Some(p.parse().unwrap());
+        devices_on(&l, &r).unwrap()
+    };
+    assert_eq!(with("binpack,numa"), "GPU-busy-numa0,NVIDIA,1000,0:;");
+    assert_eq!(with("numa,binpack"), "GPU-idle-numa1,NVIDIA,1000,0:;");
+    assert_eq!(with("spread,numa"), "GPU-idle-numa1,NVIDIA,1000,0:;");
+}
+
+#[test]
+fn mutex_takes_only_cards_nobody_uses() {
+    let mut l = ledger_with(vec![
+        card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+        card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+    ]);
+    l.record(
+        "seed",
+        Placement::as_asked(
+            "default/seed",
+            "n",
+            PodDevices::decode("GPU-1,NVIDIA,1000,0:;").unwrap(),
+        ),
+    );
+    let mut req = one(1, MemRequest::MiB(1000), 0);
+    req.gpu_policy = Some("mutex".parse().unwrap());
+    assert_eq!(devices_on(&l, &req).unwrap(), "GPU-0,NVIDIA,1000,0:;");
+    req.containers[0].gpus = 2;
+    assert_eq!(
+        devices_on(&l, &req).unwrap_err(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 ExclusiveDeviceAllocateConflict"
+    );
+    // In a chain too: binpack would pick the used card, mutex forbids it.
+    req.containers[0].gpus = 1;
+    req.gpu_policy = Some("binpack,mutex".parse().unwrap());
+    assert_eq!(devices_on(&l, &req).unwrap(), "GPU-0,NVIDIA,1000,0:;");
+}
+
+/// Without link scores (the node has no `hami.io/node-nvidia-score`), HAMi's topology-aware pick
+/// is the sort's; the policy is accepted, not refused as unknown.
+#[test]
+fn topology_aware_is_accepted_and_places_as_the_sort_without_link_scores() {
+    let l = ledger_with(vec![
+        card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+        card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+        card("GPU-2", 2, 10, 16000, "NVIDIA A100"),
+    ]);
+    let mut req = one(2, MemRequest::MiB(1000), 0);
+    req.gpu_policy = Some("topology-aware".parse().unwrap());
+    assert_eq!(
+        devices_on(&l, &req).unwrap(),
+        "GPU-2,NVIDIA,1000,0:GPU-1,NVIDIA,1000,0:;"
+    );
+}
+
+#[test]
+fn a_cordoned_card_answers_card_cordoned() {
+    let mut l = Ledger::default();
+    l.upsert_node_cordoned(
+        "n",
+        vec![
+            card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+            card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+        ],
+        vec!["GPU-1".into()],
+    );
+    assert_eq!(
+        devices_on(&l, &one(1, MemRequest::MiB(1000), 0)).unwrap(),
+        "GPU-0,NVIDIA,1000,0:;"
+    );
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap_err(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 CardCordoned"
+    );
+    // Lifting the cordon gives the card back, and the book keeps what it held.
+    l.upsert_node_cordoned(
+        "n",
+        vec![
+            card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+            card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+        ],
+        vec![],
+    );
+    assert!(devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).is_ok());
+}
+
+/// HAMi's "fit fail: CardNotHealth" beside a healthy card with two asked.
+#[test]
+fn two_cards_one_unhealthy_two_asked_is_allocated_cards_insufficient_request() {
+    let mut sick = card("GPU-0", 0, 10, 16000, "NVIDIA A100");
+    sick.health = false;
+    let l = ledger_with(vec![sick, card("GPU-1", 1, 10, 16000, "NVIDIA A100")]);
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap_err(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 CardNotHealth"
+    );
+}
+
+/// With `deviceCoreScaling` 2 a card registers 200 cores: 100 is half of it, not "exclusive".
+#[test]
+fn exclusivity_applies_only_to_cards_that_register_100_cores() {
+    let mut scaled = card("GPU-0", 0, 10, 16000, "NVIDIA A100");
+    scaled.devcore = 200;
+    let mut l = ledger_with(vec![scaled]);
+    let whole = one(1, MemRequest::MiB(1000), 100);
+    assert!(place(&mut l, "a", &["n"], &whole).chosen.is_some());
+    assert!(
+        place(&mut l, "b", &["n"], &whole).chosen.is_some(),
+        "two 100-core pods share a 200-core card"
+    );
+    assert_eq!(
+        place(&mut l, "c", &["n"], &whole).misses[0].1.to_string(),
+        "1/1 CardInsufficientCore"
+    );
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 16000, "NVIDIA A100")]);
+    assert!(
+        place(&mut l, "a", &["n"], &one(1, MemRequest::MiB(1000), 0))
+            .chosen
+            .is_some()
+    );
+    assert_eq!(
+        place(&mut l, "b", &["n"], &whole).misses[0].1.to_string(),
+        "1/1 ExclusiveDeviceAllocateConflict"
+    );
+}
+
+#[test]
+fn register_entries_whose_type_lacks_nvidia_are_not_cards() {
+    let l = ledger_with(vec![
+        card("MLU-0", 0, 10, 16000, "MLU370"),
+        card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+    ]);
+    assert_eq!(l.node("n").unwrap().cards.len(), 1);
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap_err(),
+        "NodeInsufficientDevice"
+    );
+}
+
+/// A running pod with a 20000 MiB init container and a 10000 MiB app container holds 20000 MiB
+/// (the init container has finished), so an 82400 MiB pod fits beside it on a 102400 MiB card.
+#[test]
+fn init_containers_book_the_larger_of_their_peak_and_the_app_sum() {
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 102400, "NVIDIA H200")]);
+    let pod = PodRequest {
+        containers: vec![
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(20000),
+                cores: 0,
+            },
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(10000),
+                cores: 0,
+            },
+        ],
+        init: 1,
+        ..Default::default()
+    };
+    let d = place(&mut l, "with-init", &["n"], &pod);
+    assert!(d.chosen.is_some());
+    assert_eq!(
+        l.placement("with-init").unwrap().devices.encode(),
+        "GPU-0,NVIDIA,20000,0:;GPU-0,NVIDIA,10000,0:;"
+    );
+    assert_eq!(
+        l.node("n").unwrap().usage[0],
+        node::CardUsage {
+            slots: 1,
+            mem_mib: 20000,
+            cores: 0
+        }
+    );
+    assert!(
+        place(&mut l, "big", &["n"], &one(1, MemRequest::MiB(82400), 0))
+            .chosen
+            .is_some()
+    );
+    // Two init containers run one after the other: each fits alone, their sum need not.
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 16000, "NVIDIA A100")]);
+    let two_inits = PodRequest {
+        containers: vec![
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(12000),
+                cores: 0,
+            },
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(12000),
+                cores: 0,
+            },
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(4000),
+                cores: 0,
+            },
+        ],
+        init: 2,
+        ..Default::default()
+    };
+    assert!(place(&mut l, "p", &["n"], &two_inits).chosen.is_some());
+    assert_eq!(l.node("n").unwrap().usage[0].mem_mib, 12000);
+    // App containers still add up.
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 16000, "NVIDIA A100")]);
+    let two_apps = PodRequest {
+        init: 0,
+        ..two_inits.clone()
+    };
+    assert_eq!(
+        place(&mut l, "p", &["n"], &two_apps).misses[0]
+            .1
+            .to_string(),
+        "1/1 CardInsufficientMemory"
+    );
+}
