@@ -137,6 +137,14 @@ fn fit_container(
     for (i, card) in cards.iter().enumerate() {
         let mem = req.mem.resolve(card.mem_mib, default_mem);
         match check_card(card, &usage[i], filter, policy.mutex, mem, req.cores) {
+            // Only asked whether it fits: reasons matter only when it does not, and the order
+            // only when picks are built, so the first `want` fitting cards settle it.
+            Ok(()) if out.is_none() => {
+                n_fit += 1;
+                if n_fit == want {
+                    return Ok(());
+                }
+            }
             Ok(()) => {
                 let entry = (i, card_score_with(card, &usage[i], mem, req.cores));
                 if n_fit < INLINE_CARDS {

@@ -11,6 +11,7 @@ use super::fit::NodeFit;
 use super::node::{CardUsage, NodeState};
 use super::request::{ContainerRequest, DefaultMemory, MemRequest, PodRequest};
 use super::{choose, Config, Decision};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use vgpu_contract::annotations::PodDevices;
 use vgpu_contract::register::DeviceInfo;
@@ -101,7 +102,15 @@ impl Ask {
 
 #[derive(Debug, Default, Clone)]
 pub struct Ledger {
-    nodes: HashMap<String, NodeState>,
+    /// Nodes in slots that stay put while the node exists, so a candidate list can be resolved
+    /// to slots once and reused (kube-scheduler sends the same list of thousands of names on
+    /// every filter, and hashing each name was a fifth of a filter's time).
+    slots: Vec<Option<NodeState>>,
+    index: HashMap<String, usize>,
+    free: Vec<usize>,
+    /// Bumped whenever a name gets or loses a slot: resolved lists from before are stale.
+    generation: u64,
+    memo: RefCell<CandidateMemo>,
     /// The devices and cordoned UUIDs each node was registered with, to skip rebuilding when
     /// nothing changed.
     registered: HashMap<String, (Vec<DeviceInfo>, Vec<String>)>,
@@ -109,17 +118,73 @@ pub struct Ledger {
     by_node: HashMap<String, HashSet<String>>,
 }
 
+/// The last candidate list and the slots its names resolved to.
+#[derive(Debug, Default, Clone)]
+struct CandidateMemo {
+    generation: u64,
+    names: Vec<String>,
+    slots: Vec<Option<usize>>,
+}
+
 impl Ledger {
     pub fn node(&self, name: &str) -> Option<&NodeState> {
-        self.nodes.get(name)
+        self.index.get(name).and_then(|&i| self.slots[i].as_ref())
+    }
+
+    fn node_mut(&mut self, name: &str) -> Option<&mut NodeState> {
+        let i = *self.index.get(name)?;
+        self.slots[i].as_mut()
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &NodeState> {
-        self.nodes.values()
+        self.slots.iter().flatten()
     }
 
     pub fn node_count(&self) -> usize {
-        self.nodes.len()
+        self.index.len()
+    }
+
+    fn insert_node(&mut self, node: NodeState) {
+        if let Some(&i) = self.index.get(&node.name) {
+            self.slots[i] = Some(node);
+            return;
+        }
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(node.name.clone(), i);
+        self.slots[i] = Some(node);
+        self.generation += 1;
+    }
+
+    /// Runs `f` with the slot of each candidate, resolving the list by hashing only when it
+    /// differs from the previous one.
+    fn with_slots<S: AsRef<str>, R>(
+        &self,
+        candidates: &[S],
+        f: impl FnOnce(&[Option<usize>]) -> R,
+    ) -> R {
+        let mut memo = self.memo.borrow_mut();
+        let same = memo.generation == self.generation
+            && memo.names.len() == candidates.len()
+            && memo
+                .names
+                .iter()
+                .zip(candidates)
+                .all(|(a, b)| a == b.as_ref());
+        if !same {
+            memo.generation = self.generation;
+            memo.names = candidates.iter().map(|c| c.as_ref().to_string()).collect();
+            memo.slots = candidates
+                .iter()
+                .map(|c| self.index.get(c.as_ref()).copied())
+                .collect();
+        }
+        f(&memo.slots)
     }
 
     pub fn placement(&self, uid: &str) -> Option<&Placement> {
@@ -158,14 +223,18 @@ impl Ledger {
                 }
             }
         }
-        self.nodes.insert(name.to_string(), node);
+        self.insert_node(node);
         self.registered
             .insert(name.to_string(), (devices, cordoned));
     }
 
     /// Forgets a node's cards but keeps its pods' records, so the node coming back restores them.
     pub fn remove_node(&mut self, name: &str) {
-        self.nodes.remove(name);
+        if let Some(i) = self.index.remove(name) {
+            self.slots[i] = None;
+            self.free.push(i);
+            self.generation += 1;
+        }
         self.registered.remove(name);
     }
 
@@ -176,7 +245,8 @@ impl Ledger {
             return;
         }
         self.release(uid);
-        if let Some(node) = self.nodes.get_mut(&placement.node) {
+        let node_name = placement.node.clone();
+        if let Some(node) = self.node_mut(&node_name) {
             apply(node, &placement, true);
         }
         self.by_node
@@ -189,7 +259,8 @@ impl Ledger {
     /// Frees a pod's reservation; returns what it held.
     pub fn release(&mut self, uid: &str) -> Option<Placement> {
         let old = self.pods.remove(uid)?;
-        if let Some(node) = self.nodes.get_mut(&old.node) {
+        let node_name = old.node.clone();
+        if let Some(node) = self.node_mut(&node_name) {
             apply(node, &old, false);
         }
         if let Some(set) = self.by_node.get_mut(&old.node) {
@@ -208,7 +279,14 @@ impl Ledger {
         req: &PodRequest,
         cfg: &Config,
     ) -> Decision {
-        choose(candidates, |n| self.nodes.get(n), req, cfg)
+        self.with_slots(candidates, |slots| {
+            choose(
+                slots.len(),
+                |i| slots[i].and_then(|s| self.slots[s].as_ref()),
+                req,
+                cfg,
+            )
+        })
     }
 
     /// Chooses and, when a node fits, reserves it for `uid` in the same step. A pod placed again
@@ -241,7 +319,7 @@ impl Ledger {
     }
 
     fn devices_for(&self, node: &str, fit: &NodeFit) -> PodDevices {
-        fit.devices(&self.nodes[node])
+        fit.devices(self.node(node).expect("the chosen node is in the ledger"))
     }
 }
 

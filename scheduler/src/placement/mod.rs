@@ -46,11 +46,12 @@ pub struct Decision {
     pub misses: Vec<(usize, NodeMiss)>,
 }
 
-/// Places `req` over `candidates` (nodes absent from `lookup` miss as unregistered). The node
-/// policy picks among fitting nodes by score; ties keep the earlier candidate.
-pub fn choose<'a, S: AsRef<str>>(
-    candidates: &[S],
-    lookup: impl Fn(&str) -> Option<&'a NodeState>,
+/// Places `req` over `n` candidates, `lookup(i)` giving candidate `i`'s node (absent ones miss
+/// as unregistered). The node policy picks among fitting nodes by score; ties keep the earlier
+/// candidate.
+pub fn choose<'a>(
+    n: usize,
+    lookup: impl Fn(usize) -> Option<&'a NodeState>,
     req: &PodRequest,
     cfg: &Config,
 ) -> Decision {
@@ -59,8 +60,8 @@ pub fn choose<'a, S: AsRef<str>>(
     let mut fits = Vec::new();
     let mut misses = Vec::new();
     let mut best: Option<(usize, &NodeState, f64)> = None;
-    for (i, name) in candidates.iter().enumerate() {
-        let Some(node) = lookup(name.as_ref()) else {
+    for i in 0..n {
+        let Some(node) = lookup(i) else {
             misses.push((i, NodeMiss::node_level(FitReason::NodeUnregistered)));
             continue;
         };

@@ -986,3 +986,28 @@ fn init_containers_book_the_larger_of_their_peak_and_the_app_sum() {
         "1/1 CardInsufficientMemory"
     );
 }
+
+/// The ledger reuses the slots a candidate list resolved to while the list repeats: a node that
+/// leaves, and another that takes its slot, must not be mistaken for each other.
+#[test]
+fn a_repeated_candidate_list_follows_nodes_coming_and_going() {
+    let mut l = Ledger::default();
+    l.upsert_node("a", vec![card("GPU-a", 0, 10, 16000, "NVIDIA A100")]);
+    l.upsert_node("b", vec![card("GPU-b", 0, 10, 8000, "NVIDIA A100")]);
+    let nodes = ["a", "b"];
+    let req = one(1, MemRequest::MiB(10000), 0);
+    assert_eq!(
+        chosen_node(&l.decide(&nodes, &req, &Config::default()), &nodes),
+        Some("a")
+    );
+    l.remove_node("a");
+    l.upsert_node("c", vec![card("GPU-c", 0, 10, 16000, "NVIDIA A100")]);
+    let d = l.decide(&nodes, &req, &Config::default());
+    assert_eq!(chosen_node(&d, &nodes), None);
+    assert_eq!(d.misses[0].1.to_string(), "NodeUnregistered");
+    l.upsert_node("a", vec![card("GPU-a", 0, 10, 16000, "NVIDIA A100")]);
+    assert_eq!(
+        chosen_node(&l.decide(&nodes, &req, &Config::default()), &nodes),
+        Some("a")
+    );
+}
