@@ -740,6 +740,30 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The server process, killed when the test ends, passing or not.
+struct Server(Option<vgpu_integration::Running>);
+
+impl Server {
+    fn spawn(cmd: &mut Command) -> Server {
+        Server(Some(vgpu_integration::Running::spawn(cmd)))
+    }
+    fn first_line(&mut self) -> String {
+        self.0
+            .as_mut()
+            .unwrap()
+            .wait_line("", Duration::from_secs(20))
+            .expect("kube-standin prints its port")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.kill9();
+        }
+    }
+}
+
 fn repo_file(rel: &str) -> String {
     format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -750,7 +774,7 @@ fn kubectl_against_the_binary() {
     let kc = dir.join("kubeconfig");
     let tokens_file = dir.join("tokens.csv");
     std::fs::write(&tokens_file, "admin-token,admin,0,\"system:masters\"\n").unwrap();
-    let mut server = vgpu_integration::Running::spawn(
+    let mut server = Server::spawn(
         Command::new(env!("CARGO_BIN_EXE_kube-standin"))
             .args(["--listen", "127.0.0.1:0", "--kubeconfig-out"])
             .arg(&kc)
@@ -758,9 +782,7 @@ fn kubectl_against_the_binary() {
             .arg(&tokens_file)
             .args(["--kubeconfig-token", "admin-token"]),
     );
-    let port = server
-        .wait_line("", Duration::from_secs(20))
-        .expect("the port on stdout");
+    let port = server.first_line();
     let port: u16 = port.trim().parse().expect("the first line is the port");
     assert!(std::fs::read_to_string(&kc)
         .unwrap()
@@ -903,7 +925,7 @@ fn kubectl_against_the_binary() {
     kubectl(&kc, &["delete", "pod", "gpumem-pod-a"]);
     let out = kubectl(&kc, &["get", "pods", "-o", "name"]);
     assert_eq!(out.trim(), "");
-    server.kill9();
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1161,7 +1183,7 @@ fn https_server_and_webhook_with_kubectl_users() {
     )
     .unwrap();
     let kc_admin = dir.join("admin.kubeconfig");
-    let mut server = vgpu_integration::Running::spawn(
+    let mut server = Server::spawn(
         Command::new(env!("CARGO_BIN_EXE_kube-standin"))
             .arg("--tls-cert-file")
             .arg(&cert)
@@ -1182,9 +1204,7 @@ fn https_server_and_webhook_with_kubectl_users() {
             .arg("--webhook-ca")
             .arg(&ca),
     );
-    server
-        .wait_line("", Duration::from_secs(20))
-        .expect("the port on stdout");
+    server.first_line();
     let kc_tenant = dir.join("tenant.kubeconfig");
     std::fs::write(
         &kc_tenant,
@@ -1236,6 +1256,6 @@ fn https_server_and_webhook_with_kubectl_users() {
         .map(|r| r["userInfo"]["username"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(users, ["admin", "tenant"]);
-    server.kill9();
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
