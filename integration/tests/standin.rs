@@ -1259,3 +1259,51 @@ fn https_server_and_webhook_with_kubectl_users() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// kube-rs's event Recorder (events.k8s.io/v1: create, then a merge patch for the series) against the server,
+/// read back through core v1 as `kubectl describe` reads events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_events_read_back_as_core_events() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    use kube::Resource;
+    let s = server().await;
+    let pods: Api<Pod> = Api::namespaced(s.client(None), "default");
+    let p = pods
+        .create(&PostParams::default(), &pod("p"))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(
+        s.client(None),
+        Reporter {
+            controller: "vgpu-scheduler".into(),
+            instance: Some("vgpu-scheduler-0".into()),
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "FilteringSucceed".into(),
+        note: Some("Successfully filtered to following nodes: [node1]".into()),
+        action: "Filtering".into(),
+        secondary: None,
+    };
+    let reference = p.object_ref(&());
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap();
+    let core: Api<CoreEvent> = Api::namespaced(s.client(None), "default");
+    let uid = p.metadata.uid.unwrap();
+    let listed = core
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.name=p,involvedObject.namespace=default,involvedObject.kind=Pod,involvedObject.uid={uid}"
+        )))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1, "{:?}", listed.items);
+    let e = &listed.items[0];
+    assert_eq!(e.reason.as_deref(), Some("FilteringSucceed"));
+    assert_eq!(
+        e.message.as_deref(),
+        Some("Successfully filtered to following nodes: [node1]")
+    );
+    assert_eq!(e.reporting_component.as_deref(), Some("vgpu-scheduler"));
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(Some(2)));
+}
