@@ -1,5 +1,4 @@
-//! The REST surface: discovery, then per-resource verbs routed from the URL as kube-apiserver lays it out
-//! (`/api/v1/namespaces/NS/pods/NAME/status`, `/apis/GROUP/VERSION/...`).
+//! The REST verbs: list, watch, get, create, update, patch, delete and bind, each as kube-apiserver does it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +12,13 @@ use serde_json::{json, Value};
 
 use super::admission::{self, Admission, Operation};
 use super::errors::ApiError;
+use super::event_views;
 use super::objects::{self, name_of, Part};
 use super::patch::{self, PatchKind};
+use super::pods;
 use super::quantity;
 use super::resources::{self, Resource};
+use super::routes::{self, Route, Target};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::store::{resource_version, Store, WriteError};
 use super::table;
@@ -47,90 +49,6 @@ fn ok(v: &Value) -> Response {
     json_response(StatusCode::OK, v)
 }
 
-/// Where a request goes: a resource, the namespace and name on the URL, and a subresource.
-struct Target {
-    res: &'static Resource,
-    ns: Option<String>,
-    name: Option<String>,
-    sub: Option<String>,
-    /// The old `/watch/` path prefix.
-    watch_path: bool,
-}
-
-enum Route {
-    Doc(Value),
-    Resource(Target),
-}
-
-fn route(path: &str, server: &Server) -> Result<Route, ApiError> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, version, rest) = match segs.as_slice() {
-        ["version"] => return Ok(Route::Doc(resources::version())),
-        ["api"] => return Ok(Route::Doc(resources::core_versions(&server.address))),
-        ["apis"] => return Ok(Route::Doc(resources::group_list())),
-        ["openapi", "v3"] => return Ok(Route::Doc(resources::openapi_index())),
-        ["openapi", "v3", "api", v] => {
-            return resources::openapi_group_version("", v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["openapi", "v3", "apis", g, v] => {
-            return resources::openapi_group_version(g, v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["api", v] => {
-            return resources::resource_list("", v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["apis", g] => {
-            return resources::group(g)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["apis", g, v] => {
-            return resources::resource_list(g, v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["api", v, rest @ ..] => ("", *v, rest),
-        ["apis", g, v, rest @ ..] => (*g, *v, rest),
-        _ => return Err(ApiError::no_route()),
-    };
-    let (watch_path, rest) = match rest {
-        ["watch", r @ ..] => (true, r),
-        r => (false, r),
-    };
-    // `namespaces/X` and `namespaces/X/status` are the namespace itself; `namespaces/X/<plural>…` is inside it.
-    let (ns, rest) = match rest {
-        ["namespaces", ns, r @ ..] if !matches!(r, [] | ["status"]) => (Some(ns.to_string()), r),
-        r => (None, r),
-    };
-    let (plural, name, sub) = match rest {
-        [p] => (*p, None, None),
-        [p, n] => (*p, Some(n.to_string()), None),
-        [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
-        _ => return Err(ApiError::no_route()),
-    };
-    let res = resources::find(group, version, plural).ok_or_else(ApiError::no_route)?;
-    if ns.is_some() && !res.namespaced {
-        return Err(ApiError::no_route());
-    }
-    if let Some(s) = &sub {
-        if !res.subresources.contains(&s.as_str()) {
-            return Err(ApiError::no_route());
-        }
-    }
-    Ok(Route::Resource(Target {
-        res,
-        ns,
-        name,
-        sub,
-        watch_path,
-    }))
-}
-
 /// The only handler: every request comes here.
 pub async fn handle(State(server): State<Arc<Server>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
@@ -156,7 +74,7 @@ pub async fn handle(State(server): State<Arc<Server>>, req: Request) -> Response
         query: query(&parts.uri),
         user,
     };
-    match route(&path, &server) {
+    match routes::route(&path, &server.address) {
         Ok(Route::Doc(doc)) if ctx.method == Method::GET => ok(&doc),
         Ok(Route::Doc(_)) => {
             ApiError::method_not_allowed(ctx.method.as_str(), &path).into_response()
@@ -323,7 +241,7 @@ impl Ctx<'_> {
     }
 
     fn object_response(&self, res: &Resource, code: StatusCode, stored: &Value) -> Response {
-        let view = objects::to_view(res, stored);
+        let view = event_views::to_view(res, stored);
         if self.wants_table() {
             return json_response(code, &table::table(res, &[view], None));
         }
@@ -349,7 +267,7 @@ impl Ctx<'_> {
         let (items, rv) = self.store().list(res.storage, ns);
         let items: Vec<Value> = items
             .iter()
-            .map(|o| objects::to_view(res, o))
+            .map(|o| event_views::to_view(res, o))
             .filter(|v| labels.matches(v) && fields.matches(v))
             .collect();
         if self.wants_table() {
@@ -443,9 +361,9 @@ impl Ctx<'_> {
             return Err(ApiError::namespace_not_found(ns));
         }
         let name = objects::place_new(res, ns, &mut obj)?;
-        let mut obj = objects::from_view(res, obj);
+        let mut obj = event_views::from_view(res, obj);
         if res.storage == "pods" {
-            objects::default_pod(&mut obj);
+            pods::default_pod(&mut obj);
         }
         canonical_quantities(res, &name, &mut obj)?;
         if Self::admitted(res) && !self.server.admission.is_empty() {
@@ -487,7 +405,7 @@ impl Ctx<'_> {
                 return Err(ApiError::not_found(res, name));
             };
             let current_rv = resource_version(&current).unwrap_or(0);
-            let view = objects::to_view(res, &current);
+            let view = event_views::to_view(res, &current);
             let (mut new_view, pinned) = match &edit {
                 Edit::Put(body) => {
                     let mut b = body.clone();
@@ -505,9 +423,9 @@ impl Ctx<'_> {
                 return Err(ApiError::stale(res, name));
             }
             objects::check_type(res, &mut new_view)?;
-            let mut new = objects::from_view(res, new_view);
+            let mut new = event_views::from_view(res, new_view);
             if res.storage == "pods" {
-                objects::default_pod(&mut new);
+                pods::default_pod(&mut new);
             }
             canonical_quantities(res, name, &mut new)?;
             let mut new = objects::prepare_update(res, part, &current, new)?;
@@ -604,7 +522,7 @@ impl Ctx<'_> {
         let (items, _) = self.store().list(res.storage, ns);
         let mut gone = Vec::new();
         for o in items {
-            let view = objects::to_view(res, &o);
+            let view = event_views::to_view(res, &o);
             if !(labels.matches(&view) && fields.matches(&view)) {
                 continue;
             }
@@ -615,7 +533,7 @@ impl Ctx<'_> {
             if self.dry_run() {
                 gone.push(view);
             } else if let Ok(g) = self.store().delete(res.storage, ons, name_of(&o), None) {
-                gone.push(objects::to_view(res, &g));
+                gone.push(event_views::to_view(res, &g));
             }
         }
         Ok(ok(&json!({

@@ -7,11 +7,14 @@
 
 pub mod admission;
 pub mod errors;
+pub mod event_views;
 mod http;
 pub mod objects;
 pub mod patch;
+pub mod pods;
 pub mod quantity;
 pub mod resources;
+mod routes;
 pub mod selectors;
 pub mod store;
 mod table;

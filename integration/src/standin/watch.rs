@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::errors::ApiError;
-use super::objects::{to_view, view_is_stored};
+use super::event_views::{to_view, view_is_stored};
 use super::resources::Resource;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::store::{Change, ChangeType, Store};
