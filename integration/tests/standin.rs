@@ -1407,3 +1407,43 @@ async fn selected_watch_sees_objects_enter_and_leave() {
     }
     assert_eq!(seen, ["DELETED", "ADDED", "MODIFIED"]);
 }
+
+/// kube-rs's watcher in streaming-list mode (`sendInitialEvents=true`): the current objects, then the bookmark
+/// that ends them, then changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_list_watcher() {
+    let s = server().await;
+    let pods: Api<Pod> = Api::namespaced(s.client(None), "default");
+    pods.create(&PostParams::default(), &pod("a"))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("b"))
+        .await
+        .unwrap();
+    let (reader, writer) = reflector::store::<Pod>();
+    let task = tokio::spawn(
+        reflector(
+            writer,
+            watcher(pods.clone(), watcher::Config::default().streaming_lists()),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
+    );
+    tokio::time::timeout(Duration::from_secs(10), reader.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reader.state().len(), 2);
+    pods.create(&PostParams::default(), &pod("c"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reader.state().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the watch after the initial events delivers the new pod"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+}
