@@ -727,7 +727,13 @@ async fn unreachable_webhook_fails_closed() {
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new("kubectl")
         .env("KUBECONFIG", kubeconfig)
-        .env_remove("HOME")
+        // kubectl keeps its discovery cache under $HOME: the test's directory, not the user's or the crate's.
+        .env(
+            "HOME",
+            kubeconfig
+                .parent()
+                .expect("the kubeconfig is in a directory"),
+        )
         .args(args)
         .output()
         .expect("kubectl is installed");
@@ -1234,6 +1240,7 @@ fn https_server_and_webhook_with_kubectl_users() {
     );
     let out = Command::new("kubectl")
         .env("KUBECONFIG", &kc_tenant)
+        .env("HOME", &dir)
         .args([
             "apply",
             "-f",
