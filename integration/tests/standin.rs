@@ -727,7 +727,13 @@ async fn unreachable_webhook_fails_closed() {
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new("kubectl")
         .env("KUBECONFIG", kubeconfig)
-        .env_remove("HOME")
+        // kubectl keeps its discovery cache under $HOME: the test's directory, not the user's or the crate's.
+        .env(
+            "HOME",
+            kubeconfig
+                .parent()
+                .expect("the kubeconfig is in a directory"),
+        )
         .args(args)
         .output()
         .expect("kubectl is installed");
@@ -740,6 +746,30 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The server process, killed when the test ends, passing or not.
+struct Server(Option<vgpu_integration::Running>);
+
+impl Server {
+    fn spawn(cmd: &mut Command) -> Server {
+        Server(Some(vgpu_integration::Running::spawn(cmd)))
+    }
+    fn first_line(&mut self) -> String {
+        self.0
+            .as_mut()
+            .unwrap()
+            .wait_line("", Duration::from_secs(20))
+            .expect("kube-standin prints its port")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.kill9();
+        }
+    }
+}
+
 fn repo_file(rel: &str) -> String {
     format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -750,7 +780,7 @@ fn kubectl_against_the_binary() {
     let kc = dir.join("kubeconfig");
     let tokens_file = dir.join("tokens.csv");
     std::fs::write(&tokens_file, "admin-token,admin,0,\"system:masters\"\n").unwrap();
-    let mut server = vgpu_integration::Running::spawn(
+    let mut server = Server::spawn(
         Command::new(env!("CARGO_BIN_EXE_kube-standin"))
             .args(["--listen", "127.0.0.1:0", "--kubeconfig-out"])
             .arg(&kc)
@@ -758,9 +788,7 @@ fn kubectl_against_the_binary() {
             .arg(&tokens_file)
             .args(["--kubeconfig-token", "admin-token"]),
     );
-    let port = server
-        .wait_line("", Duration::from_secs(20))
-        .expect("the port on stdout");
+    let port = server.first_line();
     let port: u16 = port.trim().parse().expect("the first line is the port");
     assert!(std::fs::read_to_string(&kc)
         .unwrap()
@@ -903,7 +931,7 @@ fn kubectl_against_the_binary() {
     kubectl(&kc, &["delete", "pod", "gpumem-pod-a"]);
     let out = kubectl(&kc, &["get", "pods", "-o", "name"]);
     assert_eq!(out.trim(), "");
-    server.kill9();
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1161,7 +1189,7 @@ fn https_server_and_webhook_with_kubectl_users() {
     )
     .unwrap();
     let kc_admin = dir.join("admin.kubeconfig");
-    let mut server = vgpu_integration::Running::spawn(
+    let mut server = Server::spawn(
         Command::new(env!("CARGO_BIN_EXE_kube-standin"))
             .arg("--tls-cert-file")
             .arg(&cert)
@@ -1182,9 +1210,7 @@ fn https_server_and_webhook_with_kubectl_users() {
             .arg("--webhook-ca")
             .arg(&ca),
     );
-    server
-        .wait_line("", Duration::from_secs(20))
-        .expect("the port on stdout");
+    server.first_line();
     let kc_tenant = dir.join("tenant.kubeconfig");
     std::fs::write(
         &kc_tenant,
@@ -1214,6 +1240,7 @@ fn https_server_and_webhook_with_kubectl_users() {
     );
     let out = Command::new("kubectl")
         .env("KUBECONFIG", &kc_tenant)
+        .env("HOME", &dir)
         .args([
             "apply",
             "-f",
@@ -1236,6 +1263,194 @@ fn https_server_and_webhook_with_kubectl_users() {
         .map(|r| r["userInfo"]["username"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(users, ["admin", "tenant"]);
-    server.kill9();
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// kube-rs's event Recorder (events.k8s.io/v1: create, then a merge patch for the series) against the server,
+/// read back through core v1 as `kubectl describe` reads events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_events_read_back_as_core_events() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    use kube::Resource;
+    let s = server().await;
+    let pods: Api<Pod> = Api::namespaced(s.client(None), "default");
+    let p = pods
+        .create(&PostParams::default(), &pod("p"))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(
+        s.client(None),
+        Reporter {
+            controller: "vgpu-scheduler".into(),
+            instance: Some("vgpu-scheduler-0".into()),
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "FilteringSucceed".into(),
+        note: Some("Successfully filtered to following nodes: [node1]".into()),
+        action: "Filtering".into(),
+        secondary: None,
+    };
+    let reference = p.object_ref(&());
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap();
+    let core: Api<CoreEvent> = Api::namespaced(s.client(None), "default");
+    let uid = p.metadata.uid.unwrap();
+    let listed = core
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.name=p,involvedObject.namespace=default,involvedObject.kind=Pod,involvedObject.uid={uid}"
+        )))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1, "{:?}", listed.items);
+    let e = &listed.items[0];
+    assert_eq!(e.reason.as_deref(), Some("FilteringSucceed"));
+    assert_eq!(
+        e.message.as_deref(),
+        Some("Successfully filtered to following nodes: [node1]")
+    );
+    assert_eq!(e.reporting_component.as_deref(), Some("vgpu-scheduler"));
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(Some(2)));
+}
+
+fn allow(_: &Value) -> Value {
+    json!({"allowed": true})
+}
+
+/// Optimistic concurrency holds under a race, with a webhook call between each writer's read and its write: of
+/// 20 writers that read the same version, exactly one wins and the rest get 409; 20 unpinned merge patches
+/// racing each other all land (none lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_one_wins_none_lost() {
+    let hook = hook(allow).await;
+    let config = Config {
+        mutating_webhooks: vec![format!("http://{}/admit", hook.addr).parse().unwrap()],
+        ..Config::default()
+    };
+    let s = Standin::start(local(), config).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.client(None), "default");
+    let read = pods
+        .create(&PostParams::default(), &pod("p"))
+        .await
+        .unwrap();
+    let tries = (0..20).map(|i| {
+        let (pods, mut mine) = (pods.clone(), read.clone());
+        mine.metadata.annotations =
+            Some([("hami.io/mutex.lock".to_string(), format!("owner-{i}"))].into());
+        tokio::spawn(async move { pods.replace("p", &PostParams::default(), &mine).await })
+    });
+    let mut won = 0;
+    for t in tries {
+        match t.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (409, "Conflict")),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won, 1);
+
+    let patches = (0..20).map(|i| {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            pods.patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {format!("l{i}"): "x"}}})),
+            )
+            .await
+            .unwrap()
+        })
+    });
+    futures::future::join_all(patches).await;
+    let labels = pods.get("p").await.unwrap().metadata.labels.unwrap();
+    assert_eq!(labels.len(), 21, "app and l0..l19: {labels:?}");
+}
+
+/// A label-selected watch sees an object leave its selection as DELETED and come back as ADDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selected_watch_sees_objects_enter_and_leave() {
+    let s = server().await;
+    let pods: Api<Pod> = Api::namespaced(s.client(None), "default");
+    let p = pods
+        .create(&PostParams::default(), &pod("p"))
+        .await
+        .unwrap();
+    let rv = p.metadata.resource_version.unwrap();
+    let mut stream = pods
+        .watch(&WatchParams::default().labels("app=lab").timeout(20), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let set = |v: &str| Patch::Merge(json!({"metadata": {"labels": {"app": v}}}));
+    pods.patch("p", &PatchParams::default(), &set("other"))
+        .await
+        .unwrap();
+    pods.patch("p", &PatchParams::default(), &set("lab"))
+        .await
+        .unwrap();
+    pods.patch(
+        "p",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"a": "1"}}})),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match e {
+            WatchEvent::Added(_) => seen.push("ADDED"),
+            WatchEvent::Modified(_) => seen.push("MODIFIED"),
+            WatchEvent::Deleted(_) => seen.push("DELETED"),
+            WatchEvent::Bookmark(_) => {}
+            WatchEvent::Error(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(seen, ["DELETED", "ADDED", "MODIFIED"]);
+}
+
+/// kube-rs's watcher in streaming-list mode (`sendInitialEvents=true`): the current objects, then the bookmark
+/// that ends them, then changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_list_watcher() {
+    let s = server().await;
+    let pods: Api<Pod> = Api::namespaced(s.client(None), "default");
+    pods.create(&PostParams::default(), &pod("a"))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("b"))
+        .await
+        .unwrap();
+    let (reader, writer) = reflector::store::<Pod>();
+    let task = tokio::spawn(
+        reflector(
+            writer,
+            watcher(pods.clone(), watcher::Config::default().streaming_lists()),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
+    );
+    tokio::time::timeout(Duration::from_secs(10), reader.wait_until_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reader.state().len(), 2);
+    pods.create(&PostParams::default(), &pod("c"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reader.state().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the watch after the initial events delivers the new pod"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
 }

@@ -118,6 +118,15 @@ impl ApiError {
         )
     }
 
+    /// A request body in an encoding this server does not read.
+    pub fn unsupported_body(ct: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!("kube-standin reads JSON request bodies only, not {ct}; use a JSON client (kubectl apply -f FILE, kube-rs)"),
+        )
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(
             401,

@@ -1,5 +1,4 @@
-//! The REST surface: discovery, then per-resource verbs routed from the URL as kube-apiserver lays it out
-//! (`/api/v1/namespaces/NS/pods/NAME/status`, `/apis/GROUP/VERSION/...`).
+//! The REST verbs: list, watch, get, create, update, patch, delete and bind, each as kube-apiserver does it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +12,13 @@ use serde_json::{json, Value};
 
 use super::admission::{self, Admission, Operation};
 use super::errors::ApiError;
+use super::event_views;
 use super::objects::{self, name_of, Part};
 use super::patch::{self, PatchKind};
+use super::pods;
 use super::quantity;
 use super::resources::{self, Resource};
+use super::routes::{self, Route, Target};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::store::{resource_version, Store, WriteError};
 use super::table;
@@ -47,92 +49,23 @@ fn ok(v: &Value) -> Response {
     json_response(StatusCode::OK, v)
 }
 
-/// Where a request goes: a resource, the namespace and name on the URL, and a subresource.
-struct Target {
-    res: &'static Resource,
-    ns: Option<String>,
-    name: Option<String>,
-    sub: Option<String>,
-    /// The old `/watch/` path prefix.
-    watch_path: bool,
-}
-
-enum Route {
-    Doc(Value),
-    Resource(Target),
-}
-
-fn route(path: &str, server: &Server) -> Result<Route, ApiError> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, version, rest) = match segs.as_slice() {
-        ["version"] => return Ok(Route::Doc(resources::version())),
-        ["api"] => return Ok(Route::Doc(resources::core_versions(&server.address))),
-        ["apis"] => return Ok(Route::Doc(resources::group_list())),
-        ["openapi", "v3"] => return Ok(Route::Doc(resources::openapi_index())),
-        ["openapi", "v3", "api", v] => {
-            return resources::openapi_group_version("", v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["openapi", "v3", "apis", g, v] => {
-            return resources::openapi_group_version(g, v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["api", v] => {
-            return resources::resource_list("", v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["apis", g] => {
-            return resources::group(g)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["apis", g, v] => {
-            return resources::resource_list(g, v)
-                .map(Route::Doc)
-                .ok_or_else(ApiError::no_route)
-        }
-        ["api", v, rest @ ..] => ("", *v, rest),
-        ["apis", g, v, rest @ ..] => (*g, *v, rest),
-        _ => return Err(ApiError::no_route()),
-    };
-    let (watch_path, rest) = match rest {
-        ["watch", r @ ..] => (true, r),
-        r => (false, r),
-    };
-    // `namespaces/X` and `namespaces/X/status` are the namespace itself; `namespaces/X/<plural>…` is inside it.
-    let (ns, rest) = match rest {
-        ["namespaces", ns, r @ ..] if !matches!(r, [] | ["status"]) => (Some(ns.to_string()), r),
-        r => (None, r),
-    };
-    let (plural, name, sub) = match rest {
-        [p] => (*p, None, None),
-        [p, n] => (*p, Some(n.to_string()), None),
-        [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
-        _ => return Err(ApiError::no_route()),
-    };
-    let res = resources::find(group, version, plural).ok_or_else(ApiError::no_route)?;
-    if ns.is_some() && !res.namespaced {
-        return Err(ApiError::no_route());
-    }
-    if let Some(s) = &sub {
-        if !res.subresources.contains(&s.as_str()) {
-            return Err(ApiError::no_route());
-        }
-    }
-    Ok(Route::Resource(Target {
-        res,
-        ns,
-        name,
-        sub,
-        watch_path,
-    }))
-}
-
 /// The only handler: every request comes here.
 pub async fn handle(State(server): State<Arc<Server>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let response = serve(server, req).await;
+    // One line per request (RUST_LOG=vgpu_integration::standin=debug): what a test run did, in order. Refusals
+    // other than "not found" (which clients ask for routinely) are logged at info, so a failing run shows them.
+    let status = response.status();
+    if status != StatusCode::NOT_FOUND && (status.is_client_error() || status.is_server_error()) {
+        tracing::info!(%method, %uri, status = status.as_u16(), elapsed = ?started.elapsed(), "refused");
+    } else {
+        tracing::debug!(%method, %uri, status = status.as_u16(), elapsed = ?started.elapsed());
+    }
+    response
+}
+
+async fn serve(server: Arc<Server>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let user = match server.users.authenticate(&parts.headers) {
         Ok(u) => u,
@@ -156,7 +89,7 @@ pub async fn handle(State(server): State<Arc<Server>>, req: Request) -> Response
         query: query(&parts.uri),
         user,
     };
-    match route(&path, &server) {
+    match routes::route(&path, &server.address) {
         Ok(Route::Doc(doc)) if ctx.method == Method::GET => ok(&doc),
         Ok(Route::Doc(_)) => {
             ApiError::method_not_allowed(ctx.method.as_str(), &path).into_response()
@@ -186,6 +119,19 @@ struct Ctx<'a> {
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// Request bodies must be JSON: the stand-in has no protobuf schemas (typed client-go callers, such as
+/// `kubectl create namespace`, send protobuf; `kubectl apply -f` sends JSON).
+fn json_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("");
+    if ct.contains("protobuf") || ct.contains("cbor") {
+        return Err(ApiError::unsupported_body(ct));
+    }
+    Ok(())
 }
 
 fn canonical_quantities(res: &Resource, name: &str, obj: &mut Value) -> Result<(), ApiError> {
@@ -220,6 +166,11 @@ impl Ctx<'_> {
 
     async fn serve(&self, t: Target, body: Bytes) -> Result<Response, ApiError> {
         let res = t.res;
+        // A SelfSubjectReview's body says nothing the server reads, and a delete's options are optional (typed
+        // client-go callers send both as protobuf), so only other bodies must be JSON.
+        if !body.is_empty() && res.plural != "selfsubjectreviews" && self.method != Method::DELETE {
+            json_body(&self.headers)?;
+        }
         let ns = t.ns.clone().unwrap_or_default();
         if res.create_only {
             return match (&self.method, res.plural) {
@@ -306,7 +257,7 @@ impl Ctx<'_> {
     }
 
     fn object_response(&self, res: &Resource, code: StatusCode, stored: &Value) -> Response {
-        let view = objects::to_view(res, stored);
+        let view = event_views::to_view(res, stored);
         if self.wants_table() {
             return json_response(code, &table::table(res, &[view], None));
         }
@@ -332,7 +283,7 @@ impl Ctx<'_> {
         let (items, rv) = self.store().list(res.storage, ns);
         let items: Vec<Value> = items
             .iter()
-            .map(|o| objects::to_view(res, o))
+            .map(|o| event_views::to_view(res, o))
             .filter(|v| labels.matches(v) && fields.matches(v))
             .collect();
         if self.wants_table() {
@@ -377,6 +328,7 @@ impl Ctx<'_> {
             bookmarks: flag(self.query.get("allowWatchBookmarks")),
             initial_events: flag(self.query.get("sendInitialEvents")),
             timeout,
+            as_table: self.wants_table(),
         };
         let body: Body = watch::stream(self.server.store.clone(), spec);
         Ok((
@@ -425,9 +377,9 @@ impl Ctx<'_> {
             return Err(ApiError::namespace_not_found(ns));
         }
         let name = objects::place_new(res, ns, &mut obj)?;
-        let mut obj = objects::from_view(res, obj);
+        let mut obj = event_views::from_view(res, obj);
         if res.storage == "pods" {
-            objects::default_pod(&mut obj);
+            pods::default_pod(&mut obj);
         }
         canonical_quantities(res, &name, &mut obj)?;
         if Self::admitted(res) && !self.server.admission.is_empty() {
@@ -469,7 +421,7 @@ impl Ctx<'_> {
                 return Err(ApiError::not_found(res, name));
             };
             let current_rv = resource_version(&current).unwrap_or(0);
-            let view = objects::to_view(res, &current);
+            let view = event_views::to_view(res, &current);
             let (mut new_view, pinned) = match &edit {
                 Edit::Put(body) => {
                     let mut b = body.clone();
@@ -487,9 +439,9 @@ impl Ctx<'_> {
                 return Err(ApiError::stale(res, name));
             }
             objects::check_type(res, &mut new_view)?;
-            let mut new = objects::from_view(res, new_view);
+            let mut new = event_views::from_view(res, new_view);
             if res.storage == "pods" {
-                objects::default_pod(&mut new);
+                pods::default_pod(&mut new);
             }
             canonical_quantities(res, name, &mut new)?;
             let mut new = objects::prepare_update(res, part, &current, new)?;
@@ -522,11 +474,8 @@ impl Ctx<'_> {
         name: &str,
         body: &[u8],
     ) -> Result<Response, ApiError> {
-        let opts: Value = if body.is_empty() {
-            Value::Null
-        } else {
-            parse_body(body)?
-        };
+        // DeleteOptions in another encoding than JSON (protobuf) are read as none.
+        let opts: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let current = self.get(res, ns, name)?;
         if let Some(uid) = opts.pointer("/preconditions/uid").and_then(Value::as_str) {
             if current.pointer("/metadata/uid").and_then(Value::as_str) != Some(uid) {
@@ -586,7 +535,7 @@ impl Ctx<'_> {
         let (items, _) = self.store().list(res.storage, ns);
         let mut gone = Vec::new();
         for o in items {
-            let view = objects::to_view(res, &o);
+            let view = event_views::to_view(res, &o);
             if !(labels.matches(&view) && fields.matches(&view)) {
                 continue;
             }
@@ -597,7 +546,7 @@ impl Ctx<'_> {
             if self.dry_run() {
                 gone.push(view);
             } else if let Ok(g) = self.store().delete(res.storage, ons, name_of(&o), None) {
-                gone.push(objects::to_view(res, &g));
+                gone.push(event_views::to_view(res, &g));
             }
         }
         Ok(ok(&json!({

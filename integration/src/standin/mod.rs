@@ -7,11 +7,14 @@
 
 pub mod admission;
 pub mod errors;
+pub mod event_views;
 mod http;
 pub mod objects;
 pub mod patch;
+pub mod pods;
 pub mod quantity;
 pub mod resources;
+mod routes;
 pub mod selectors;
 pub mod store;
 mod table;
@@ -32,8 +35,9 @@ pub use users::{UserInfo, Users};
 /// Namespaces that exist from the start, as on a new cluster.
 const INITIAL_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
 
-/// How many changes watches can resume from; older resourceVersions get `410 Gone`.
-pub const DEFAULT_HISTORY: usize = 200_000;
+/// How many changes watches can resume from; older resourceVersions get `410 Gone` (kube-rs and client-go list
+/// again). Each kept change holds its object twice (value and JSON), so this bounds memory too.
+pub const DEFAULT_HISTORY: usize = 20_000;
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -1,9 +1,10 @@
-//! What the API server does to an object besides storing it: system fields on create, the defaults and status
-//! a new pod gets, what an update may and may not change, and the two shapes of an Event.
+//! What the API server does to an object besides storing it: system fields on create, the status a new object
+//! starts with, and what an update may and may not change.
 
 use serde_json::{json, Map, Value};
 
 use super::errors::ApiError;
+use super::pods;
 use super::resources::Resource;
 
 fn random<const N: usize>() -> [u8; N] {
@@ -162,112 +163,6 @@ pub fn place_new(res: &Resource, ns: &str, obj: &mut Value) -> Result<String, Ap
     Ok(name)
 }
 
-fn image_pull_policy(image: &str) -> &'static str {
-    let last = image.rsplit('/').next().unwrap_or(image);
-    if image.contains('@') {
-        "IfNotPresent"
-    } else {
-        match last.split_once(':') {
-            None => "Always",
-            Some((_, "latest")) => "Always",
-            Some(_) => "IfNotPresent",
-        }
-    }
-}
-
-fn default_containers(list: Option<&mut Value>) {
-    let Some(Value::Array(cs)) = list else { return };
-    for c in cs.iter_mut().filter_map(Value::as_object_mut) {
-        let image = c
-            .get("image")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        c.entry("imagePullPolicy")
-            .or_insert_with(|| json!(image_pull_policy(&image)));
-        c.entry("terminationMessagePath")
-            .or_insert_with(|| json!("/dev/termination-log"));
-        c.entry("terminationMessagePolicy")
-            .or_insert_with(|| json!("File"));
-        c.entry("resources").or_insert_with(|| json!({}));
-        if let Some(Value::Array(ports)) = c.get_mut("ports") {
-            for p in ports.iter_mut().filter_map(Value::as_object_mut) {
-                p.entry("protocol").or_insert_with(|| json!("TCP"));
-            }
-        }
-        // A limit without a request requests the limit (as the API's defaulting does).
-        let limits = c.get("resources").and_then(|r| r.get("limits")).cloned();
-        if let (Some(Value::Object(limits)), Some(res)) = (
-            limits,
-            c.get_mut("resources").and_then(Value::as_object_mut),
-        ) {
-            let req = res.entry("requests").or_insert_with(|| json!({}));
-            if let Some(req) = req.as_object_mut() {
-                for (k, v) in limits {
-                    req.entry(k).or_insert(v);
-                }
-            }
-        }
-    }
-}
-
-/// The defaults a pod's spec gets when it is decoded, before admission (the webhook sees them).
-pub fn default_pod(obj: &mut Value) {
-    if !obj.get("spec").is_some_and(Value::is_object) {
-        return;
-    }
-    let spec = &mut obj["spec"];
-    default_containers(spec.get_mut("containers"));
-    default_containers(spec.get_mut("initContainers"));
-    let s = spec.as_object_mut().expect("checked to be an object");
-    for (k, v) in [
-        ("restartPolicy", json!("Always")),
-        ("dnsPolicy", json!("ClusterFirst")),
-        ("schedulerName", json!("default-scheduler")),
-        ("terminationGracePeriodSeconds", json!(30)),
-        ("securityContext", json!({})),
-        ("enableServiceLinks", json!(true)),
-        ("preemptionPolicy", json!("PreemptLowerPriority")),
-        ("priority", json!(0)),
-        ("serviceAccountName", json!("default")),
-    ] {
-        s.entry(k).or_insert(v);
-    }
-    let sa = s
-        .get("serviceAccountName")
-        .cloned()
-        .unwrap_or(json!("default"));
-    s.entry("serviceAccount").or_insert(sa);
-}
-
-/// QoS class as the API server computes it for `status.qosClass`.
-fn qos_class(spec: &Value) -> &'static str {
-    let containers = spec
-        .get("containers")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let mut any = false;
-    let mut guaranteed = true;
-    for c in &containers {
-        let req = c.pointer("/resources/requests");
-        let lim = c.pointer("/resources/limits");
-        for r in ["cpu", "memory"] {
-            let q = req.and_then(|x| x.get(r));
-            let l = lim.and_then(|x| x.get(r));
-            any |= q.is_some() || l.is_some();
-            if l.is_none() || q != l {
-                guaranteed = false;
-            }
-        }
-    }
-    match (any, guaranteed) {
-        (false, _) => "BestEffort",
-        (true, true) => "Guaranteed",
-        (true, false) => "Burstable",
-    }
-}
-
 /// System fields of a new object, and the status it starts with.
 pub fn prepare_create(res: &Resource, obj: &mut Value) {
     let m = meta(obj);
@@ -279,7 +174,7 @@ pub fn prepare_create(res: &Resource, obj: &mut Value) {
     m.remove("managedFields");
     match res.storage {
         "pods" => {
-            let qos = qos_class(&obj["spec"]);
+            let qos = pods::qos_class(&obj["spec"]);
             obj["status"] = json!({"phase": "Pending", "qosClass": qos});
         }
         "namespaces" => {
@@ -293,29 +188,6 @@ pub fn prepare_create(res: &Resource, obj: &mut Value) {
         }
         _ => {}
     }
-}
-
-/// A pod's spec fields that an update may change (everything else is fixed once created).
-fn mutable_pod_spec(spec: &Value) -> Value {
-    let mut s = spec.clone();
-    if let Some(m) = s.as_object_mut() {
-        for k in [
-            "activeDeadlineSeconds",
-            "tolerations",
-            "schedulingGates",
-            "terminationGracePeriodSeconds",
-        ] {
-            m.remove(k);
-        }
-        for list in ["containers", "initContainers"] {
-            if let Some(Value::Array(cs)) = m.get_mut(list) {
-                for c in cs.iter_mut().filter_map(Value::as_object_mut) {
-                    c.remove("image");
-                }
-            }
-        }
-    }
-    s
 }
 
 /// Which part of the object a write is for.
@@ -405,8 +277,8 @@ pub fn prepare_update(
     }
     if res.storage == "pods" && part == Part::Main {
         let (a, b) = (
-            mutable_pod_spec(&old["spec"]),
-            mutable_pod_spec(&new["spec"]),
+            pods::mutable_spec(&old["spec"]),
+            pods::mutable_spec(&new["spec"]),
         );
         if a != b {
             return Err(ApiError::invalid(
@@ -491,62 +363,6 @@ pub fn validate(res: &Resource, obj: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Core v1 Event fields and their `events.k8s.io/v1` names (the server stores one set of events and serves it
-/// in both shapes, as kube-apiserver does).
-const EVENT_FIELDS: &[(&str, &str)] = &[
-    ("involvedObject", "regarding"),
-    ("message", "note"),
-    ("source", "deprecatedSource"),
-    ("firstTimestamp", "deprecatedFirstTimestamp"),
-    ("lastTimestamp", "deprecatedLastTimestamp"),
-    ("count", "deprecatedCount"),
-    ("reportingComponent", "reportingController"),
-];
-
-fn rename(obj: &Value, to_new: bool, api_version: &str) -> Value {
-    let mut out = Map::new();
-    if let Some(m) = obj.as_object() {
-        for (k, v) in m {
-            let renamed = EVENT_FIELDS.iter().find_map(|(core, new)| {
-                if to_new && k == core {
-                    Some(*new)
-                } else if !to_new && k == new {
-                    Some(*core)
-                } else {
-                    None
-                }
-            });
-            out.insert(renamed.unwrap_or(k).to_string(), v.clone());
-        }
-    }
-    out.insert("apiVersion".into(), json!(api_version));
-    out.insert("kind".into(), json!("Event"));
-    Value::Object(out)
-}
-
-/// The object as a client of `res` sees it.
-pub fn to_view(res: &Resource, stored: &Value) -> Value {
-    if res.group == "events.k8s.io" {
-        rename(stored, true, "events.k8s.io/v1")
-    } else {
-        stored.clone()
-    }
-}
-
-/// What is stored for an object a client of `res` sent.
-pub fn from_view(res: &Resource, view: Value) -> Value {
-    if res.group == "events.k8s.io" {
-        rename(&view, false, "v1")
-    } else {
-        view
-    }
-}
-
-/// Whether clients of `res` see stored objects unchanged.
-pub fn view_is_stored(res: &Resource) -> bool {
-    res.group != "events.k8s.io"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,17 +379,5 @@ mod tests {
     fn now_is_whole_seconds_utc() {
         let t = now();
         assert!(t.ends_with('Z') && t.len() == 20, "{t}");
-    }
-
-    #[test]
-    fn event_shapes_round_trip() {
-        let core = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "e"},
-                          "involvedObject": {"name": "p"}, "message": "m", "reason": "R"});
-        let res = super::super::resources::find("events.k8s.io", "v1", "events").unwrap();
-        let v = to_view(res, &core);
-        assert_eq!(v["regarding"]["name"], "p");
-        assert_eq!(v["note"], "m");
-        assert_eq!(v["apiVersion"], "events.k8s.io/v1");
-        assert_eq!(from_view(res, v), core);
     }
 }

@@ -19,9 +19,7 @@ impl PatchKind {
             "application/json-patch+json" => Some(PatchKind::Json),
             "application/merge-patch+json" => Some(PatchKind::Merge),
             "application/strategic-merge-patch+json" => Some(PatchKind::Strategic),
-            "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-                Some(PatchKind::Apply)
-            }
+            "application/apply-patch+yaml" => Some(PatchKind::Apply),
             _ => None,
         }
     }

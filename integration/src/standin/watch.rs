@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::errors::ApiError;
-use super::objects::{to_view, view_is_stored};
+use super::event_views::{to_view, view_is_stored};
 use super::resources::Resource;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::store::{Change, ChangeType, Store};
@@ -30,6 +30,8 @@ pub struct WatchSpec {
     /// `sendInitialEvents=true`: the current objects, then a bookmark marking their end.
     pub initial_events: bool,
     pub timeout: Option<Duration>,
+    /// Objects as one-row `meta.k8s.io/v1` Tables (what `kubectl get -w` asks for).
+    pub as_table: bool,
 }
 
 impl WatchSpec {
@@ -38,6 +40,13 @@ impl WatchSpec {
     }
 
     fn line(&self, kind: &str, object: &Value) -> Bytes {
+        let table;
+        let object = if self.as_table && kind != "BOOKMARK" && kind != "ERROR" {
+            table = super::table::table(self.resource, std::slice::from_ref(object), None);
+            &table
+        } else {
+            object
+        };
         let mut v = serde_json::to_vec(&json!({"type": kind, "object": object}))
             .expect("a JSON value serializes");
         v.push(b'\n');
@@ -72,7 +81,7 @@ impl WatchSpec {
             k if now => k,
             _ => return None,
         };
-        if view_is_stored(self.resource) {
+        if view_is_stored(self.resource) && !self.as_table {
             let mut v = Vec::with_capacity(c.object_json.len() + 40);
             v.extend_from_slice(b"{\"type\":\"");
             v.extend_from_slice(kind.as_str().as_bytes());
