@@ -69,7 +69,8 @@ sched-token,system:serviceaccount:vgpu-system:vgpu-scheduler,2
 agent-token,system:serviceaccount:vgpu-system:vgpu-agent,3
 kubelet-token,system:node:$NODE,4,"system:nodes"
 TOK
-openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=vgpu-webhook" \
+# One self-signed certificate for 127.0.0.1 serves the API (kubectl sends tokens only over HTTPS) and the webhook.
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=vgpu-lab3" \
     -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
     -keyout "$T/webhook.key" -out "$T/webhook.crt" >/dev/null 2>&1 || die "openssl"
 
@@ -77,7 +78,7 @@ kubeconfig() { # $1 token, $2 file
     cat > "$2" <<KC
 apiVersion: v1
 kind: Config
-clusters: [{name: standin, cluster: {server: "http://127.0.0.1:$API_PORT"}}]
+clusters: [{name: standin, cluster: {server: "https://127.0.0.1:$API_PORT", certificate-authority: "$T/webhook.crt"}}]
 users: [{name: u, user: {token: $1}}]
 contexts: [{name: c, context: {cluster: standin, user: u, namespace: default}}]
 current-context: c
@@ -88,6 +89,7 @@ WEBHOOK_PORT=$(free_port); EXT_PORT=$(free_port); SCHED_METRICS=$(free_port); AG
 
 # --- start the stack -------------------------------------------------------------------------------------------
 "$B/kube-standin" --listen 127.0.0.1:0 --token-auth-file "$T/tokens.csv" \
+    --tls-cert-file "$T/webhook.crt" --tls-private-key-file "$T/webhook.key" \
     --mutating-webhook "https://127.0.0.1:$WEBHOOK_PORT/mutate" \
     --validating-webhook "https://127.0.0.1:$WEBHOOK_PORT/validate" \
     --webhook-ca "$T/webhook.crt" --webhook-exempt-namespace kube-system --webhook-exempt-namespace vgpu-system \

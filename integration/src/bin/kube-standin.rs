@@ -33,6 +33,9 @@ struct Args {
     /// Validating admission webhook for pods, `[NAME=]URL`; repeat for several.
     #[arg(long = "validating-webhook")]
     validating_webhooks: Vec<WebhookSpec>,
+    /// Pods in this namespace skip the webhooks (a namespaceSelector excluding it); repeatable.
+    #[arg(long = "webhook-exempt-namespace")]
+    webhook_exempt_namespaces: Vec<String>,
     /// PEM CA bundle for https webhooks.
     #[arg(long)]
     webhook_ca: Option<PathBuf>,
@@ -71,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         mutating_webhooks: args.mutating_webhooks,
         validating_webhooks: args.validating_webhooks,
         webhook_ca: args.webhook_ca,
+        webhook_exempt_namespaces: args.webhook_exempt_namespaces,
         users,
         history: args.history,
         tls: match (args.tls_cert_file, args.tls_private_key_file) {

@@ -49,6 +49,9 @@ pub struct Config {
     pub history: usize,
     /// Serve HTTPS with this certificate chain and key (PEM) instead of plain HTTP.
     pub tls: Option<ServingCert>,
+    /// Namespaces whose pods the webhooks are not called for (a webhook configuration's `namespaceSelector`
+    /// excluding them, as deploy/scheduler's excludes kube-system and vgpu-system).
+    pub webhook_exempt_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +71,7 @@ impl Default for Config {
             users: Users::default(),
             history: DEFAULT_HISTORY,
             tls: None,
+            webhook_exempt_namespaces: Vec::new(),
         }
     }
 }
@@ -92,7 +96,8 @@ impl Standin {
             &config.validating_webhooks,
             config.webhook_ca.as_ref(),
         )
-        .context("cannot set up the admission webhooks' clients")?;
+        .context("cannot set up the admission webhooks' clients")?
+        .exempting(config.webhook_exempt_namespaces.clone());
         let store = Arc::new(store::Store::new(config.history));
         for ns in INITIAL_NAMESPACES {
             let mut obj =
