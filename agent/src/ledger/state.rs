@@ -1,5 +1,6 @@
-//! The agent's view of the node: per-process memory from the uprobes, the mirrored cache files, NVML; the
-//! checks (over the limit, disagreeing with the cache file) and what the policy does about them.
+//! The agent's view of the node: per-process memory from the uprobes, the containers' bindings (their limits),
+//! the cache files as read, NVML; the checks (over the limit, disagreeing with the cache file) and what the
+//! policy does about them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -10,8 +11,10 @@ use vgpu_agent_ebpf_common::CallEvent;
 use crate::ebpf::decode::{decode, Call};
 use crate::ebpf::procs::ProcTable;
 use crate::gpus::GpuSample;
+use crate::ledger::bind_socket::Op;
+use crate::ledger::bindings::{Binding, Bindings};
 use crate::ledger::book::Ledger;
-use crate::ledger::caches::{CacheFile, Mirror};
+use crate::ledger::caches::{CacheFile, Mirror, Snapshot};
 use crate::ledger::cgroups::{container_of, CgroupIds};
 use crate::observe::report::{ContainerReport, KillRecord, PidReport, Report};
 
@@ -33,6 +36,9 @@ pub struct State {
     pub policy: Policy,
     pub ledger: Ledger,
     pub cgroups: CgroupIds,
+    pub cgroup_root: PathBuf,
+    /// The only source of a container's limits and of its cache file (see [`crate::ledger::bindings`]).
+    pub bindings: Bindings,
     pub mirror: Mirror,
     pub procs: ProcTable,
     pub gpus: Vec<GpuSample>,
@@ -73,7 +79,9 @@ impl State {
         Self {
             policy,
             ledger: Ledger::default(),
-            cgroups: CgroupIds::new(cgroup_root),
+            cgroups: CgroupIds::new(cgroup_root.clone()),
+            cgroup_root,
+            bindings: Bindings::default(),
             mirror: Mirror::new(cache_dir),
             procs: ProcTable::default(),
             gpus: vec![],
@@ -194,9 +202,58 @@ impl State {
         self.journal_pending.clear();
     }
 
+    /// Binds a container (the node side, after the kubelet's record confirmed it; root's word). Its limit
+    /// applies from now on, also to what its processes already hold.
+    pub fn bind_container(&mut self, b: Binding) -> Result<(), String> {
+        let cgroup = b.cgroup.clone();
+        self.bindings.bind(b)?;
+        self.dirty = true;
+        self.check_limit(&cgroup, None);
+        Ok(())
+    }
+
+    /// Forgets the binding of `cgroup` (the node side: the container is gone).
+    #[allow(dead_code)] // the node side (agent/src/node/) calls it; standalone has only the bind socket
+    pub fn unbind(&mut self, cgroup: &str) -> Result<Option<Binding>, String> {
+        let b = self.bindings.unbind(cgroup, 0)?;
+        self.dirty = true;
+        Ok(b)
+    }
+
+    /// A request from the bind socket, its peer already authorized for the paths it names.
+    pub fn apply_bind_op(&mut self, op: Op) -> Result<(), String> {
+        match op {
+            Op::Bind(b) => self.bind_container(b),
+            Op::Unbind { cgroup, uid } => {
+                self.bindings.unbind(&cgroup, uid)?;
+                self.over.remove(&cgroup);
+                self.dirty = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// The cache files to read besides those under the cache directory: the bound ones.
+    pub fn bound_cache_files(&self) -> Vec<PathBuf> {
+        self.bindings.iter().map(|b| b.cache_path.clone()).collect()
+    }
+
+    /// The cache file of the container in `cgroup`: only the one its binding names.
     fn file_for(&self, cgroup: &str) -> Option<&CacheFile> {
-        let pod = container_of(cgroup).pod_uid;
-        self.mirror.for_cgroup(cgroup, pod.as_deref())
+        self.mirror.get(&self.bindings.get(cgroup)?.cache_path)
+    }
+
+    fn bound_map(&self) -> BTreeMap<PathBuf, String> {
+        self.bindings
+            .iter()
+            .map(|b| (b.cache_path.clone(), b.cgroup.clone()))
+            .collect()
+    }
+
+    /// Takes in the cache files read (outside the lock) by [`crate::ledger::caches::collect`].
+    pub fn take_cache_reads(&mut self, reads: Vec<(PathBuf, Result<Snapshot, String>)>) {
+        let bound = self.bound_map();
+        self.mirror.apply(reads, &self.procs, &bound);
     }
 
     /// (tgid, bytes the uprobes saw, bytes its cache slot charges minus its context) per process of `cgroup`.
@@ -224,11 +281,9 @@ impl State {
     /// Over the limit: log and count once per crossing; under enforce, kill the processes that account for
     /// the excess, those the cache file does not know about first.
     pub fn check_limit(&mut self, cgroup: &str, event_ts: Option<u64>) {
-        let Some(limit) = self
-            .file_for(cgroup)
-            .map(CacheFile::limit)
-            .filter(|l| *l > 0)
-        else {
+        // A container without a binding has no limit the agent trusts: shown, never killed.
+        let Some(limit) = self.bindings.get(cgroup).and_then(Binding::memory_limit) else {
+            self.over.remove(cgroup);
             return;
         };
         let mut members = self.members(cgroup);
@@ -289,8 +344,13 @@ impl State {
         }
     }
 
-    /// The periodic pass: drop exited processes, reclaim dead slots, check every container.
-    pub fn sweep(&mut self, procs: ProcTable, launches: Option<HashMap<u32, u64>>) -> Vec<u32> {
+    /// The periodic pass: drop exited processes, take in the cache files read, check every container.
+    pub fn sweep(
+        &mut self,
+        procs: ProcTable,
+        launches: Option<HashMap<u32, u64>>,
+        reads: Vec<(PathBuf, Result<Snapshot, String>)>,
+    ) -> Vec<u32> {
         self.procs = procs;
         let dead = self.ledger.drop_dead(|t, s| self.procs.alive(t, s));
         for t in &dead {
@@ -302,8 +362,12 @@ impl State {
         if !dead.is_empty() {
             self.dirty = true;
         }
-        self.mirror.rescan();
-        self.mirror.sweep(&self.procs);
+        for c in self.bindings.drop_vanished(&self.cgroup_root) {
+            tracing::info!("unbound {c}: its cgroup is gone");
+            self.over.remove(&c);
+            self.dirty = true;
+        }
+        self.take_cache_reads(reads);
         self.note_kernels(launches.as_ref(), unix_us());
         if let Some(counts) = launches {
             let now = Instant::now();
@@ -319,7 +383,8 @@ impl State {
             }
             self.last_launch_sample = Some(now);
         }
-        let cgroups: HashSet<String> = self.pid_cgroup.values().cloned().collect();
+        let mut cgroups: HashSet<String> = self.pid_cgroup.values().cloned().collect();
+        cgroups.extend(self.bindings.iter().map(|b| b.cgroup.clone()));
         for c in &cgroups {
             self.check_limit(c, None);
         }
@@ -381,18 +446,32 @@ impl State {
         let mut warnings: HashMap<String, Vec<String>> = HashMap::new();
         let mut streaks = HashMap::new();
         for c in cgroups {
-            let Some(file) = self.file_for(c) else {
+            let mut w = vec![];
+            let file = self.file_for(c);
+            if let (Some(b), Some(f)) = (self.bindings.get(c), file) {
+                if let Some(e) = &f.error {
+                    w.push(format!(
+                        "cache file {}: {e}; the binding's limit ({}) still holds",
+                        f.path.display(),
+                        b.memory_limit()
+                            .map_or("none".into(), |l| format!("{} MiB", l >> 20))
+                    ));
+                }
+                if f.error.is_none() && !header_agrees(&f.header_now.memory_limits, b) {
+                    w.push(format!(
+                        "cache file {} header says limits {}, the binding {}; the binding's hold",
+                        f.path.display(),
+                        limits_text(&f.header_now.memory_limits),
+                        binding_limits_text(b)
+                    ));
+                }
+            }
+            let Some(file) = file else {
+                if !w.is_empty() {
+                    warnings.insert(c.clone(), w);
+                }
                 continue;
             };
-            let mut w = vec![];
-            if file.header_tampered() {
-                w.push(format!(
-                    "cache file {} header changed since first seen (limits {} -> {}); holding the first",
-                    file.path.display(),
-                    limits_text(&file.first_header.memory_limits),
-                    limits_text(&file.header_now.memory_limits)
-                ));
-            }
             let file_pids: HashMap<u32, (u64, u64)> = file
                 .slots
                 .iter()
@@ -508,10 +587,15 @@ impl State {
                 .unwrap_or_else(|| f.path.display().to_string());
             let c = get(&mut reports, &key);
             c.cache_file = Some(f.path.display().to_string());
-            c.limit_bytes = f.limit();
-            c.sm_limit = f.first_header.sm_limit;
+            c.header_limit_bytes = f.limit();
             c.container_name = f.container_name.clone();
             c.pod_uid = c.pod_uid.clone().or(f.pod_uid.clone());
+            if f.cgroup.is_none() {
+                c.warnings.push(
+                    "no binding: shown only; nothing in this file is enforced or causes a kill"
+                        .into(),
+                );
+            }
             for s in &f.slots {
                 c.charged_bytes += s.charged;
                 c.throttled_ms += s.view.throttled_ns / 1_000_000;
@@ -526,9 +610,18 @@ impl State {
                 p.charged_bytes = Some(s.charged);
                 p.context_bytes = s.view.context_bytes;
             }
-            if f.header_tampered() && f.cgroup.is_none() {
-                c.warnings
-                    .push("cache file header changed since first seen".into());
+        }
+        for b in self.bindings.iter() {
+            let c = get(&mut reports, &b.cgroup);
+            c.bound = true;
+            c.limit_bytes = b.memory_limit().unwrap_or(0);
+            c.sm_limit = b.sm_limit;
+            c.cache_file = Some(b.cache_path.display().to_string());
+            if let Some(p) = &b.pod {
+                c.namespace = Some(p.namespace.clone());
+                c.pod_name = Some(p.name.clone());
+                c.pod_uid = Some(p.uid.clone());
+                c.container_name = Some(p.container.clone());
             }
         }
         // NVML-only processes (neither probed nor in a cache file) still belong to their container.
@@ -598,6 +691,23 @@ pub fn unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Whether a header's limits say what the binding says for every device the binding limits.
+fn header_agrees(header: &[u64], b: &Binding) -> bool {
+    b.memory_limits
+        .iter()
+        .all(|(d, l)| header.get(*d as usize).is_some_and(|h| h == l))
+}
+
+fn binding_limits_text(b: &Binding) -> String {
+    let mut l = [0u64; vgpu_contract::cache_layout::MAX_DEVICES];
+    for (d, v) in &b.memory_limits {
+        if let Some(x) = l.get_mut(*d as usize) {
+            *x = *v;
+        }
+    }
+    limits_text(&l)
+}
+
 /// The non-zero per-device limits, in MiB, for messages.
 pub fn limits_text(l: &[u64]) -> String {
     let v: Vec<String> = l
@@ -665,5 +775,85 @@ mod tests {
         s.note_kernels(None, 9_000);
         assert!(!s.last_kernel.contains_key(&10));
         assert_eq!(s.gone_last_kernel.get("/a"), Some(&1_000));
+    }
+    fn my_cgroup() -> String {
+        ProcTable::scan().by_pid[&std::process::id()].cgroup.clone()
+    }
+
+    /// Makes the ledger hold `bytes` for this test process, as the uprobes would.
+    fn holds(s: &mut State, bytes: u64) {
+        let me = std::process::id();
+        s.replay(&crate::ledger::journal::Entry {
+            seq: 1,
+            tgid: me,
+            start: vgpu_contract::cache_layout::process_start_time(me).unwrap(),
+            cgroup_id: 0,
+            call: Call::Alloc {
+                space: crate::ebpf::decode::Space::DevicePtr,
+                handle: 0x1000,
+                bytes,
+            },
+        });
+    }
+
+    #[test]
+    fn only_a_binding_sets_a_limit_and_a_deleted_file_keeps_it() {
+        use vgpu_contract::cache_layout::{CacheRegion, HeaderInfo};
+        let dir = std::env::temp_dir().join(format!("vgpu-state-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("planted")).unwrap();
+        let cg = my_cgroup();
+        // A tenant plants a cache file claiming 1 MiB, and a `cgroup` file naming this process's cgroup.
+        let mut info = HeaderInfo::default();
+        info.memory_limits[0] = 1 << 20;
+        let planted = dir.join("planted/x.cache");
+        drop(CacheRegion::open_or_create(&planted, &info).unwrap());
+        std::fs::write(dir.join("planted/cgroup"), &cg).unwrap();
+        let mut s = State::new(Policy::Report, dir.clone(), "/sys/fs/cgroup".into());
+        s.procs = ProcTable::scan();
+        holds(&mut s, 64 << 20);
+        let sweep = |s: &mut State| {
+            let reads = crate::ledger::caches::collect(&dir, &s.bound_cache_files());
+            s.sweep(ProcTable::scan(), None, reads);
+        };
+        sweep(&mut s);
+        assert_eq!(s.violations, 0, "the planted file sets no limit");
+        let r = s.report();
+        let shown = r
+            .containers
+            .iter()
+            .find(|c| c.cache_file.as_deref() == Some(planted.to_str().unwrap()))
+            .unwrap();
+        assert!(!shown.bound && shown.header_limit_bytes == 1 << 20);
+        assert!(shown.warnings[0].starts_with("no binding"), "{shown:?}");
+
+        let own = dir.join("own.cache");
+        info.memory_limits[0] = 32 << 20;
+        drop(CacheRegion::open_or_create(&own, &info).unwrap());
+        s.bind_container(Binding {
+            cgroup: cg.clone(),
+            cache_path: own.clone(),
+            memory_limits: [(0, 32 << 20)].into(),
+            sm_limit: 0,
+            policy: "default".into(),
+            source: crate::ledger::bindings::Source::Allocate,
+            pod: None,
+        })
+        .unwrap();
+        assert_eq!(s.violations, 1, "bound at 32 MiB while holding 64 MiB");
+        // The tenant deletes its cache file: the binding and its limit stay.
+        std::fs::remove_file(&own).unwrap();
+        sweep(&mut s);
+        sweep(&mut s);
+        let r = s.report();
+        let c = r.containers.iter().find(|c| c.key == cg).unwrap();
+        assert!(c.over_limit && c.limit_bytes == 32 << 20, "{c:?}");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("deleted; the binding's limit (32 MiB) still holds")),
+            "{c:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
