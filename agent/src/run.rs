@@ -36,6 +36,10 @@ pub struct RunArgs {
     pub cache_dir: PathBuf,
     #[arg(long, default_value = crate::observe::status::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Where `vgpu-agent exec` registers its slices (mode 0666; the caller is checked by SO_PEERCRED); "off"
+    /// for none.
+    #[arg(long, default_value = crate::ledger::bind_socket::DEFAULT_BIND_SOCKET)]
+    pub bind_socket: PathBuf,
     /// Prometheus metrics address; "off" for none.
     #[arg(long, default_value = "0.0.0.0:9394")]
     pub metrics_addr: String,
@@ -157,8 +161,6 @@ async fn serve(args: RunArgs) -> Result<()> {
     }
     probes.prune_pinned_links();
     pred.end(&probes);
-    // Cache files as they are now are the limits the agent holds containers to (a later rewrite is flagged).
-    state.mirror.rescan();
     if probes.files().is_empty() {
         tracing::warn!(
             "no libcuda file found yet; will probe any that a process maps (or pass --libcuda)"
@@ -228,6 +230,19 @@ async fn serve(args: RunArgs) -> Result<()> {
         }
     });
 
+    if args.bind_socket.as_os_str() != "off" {
+        let l = crate::ledger::bind_socket::listen(&args.bind_socket)
+            .with_context(|| args.bind_socket.display().to_string())?;
+        let b_shared = shared.clone();
+        let apply: crate::ledger::bind_socket::Apply =
+            Arc::new(move |op| b_shared.lock().unwrap().0.apply_bind_op(op));
+        let root = args
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(crate::ledger::cgroups::cgroup2_mount);
+        tokio::spawn(crate::ledger::bind_socket::serve(l, root, apply));
+    }
+
     if args.metrics_addr != "off" {
         let m_shared = shared.clone();
         let app = axum::Router::new().route(
@@ -259,6 +274,9 @@ async fn serve(args: RunArgs) -> Result<()> {
     let holder = hand_over_probes(LINGER);
     save_state(&shared, &args.state_file, holder, true);
     let _ = std::fs::remove_file(&args.socket);
+    if args.bind_socket.as_os_str() != "off" {
+        let _ = std::fs::remove_file(&args.bind_socket);
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -281,7 +299,7 @@ pub fn snapshot(shared: &Shared) -> Report {
         dropped_events: probes.drops(),
         violations: state.violations,
         kills: state.kills.clone(),
-        reclaimed_bytes: state.mirror.files.values().map(|f| f.reclaimed_bytes).sum(),
+        reclaimed_bytes: state.mirror.dead_total,
         nvml: state.nvml_status.clone(),
     });
     r
@@ -300,6 +318,9 @@ fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
         let procs = ProcTable::scan();
         let samples = gpus.sample();
         let rescan = last_rescan.elapsed() >= Duration::from_millis(args.libcuda_rescan_ms);
+        // Tenant files are read without the lock: a slow one must not stop events, status or metrics.
+        let bound = shared.lock().unwrap().0.bound_cache_files();
+        let reads = crate::ledger::caches::collect(&args.cache_dir, &bound);
         let dirty;
         {
             let mut g = shared.lock().unwrap();
@@ -310,7 +331,7 @@ fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
             }
             let launches = probes.launch_probes().then(|| probes.launch_counts());
             state.gpus = samples;
-            let dead = state.sweep(procs, launches);
+            let dead = state.sweep(procs, launches, reads);
             probes.forget_launches(&dead);
             probes.flush_log();
             state.dropped = probes.drops();
