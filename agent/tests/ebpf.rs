@@ -86,6 +86,7 @@ impl Drop for Fixture {
 struct Agent {
     child: Child,
     socket: PathBuf,
+    bind_socket: PathBuf,
 }
 
 impl Agent {
@@ -96,6 +97,7 @@ impl Agent {
 
     fn start_pinned(fx: &Fixture, policy: &str, pin_dir: &Path) -> Self {
         let socket = fx.dir.join("agent.sock");
+        let bind_socket = fx.dir.join("bind.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(env!("CARGO_BIN_EXE_vgpu-agent"))
             .args([
@@ -114,6 +116,8 @@ impl Agent {
             .arg(&fx.cache_dir)
             .arg("--socket")
             .arg(&socket)
+            .arg("--bind-socket")
+            .arg(&bind_socket)
             .arg("--state-file")
             .arg(fx.dir.join("state.json"))
             .arg("--pin-dir")
@@ -127,7 +131,11 @@ impl Agent {
             )
             .spawn()
             .unwrap();
-        let mut a = Self { child, socket };
+        let mut a = Self {
+            child,
+            socket,
+            bind_socket,
+        };
         let t = Instant::now();
         while a.try_status().is_none() {
             assert!(
@@ -151,6 +159,23 @@ impl Agent {
             .ok()?;
         let v: Value = serde_json::from_slice(&out.stdout).ok()?;
         (v["source"] == "agent").then_some(v)
+    }
+
+    /// Sends one request line on the bind socket (as root); returns the reply.
+    fn request(&self, req: &Value) -> Value {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.bind_socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Binds `ctr` as `vgpu-agent exec` does: its cgroup, cache file and limit.
+    fn bind(&self, ctr: &Container) {
+        let r = self.request(&ctr.bind_request());
+        assert_eq!(r, Value::from("ok"), "bind {}", ctr.cg);
     }
 
     fn status(&self) -> Value {
@@ -199,13 +224,14 @@ fn cgroup2() -> PathBuf {
         .unwrap()
 }
 
-/// A cgroup standing in for a container, with its cache file (limit in the header) and the `cgroup` file
-/// that binds the two.
+/// A cgroup standing in for a container, with its cache file (limit in the header, as the shim writes it);
+/// the agent takes the limit from [`Agent::bind`].
 struct Container {
     cg_abs: PathBuf,
     cg: String,
     cache: CacheRegion,
     cache_path: PathBuf,
+    limit: u64,
 }
 
 impl Container {
@@ -215,7 +241,6 @@ impl Container {
         let _ = std::fs::create_dir(&cg_abs);
         let dir = fx.cache_dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cgroup"), &cg).unwrap();
         let mut info = HeaderInfo::default();
         info.memory_limits[0] = limit;
         let cache_path = dir.join("vgpu.cache");
@@ -225,7 +250,19 @@ impl Container {
             cg,
             cache,
             cache_path,
+            limit,
         }
+    }
+
+    fn bind_request(&self) -> Value {
+        serde_json::json!({"bind": {
+            "cgroup": self.cg,
+            "cache": self.cache_path,
+            "memory_limits": {"0": self.limit},
+            "sm_limit": 0,
+            "policy": "default",
+            "pid": std::process::id(),
+        }})
     }
 
     /// Starts the client in this cgroup; returns it with its stdout.
@@ -306,6 +343,7 @@ fn processes_with_and_without_the_shim_are_seen_and_a_crash_drops_memory() {
     let fx = Fixture::new("seen");
     let ctr = Container::new(&fx, "seen", 4000 * MIB);
     let agent = Agent::start(&fx, "report");
+    agent.bind(&ctr);
 
     let (mut shimmed, mut out1) = ctr.spawn(&fx, "3 64 0 60");
     wait_line(&mut out1, "alloc 2");
@@ -347,7 +385,7 @@ fn processes_with_and_without_the_shim_are_seen_and_a_crash_drops_memory() {
         "the shimmed process agrees with its slot: {w}"
     );
 
-    // kill -9: its memory leaves the eBPF view and its slot is reclaimed.
+    // kill -9: its memory leaves the eBPF view and its slot's charge stops counting.
     shimmed.kill().unwrap();
     shimmed.wait().unwrap();
     let c = agent.wait_for("the crash to be noticed", |s| {
@@ -355,12 +393,13 @@ fn processes_with_and_without_the_shim_are_seen_and_a_crash_drops_memory() {
         (pid_entry(&c, p1).is_none() && bytes(&c["charged_bytes"]) == 0).then_some(c)
     });
     assert_eq!(bytes(&c["ebpf_bytes"]), 2 * 64 * MIB);
-    assert!(
-        ctr.cache.slots().is_empty(),
-        "the dead process's slot was reclaimed in the file itself"
+    assert_eq!(
+        ctr.cache.slots().len(),
+        1,
+        "the agent never writes a tenant's file: the shim reclaims the slot on its next refused charge"
     );
     assert_eq!(
-        bytes(&agent.status()["agent"]["reclaimed_bytes"]),
+        bytes(&agent.status()["agent"]["dead_slot_bytes"]),
         3 * 64 * MIB
     );
     bare.kill().unwrap();
@@ -371,6 +410,7 @@ fn over_limit(policy: &str) -> (Value, Option<std::process::ExitStatus>, Duratio
     let fx = Fixture::new(&format!("limit-{policy}"));
     let ctr = Container::new(&fx, policy, 256 * MIB);
     let agent = Agent::start(&fx, policy);
+    agent.bind(&ctr);
     // 64 MiB every 400 ms without the shim: the fifth allocation takes it to 320 MiB, past 256.
     let (mut c, mut out) = ctr.spawn(&fx, "5 64 400 30");
     wait_line(&mut out, "alloc 3");
@@ -448,6 +488,7 @@ fn a_tampered_cache_file_is_flagged() {
     let fx = Fixture::new("tamper");
     let ctr = Container::new(&fx, "tamper", 1000 * MIB);
     let agent = Agent::start(&fx, "enforce");
+    agent.bind(&ctr);
     let (mut c, mut out) = ctr.spawn(&fx, "4 64 0 60");
     wait_line(&mut out, "alloc 3");
     let slot = ctr.charge_as_shim(c.id(), 4 * 64 * MIB);
@@ -469,12 +510,12 @@ fn a_tampered_cache_file_is_flagged() {
     let w = agent.wait_for("the warnings", |s| {
         let w = ctr.of(s)?["warnings"].to_string();
         (w.contains("cache file charges 0 MiB, uprobes saw 256 MiB")
-            && w.contains("header changed"))
+            && w.contains("header says limits"))
         .then_some(w)
     });
     assert!(
-        w.contains("(limits 1000 MiB -> 102400 MiB)"),
-        "the first-seen limit is named: {w}"
+        w.contains("header says limits 102400 MiB, the binding 1000 MiB; the binding's hold"),
+        "the binding's limit is named: {w}"
     );
     let s = agent.status();
     assert_eq!(
@@ -499,6 +540,7 @@ fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
     let fx = Fixture::new("restart");
     let ctr = Container::new(&fx, "restart", 4000 * MIB);
     let mut agent = Agent::start(&fx, "enforce");
+    agent.bind(&ctr);
     // One 64 MiB block every 4 s: the restart happens between the second and the third.
     let (mut c, mut out) = ctr.spawn(&fx, "4 64 4000 60");
     wait_line(&mut out, "alloc 1");
@@ -513,6 +555,11 @@ fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
         bytes(&cs["ebpf_bytes"]),
         128 * MIB,
         "restored, not lost: {cs:#}"
+    );
+    assert_eq!(
+        (cs["bound"].as_bool(), bytes(&cs["limit_bytes"])),
+        (Some(true), 4000 * MIB),
+        "the binding is kept across the restart: {cs:#}"
     );
     wait_line(&mut out, "alloc 3");
     let c2 = agent.wait_for("four blocks", |s| {
@@ -638,4 +685,229 @@ fn after_a_crash_nothing_is_lost_either() {
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     nothing_missed("crash", true);
+}
+
+// ---- A tenant's files cannot steer, crash or freeze the agent (issue 16) ----
+
+/// The cgroup-less directory a tenant controls: a cache file claiming `limit`, beside whatever it plants.
+fn planted_cache(fx: &Fixture, name: &str, limit: u64) -> PathBuf {
+    let dir = fx.cache_dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut info = HeaderInfo::default();
+    info.memory_limits[0] = limit;
+    drop(CacheRegion::open_or_create(&dir.join("vgpu.cache"), &info).unwrap());
+    dir
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
+}
+
+/// Status answers within 1 s, three times over about 1.5 s (several sweeps).
+fn answers_promptly(agent: &Agent, fx: &Fixture) {
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s = agent.try_status();
+        assert!(
+            s.is_some() && t.elapsed() < Duration::from_secs(1),
+            "status took {:?} (answered: {}): {}",
+            t.elapsed(),
+            s.is_some(),
+            log(fx)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_cache_file_truncated_while_in_use_does_not_crash_the_agent() {
+    if !root_or_skip("a_cache_file_truncated_while_in_use") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("truncate");
+    let ctr = Container::new(&fx, "truncate", 1000 * MIB);
+    let mut agent = Agent::start(&fx, "enforce");
+    agent.bind(&ctr);
+    let (mut c, mut out) = ctr.spawn(&fx, "1 64 0 60");
+    wait_line(&mut out, "alloc 0");
+    ctr.charge_as_shim(c.id(), 64 * MIB);
+    agent.wait_for("the charge", |s| {
+        (bytes(&ctr.of(s)?["charged_bytes"]) == 64 * MIB).then_some(())
+    });
+    // The tenant truncates its file; the shim (here the test's own mapping) still has it mapped.
+    std::fs::File::options()
+        .write(true)
+        .open(&ctr.cache_path)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let w = agent.wait_for("the truncation to be noticed", |s| {
+        let w = ctr.of(s)?["warnings"].to_string();
+        w.contains("shorter than its header").then_some(w)
+    });
+    assert!(w.contains("the binding's limit (1000 MiB) still holds"), "{w}");
+    assert!(agent.child.try_wait().unwrap().is_none(), "agent alive: {}", log(&fx));
+    answers_promptly(&agent, &fx);
+    c.kill().unwrap();
+    let _ = c.wait();
+}
+
+#[test]
+fn a_fifo_or_symlink_named_cgroup_does_not_freeze_the_agent() {
+    if !root_or_skip("a_fifo_or_symlink_named_cgroup") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("fifo");
+    let agent = Agent::start(&fx, "enforce");
+    // Planted after the agent started, so a sweep finds them.
+    let a = planted_cache(&fx, "fifo", 1000 * MIB);
+    mkfifo(&a.join("cgroup"));
+    let b = planted_cache(&fx, "symlink", 1000 * MIB);
+    mkfifo(&fx.dir.join("elsewhere"));
+    std::os::unix::fs::symlink(fx.dir.join("elsewhere"), b.join("cgroup")).unwrap();
+    // A FIFO and a symlink named like a cache file, too.
+    mkfifo(&a.join("fifo.cache"));
+    std::os::unix::fs::symlink(fx.dir.join("elsewhere"), b.join("link.cache")).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    answers_promptly(&agent, &fx);
+    let s = agent.status();
+    let shown = s["containers"].to_string();
+    assert!(
+        shown.contains(a.join("vgpu.cache").to_str().unwrap()),
+        "the real cache file is still shown: {s:#}"
+    );
+}
+
+#[test]
+fn a_cgroup_file_naming_another_container_kills_nothing() {
+    if !root_or_skip("a_cgroup_file_naming_another_container") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("steer");
+    let victim = Container::new(&fx, "victim", 4000 * MIB);
+    let agent = Agent::start(&fx, "enforce");
+    agent.bind(&victim);
+    let (mut c, mut out) = victim.spawn(&fx, "2 64 0 60");
+    wait_line(&mut out, "alloc 1");
+    // The attacker's directory: a 1 MiB "limit" and a `cgroup` file naming the victim's cgroup.
+    let planted = planted_cache(&fx, "attacker", MIB);
+    std::fs::write(planted.join("cgroup"), &victim.cg).unwrap();
+    let s = agent.wait_for("the victim's memory and the planted file", |s| {
+        let seen = bytes(&victim.of(s)?["ebpf_bytes"]) == 128 * MIB;
+        let planted_seen = s["containers"]
+            .to_string()
+            .contains(planted.join("vgpu.cache").to_str().unwrap());
+        (seen && planted_seen).then(|| s.clone())
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        c.try_wait().unwrap().is_none(),
+        "the victim was killed: {}",
+        log(&fx)
+    );
+    let s2 = agent.status();
+    assert!(s2["agent"]["kills"].as_array().unwrap().is_empty(), "{s2:#}");
+    assert_eq!(bytes(&victim.of(&s2).unwrap()["limit_bytes"]), 4000 * MIB, "{s:#}");
+    c.kill().unwrap();
+    let _ = c.wait();
+}
+
+#[test]
+fn a_deleted_cache_file_is_still_enforced_from_its_binding() {
+    if !root_or_skip("a_deleted_cache_file_is_still_enforced") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("deleted");
+    let ctr = Container::new(&fx, "deleted", 256 * MIB);
+    let agent = Agent::start(&fx, "enforce");
+    agent.bind(&ctr);
+    std::fs::remove_file(&ctr.cache_path).unwrap();
+    agent.wait_for("the deletion to be noticed", |s| {
+        ctr.of(s)?["warnings"]
+            .to_string()
+            .contains("deleted")
+            .then_some(())
+    });
+    // 64 MiB every 300 ms without the shim: the fifth takes it past 256 MiB.
+    let (mut c, mut out) = ctr.spawn(&fx, "5 64 300 30");
+    wait_line(&mut out, "alloc 3");
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t.elapsed() > Duration::from_secs(3) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = c.kill();
+    let _ = c.wait();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        st.and_then(|s| s.signal()),
+        Some(libc::SIGKILL),
+        "not killed: {:#}",
+        agent.status()
+    );
+}
+
+#[test]
+fn a_bind_request_from_a_user_for_a_cgroup_it_does_not_own_is_refused() {
+    if !root_or_skip("a_bind_request_from_a_user_for_a_cgroup_it_does_not_own") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("peer");
+    let helper = fx.dir.join("bindreq");
+    let st = Command::new("gcc")
+        .args(["-O1", "-o"])
+        .arg(&helper)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture/bindreq.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let theirs = Container::new(&fx, "theirs", 4000 * MIB);
+    let mine = Container::new(&fx, "mine", 4000 * MIB);
+    const NOBODY: u32 = 65534;
+    for p in [mine.cg_abs.as_path(), mine.cache_path.as_path()] {
+        std::os::unix::fs::chown(p, Some(NOBODY), None).unwrap();
+    }
+    let agent = Agent::start(&fx, "enforce");
+    let as_nobody = |req: &Value| -> String {
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(&helper)
+            .arg(&agent.bind_socket)
+            .arg(req.to_string())
+            .uid(NOBODY)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Someone else's cgroup, with a cache file the user owns: refused, and nothing bound.
+    let mut req = theirs.bind_request();
+    req["bind"]["cache"] = Value::from(mine.cache_path.to_str().unwrap());
+    let r = as_nobody(&req);
+    assert!(
+        r.contains(&format!("belongs to uid 0, not to uid {NOBODY}")),
+        "{r}"
+    );
+    assert!(
+        theirs.of(&agent.status()).is_none_or(|c| c["bound"] != true),
+        "nothing bound"
+    );
+    // Its own cgroup and cache file: bound. Then root's binding of it cannot be taken over.
+    assert_eq!(as_nobody(&mine.bind_request()), "\"ok\"");
+    assert_eq!(mine.of(&agent.status()).unwrap()["bound"], true);
+    agent.bind(&theirs);
+    let unbind = serde_json::json!({"unbind": {"cgroup": theirs.cg}});
+    let r = as_nobody(&unbind);
+    assert!(r.contains("only that user or root may unbind it"), "{r}");
+    assert_eq!(theirs.of(&agent.status()).unwrap()["bound"], true);
 }

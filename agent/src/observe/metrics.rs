@@ -273,9 +273,9 @@ pub fn render(r: &Report) -> String {
                 a.kills.len() as f64,
             ),
             (
-                "vgpu_agent_reclaimed_bytes_total",
-                "bytes reclaimed from dead processes' cache slots",
-                a.reclaimed_bytes as f64,
+                "vgpu_agent_dead_slot_bytes_total",
+                "bytes found charged in cache slots of exited processes (the shim reclaims them)",
+                a.dead_slot_bytes as f64,
             ),
         ];
         for (n, h, v) in counters {

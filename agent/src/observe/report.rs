@@ -23,7 +23,10 @@ pub struct AgentInfo {
     pub dropped_events: u64,
     pub violations: u64,
     pub kills: Vec<KillRecord>,
-    pub reclaimed_bytes: u64,
+    /// Bytes found charged in cache slots of processes that had exited (each slot once). The agent does not
+    /// write tenant files: the container's shim reclaims such slots on its next refused charge.
+    #[serde(default, alias = "reclaimed_bytes")]
+    pub dead_slot_bytes: u64,
     pub nvml: String,
 }
 
