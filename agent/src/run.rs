@@ -299,7 +299,7 @@ pub fn snapshot(shared: &Shared) -> Report {
         dropped_events: probes.drops(),
         violations: state.violations,
         kills: state.kills.clone(),
-        reclaimed_bytes: state.mirror.dead_total,
+        dead_slot_bytes: state.mirror.dead_total,
         nvml: state.nvml_status.clone(),
     });
     r
