@@ -748,8 +748,15 @@ fn a_cache_file_truncated_while_in_use_does_not_crash_the_agent() {
         let w = ctr.of(s)?["warnings"].to_string();
         w.contains("shorter than its header").then_some(w)
     });
-    assert!(w.contains("the binding's limit (1000 MiB) still holds"), "{w}");
-    assert!(agent.child.try_wait().unwrap().is_none(), "agent alive: {}", log(&fx));
+    assert!(
+        w.contains("the binding's limit (1000 MiB) still holds"),
+        "{w}"
+    );
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "agent alive: {}",
+        log(&fx)
+    );
     answers_promptly(&agent, &fx);
     c.kill().unwrap();
     let _ = c.wait();
@@ -811,8 +818,15 @@ fn a_cgroup_file_naming_another_container_kills_nothing() {
         log(&fx)
     );
     let s2 = agent.status();
-    assert!(s2["agent"]["kills"].as_array().unwrap().is_empty(), "{s2:#}");
-    assert_eq!(bytes(&victim.of(&s2).unwrap()["limit_bytes"]), 4000 * MIB, "{s:#}");
+    assert!(
+        s2["agent"]["kills"].as_array().unwrap().is_empty(),
+        "{s2:#}"
+    );
+    assert_eq!(
+        bytes(&victim.of(&s2).unwrap()["limit_bytes"]),
+        4000 * MIB,
+        "{s:#}"
+    );
     c.kill().unwrap();
     let _ = c.wait();
 }
@@ -899,7 +913,9 @@ fn a_bind_request_from_a_user_for_a_cgroup_it_does_not_own_is_refused() {
         "{r}"
     );
     assert!(
-        theirs.of(&agent.status()).is_none_or(|c| c["bound"] != true),
+        theirs
+            .of(&agent.status())
+            .is_none_or(|c| c["bound"] != true),
         "nothing bound"
     );
     // Its own cgroup and cache file: bound. Then root's binding of it cannot be taken over.
@@ -910,4 +926,92 @@ fn a_bind_request_from_a_user_for_a_cgroup_it_does_not_own_is_refused() {
     let r = as_nobody(&unbind);
     assert!(r.contains("only that user or root may unbind it"), "{r}");
     assert_eq!(theirs.of(&agent.status()).unwrap()["bound"], true);
+}
+
+/// The stand-in libcuda built again as `soname` in a directory of its own (another file: another inode), with
+/// a client linked against it.
+fn private_build(fx: &Fixture, soname: &str) -> PathBuf {
+    let dir = fx.dir.join(format!("private-{soname}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture");
+    let lib = dir.join(soname);
+    let client = dir.join("client");
+    let gcc = |args: Vec<String>| {
+        let st = Command::new("gcc").args(&args).status().expect("gcc");
+        assert!(st.success(), "gcc {args:?}");
+    };
+    gcc(vec![
+        "-O1".into(),
+        "-fPIC".into(),
+        "-shared".into(),
+        format!("-Wl,-soname,{soname}"),
+        "-o".into(),
+        lib.display().to_string(),
+        src.join("fakecuda.c").display().to_string(),
+    ]);
+    gcc(vec![
+        "-O1".into(),
+        "-o".into(),
+        client.display().to_string(),
+        src.join("client.c").display().to_string(),
+        format!("-L{}", dir.display()),
+        format!("-l:{soname}"),
+        format!("-Wl,-rpath,{}", dir.display()),
+    ]);
+    client
+}
+
+#[test]
+fn a_renamed_or_private_libcuda_is_flagged_and_not_believed() {
+    if !root_or_skip("a_renamed_or_private_libcuda_is_flagged") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fx = Fixture::new("private");
+    let ctr = Container::new(&fx, "private", 4000 * MIB);
+    let start = |client: &Path| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {} 2 64 0 60",
+            ctr.cg_abs.display(),
+            client.display()
+        );
+        let mut c = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(c.stdout.take().unwrap());
+        wait_line(&mut out, "alloc 1");
+        (c, out)
+    };
+    // A renamed copy (no "libcuda" in its name) and a libcuda.so.99 of the tenant's own.
+    let (mut renamed, _o1) = start(&private_build(&fx, "libnvfoo.so"));
+    let (mut own, _o2) = start(&private_build(&fx, "libcuda.so.99"));
+    let agent = Agent::start(&fx, "report");
+    agent.bind(&ctr);
+    let c = agent.wait_for("both flagged", |s| {
+        let c = ctr.of(s)?.clone();
+        let flagged = |pid: u32| pid_entry(&c, pid).is_some_and(|p| p["private_libcuda"] == true);
+        (flagged(renamed.id()) && flagged(own.id())).then_some(c)
+    });
+    let w = c["warnings"].to_string();
+    assert!(
+        w.contains("libnvfoo.so, not the host driver's libcuda"),
+        "{w}"
+    );
+    assert!(
+        w.contains("libcuda.so.99, not the host driver's libcuda"),
+        "{w}"
+    );
+    let s = agent.status();
+    let probed = s["agent"]["libcuda_files"].to_string();
+    assert!(
+        !probed.contains("libnvfoo") && !probed.contains("libcuda.so.99"),
+        "a private file is never probed (its calls are not believed): {probed}"
+    );
+    assert_eq!(bytes(&c["ebpf_bytes"]), 0, "{c:#}");
+    for p in [&mut renamed, &mut own] {
+        p.kill().unwrap();
+        let _ = p.wait();
+    }
 }

@@ -48,6 +48,9 @@ pub struct State {
     pub violations: u64,
     pub kills: Vec<KillRecord>,
     pub libcuda_files: Vec<String>,
+    /// Processes mapping a libcuda that is not the host driver's file (its path as they see it): their calls
+    /// are not probed, so their memory is taken from NVML.
+    pub private_libcuda: HashMap<u32, String>,
     pub launch_probes: bool,
     pub dirty: bool,
     /// Number of the last call applied (the journal numbers its entries with it).
@@ -91,6 +94,7 @@ impl State {
             violations: 0,
             kills: vec![],
             libcuda_files: vec![],
+            private_libcuda: HashMap::new(),
             launch_probes: false,
             dirty: false,
             seq: 0,
@@ -256,26 +260,72 @@ impl State {
         self.mirror.apply(reads, &self.procs, &bound);
     }
 
-    /// (tgid, bytes the uprobes saw, bytes its cache slot charges minus its context) per process of `cgroup`.
+    /// Records which processes map a private libcuda, flagging each newcomer once.
+    pub fn set_private_libcuda(&mut self, private: HashMap<u32, String>) {
+        for (pid, path) in &private {
+            if !self.private_libcuda.contains_key(pid) {
+                tracing::warn!(
+                    "pid {pid} maps {path}, a libcuda that is not the host driver's: its calls are not probed; \
+                     its memory is taken from NVML"
+                );
+            }
+        }
+        self.private_libcuda = private;
+    }
+
+    /// The start time the agent knows `pid` by (the ledger's, else the process table's), 0 if neither.
+    fn start_of(&self, pid: u32) -> u64 {
+        self.ledger
+            .procs
+            .get(&pid)
+            .map(|p| p.start_time)
+            .or_else(|| self.procs.by_pid.get(&pid).map(|p| p.start_time))
+            .unwrap_or(0)
+    }
+
+    fn nvml_bytes(&self, pid: u32) -> u64 {
+        self.gpus
+            .iter()
+            .flat_map(|g| g.processes.iter())
+            .filter(|(p, _)| *p == pid)
+            .fold(0u64, |a, (_, b)| a.saturating_add(*b))
+    }
+
+    /// (tgid, bytes held, bytes its cache slot charges minus its context) per process of `cgroup`: held is
+    /// what the uprobes saw, or for a process on a private libcuda (whose calls are not probed) what NVML
+    /// says it holds, whichever is more.
     fn members(&self, cgroup: &str) -> Vec<(u32, u64, u64)> {
         let file = self.file_for(cgroup);
-        self.ledger
+        let charged_of = |t: u32| {
+            file.and_then(|f| f.slots.iter().find(|s| s.host_pid == Some(t)))
+                .map_or(0, |s| s.charged.saturating_sub(s.view.context_bytes))
+        };
+        let mut out: Vec<(u32, u64, u64)> = self
+            .ledger
             .procs
             .iter()
             .filter(|(t, _)| self.pid_cgroup.get(t).map(String::as_str) == Some(cgroup))
             .map(|(t, p)| {
-                let charged = file
-                    .and_then(|f| f.slots.iter().find(|s| s.host_pid == Some(*t)))
-                    .map_or(0, |s| s.charged.saturating_sub(s.view.context_bytes));
+                let charged = charged_of(*t);
                 // Older than the probes: what its cache slot charges is the better floor.
-                let seen = if p.partial {
+                let mut seen = if p.partial {
                     p.total.max(charged)
                 } else {
                     p.total
                 };
+                if self.private_libcuda.contains_key(t) {
+                    seen = seen.max(self.nvml_bytes(*t));
+                }
                 (*t, seen, charged)
             })
-            .collect()
+            .collect();
+        for pid in self.private_libcuda.keys() {
+            let in_cgroup = self.procs.by_pid.get(pid).map(|p| p.cgroup.as_str()) == Some(cgroup);
+            if in_cgroup && !self.ledger.procs.contains_key(pid) {
+                out.push((*pid, self.nvml_bytes(*pid), charged_of(*pid)));
+            }
+        }
+        out
     }
 
     /// Over the limit: log and count once per crossing; under enforce, kill the processes that account for
@@ -288,7 +338,7 @@ impl State {
         };
         let mut members = self.members(cgroup);
         members.retain(|(t, _, _)| {
-            let start = self.ledger.procs.get(t).map_or(0, |p| p.start_time);
+            let start = self.start_of(*t);
             !self.killed.contains(&(*t, start))
         });
         let mut total: u64 = members.iter().map(|m| m.1).sum();
@@ -316,7 +366,7 @@ impl State {
             if total <= limit {
                 break;
             }
-            let start = self.ledger.procs.get(&tgid).map_or(0, |p| p.start_time);
+            let start = self.start_of(tgid);
             // Never signal a pid that now names another process.
             if vgpu_contract::cache_layout::process_start_time(tgid) != Some(start) {
                 continue;
@@ -640,6 +690,34 @@ impl State {
                     );
                 }
             }
+        }
+        let mut private_warnings: Vec<(String, String)> = vec![];
+        for (pid, path) in &self.private_libcuda {
+            let Some(proc_) = self.procs.by_pid.get(pid) else {
+                continue;
+            };
+            let key = pid_container
+                .entry(*pid)
+                .or_insert_with(|| proc_.cgroup.clone())
+                .clone();
+            by_pid
+                .entry(*pid)
+                .or_insert_with(|| PidReport {
+                    pid: *pid,
+                    nvml_bytes: nvml_of.get(pid).copied().unwrap_or(0),
+                    ..Default::default()
+                })
+                .private_libcuda = true;
+            private_warnings.push((
+                key,
+                format!(
+                    "pid {pid} maps {path}, not the host driver's libcuda: its calls are not probed, its memory \
+                     is counted from NVML"
+                ),
+            ));
+        }
+        for (key, w) in private_warnings {
+            get(&mut reports, &key).warnings.push(w);
         }
         for (pid, p) in by_pid {
             let key = pid_container.get(&pid).cloned().unwrap_or_default();
