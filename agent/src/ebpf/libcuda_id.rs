@@ -121,6 +121,8 @@ pub struct Identities {
     host_shim: HashSet<(u64, u64)>,
     /// By the maps line's (device, inode): a file is classified once.
     known: HashMap<(String, u64), Kind>,
+    /// /proc/PID/map_files could not be opened for lack of privilege (said once).
+    denied: bool,
 }
 
 fn file_id(p: &Path) -> Option<(u64, u64)> {
@@ -164,8 +166,18 @@ impl Identities {
         if let Some(k) = self.known.get(&m.maps_id) {
             return *k;
         }
-        let Ok(f) = open_mapped(proc_root, pid, &m.range) else {
-            return Kind::NotCuda; // gone, or not ours to open: asked again next scan
+        let f = match open_mapped(proc_root, pid, &m.range) {
+            Ok(f) => f,
+            Err(e) => {
+                if e.kind() == ErrorKind::PermissionDenied && !self.denied {
+                    self.denied = true;
+                    tracing::warn!(
+                        "cannot open /proc/PID/map_files ({e}): private libcuda files go unnoticed; run the \
+                         agent with CAP_SYS_ADMIN (privileged)"
+                    );
+                }
+                return Kind::NotCuda; // gone, or not ours to open: asked again next scan
+            }
         };
         let Ok(meta) = f.metadata() else {
             return Kind::NotCuda;
