@@ -14,7 +14,7 @@ use crate::gpus::GpuSample;
 use crate::ledger::bind_socket::Op;
 use crate::ledger::bindings::{Binding, Bindings};
 use crate::ledger::book::Ledger;
-use crate::ledger::caches::{CacheFile, Mirror, Snapshot};
+use crate::ledger::caches::{CacheFile, Mirror, Slot, Snapshot};
 use crate::ledger::cgroups::{container_of, CgroupIds};
 use crate::observe::report::{ContainerReport, KillRecord, PidReport, Report};
 
@@ -243,6 +243,14 @@ impl State {
     }
 
     /// The cache file of the container in `cgroup`: only the one its binding names.
+    /// The host pid of a slot, only when the file is bound and that process is in the bound cgroup: a slot
+    /// in a tenant's file naming another container's process says nothing about it.
+    fn slot_pid(&self, f: &CacheFile, s: &Slot) -> Option<u32> {
+        let pid = s.host_pid?;
+        let cgroup = f.cgroup.as_deref()?;
+        (self.procs.by_pid.get(&pid)?.cgroup == cgroup).then_some(pid)
+    }
+
     fn file_for(&self, cgroup: &str) -> Option<&CacheFile> {
         self.mirror.get(&self.bindings.get(cgroup)?.cache_path)
     }
@@ -297,7 +305,7 @@ impl State {
     fn members(&self, cgroup: &str) -> Vec<(u32, u64, u64)> {
         let file = self.file_for(cgroup);
         let charged_of = |t: u32| {
-            file.and_then(|f| f.slots.iter().find(|s| s.host_pid == Some(t)))
+            file.and_then(|f| f.slots.iter().find(|s| self.slot_pid(f, s) == Some(t)))
                 .map_or(0, |s| s.charged.saturating_sub(s.view.context_bytes))
         };
         let mut out: Vec<(u32, u64, u64)> = self
@@ -459,10 +467,16 @@ impl State {
                 }
             }
         }
-        for s in self.mirror.files.values().flat_map(|f| f.slots.iter()) {
-            let Some(pid) = s.host_pid else { continue };
-            let prev = self.slot_launches.insert(pid, s.view.launches);
-            if prev.is_some_and(|p| s.view.launches > p) {
+        let slots: Vec<(u32, u64)> = self
+            .mirror
+            .files
+            .values()
+            .flat_map(|f| f.slots.iter().map(move |s| (f, s)))
+            .filter_map(|(f, s)| Some((self.slot_pid(f, s)?, s.view.launches)))
+            .collect();
+        for (pid, launches) in slots {
+            let prev = self.slot_launches.insert(pid, launches);
+            if prev.is_some_and(|p| launches > p) {
                 seen.push((pid, now_us));
             }
         }
@@ -647,9 +661,14 @@ impl State {
                 );
             }
             for s in &f.slots {
-                c.charged_bytes += s.charged;
-                c.throttled_ms += s.view.throttled_ns / 1_000_000;
-                let Some(hp) = s.host_pid else { continue };
+                // Tenant-written numbers: saturate, never overflow.
+                c.charged_bytes = c.charged_bytes.saturating_add(s.charged);
+                c.throttled_ms = c
+                    .throttled_ms
+                    .saturating_add(s.view.throttled_ns / 1_000_000);
+                let Some(hp) = self.slot_pid(f, s) else {
+                    continue;
+                };
                 pid_container.insert(hp, key.clone());
                 let p = by_pid.entry(hp).or_insert_with(|| PidReport {
                     pid: hp,
@@ -885,7 +904,19 @@ mod tests {
         let mut info = HeaderInfo::default();
         info.memory_limits[0] = 1 << 20;
         let planted = dir.join("planted/x.cache");
-        drop(CacheRegion::open_or_create(&planted, &info).unwrap());
+        let r = CacheRegion::open_or_create(&planted, &info).unwrap();
+        // Its slot names this (other container's) process and charges u64::MAX twice.
+        let me = std::process::id();
+        let slot = r
+            .claim(
+                me,
+                vgpu_contract::cache_layout::process_start_time(me).unwrap(),
+                vgpu_contract::cache_layout::own_pid_namespace(),
+            )
+            .unwrap();
+        r.try_charge(slot, 0, u64::MAX, None).unwrap();
+        r.try_charge(slot, 1, u64::MAX, None).unwrap();
+        drop(r);
         std::fs::write(dir.join("planted/cgroup"), &cg).unwrap();
         let mut s = State::new(Policy::Report, dir.clone(), "/sys/fs/cgroup".into());
         s.procs = ProcTable::scan();
@@ -904,6 +935,16 @@ mod tests {
             .unwrap();
         assert!(!shown.bound && shown.header_limit_bytes == 1 << 20);
         assert!(shown.warnings[0].starts_with("no binding"), "{shown:?}");
+        assert_eq!(shown.charged_bytes, u64::MAX, "saturated, not wrapped");
+        assert!(
+            shown.pids.is_empty(),
+            "a planted slot does not move another container's process: {shown:?}"
+        );
+        let mine = r.containers.iter().find(|c| c.key == cg).unwrap();
+        assert!(mine
+            .pids
+            .iter()
+            .any(|p| p.pid == me && p.charged_bytes.is_none()));
 
         let own = dir.join("own.cache");
         info.memory_limits[0] = 32 << 20;
