@@ -653,8 +653,103 @@ pub fn own_pid_namespace() -> u64 {
     }
 }
 
+/// How many bytes of a cache file hold everything a reader needs, given the header's first bytes (at least
+/// 24): the header plus the slots below the high-water mark. For readers that copy the file rather than map
+/// it.
+pub fn bytes_in_use(header: &[u8]) -> usize {
+    let hw = header
+        .get(H_HIGH_WATER * W..H_HIGH_WATER * W + W)
+        .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()));
+    HEADER_BYTES + (hw.min(SLOTS as u64) as usize) * SLOT_BYTES
+}
+
+/// The header and claimed slots from a copy of a cache file (read with `pread`, say, by a reader that must
+/// not map a file its writer can truncate). Any bytes are accepted: short or foreign data is an error, slots
+/// past the end of the copy are left out, and no field is trusted beyond its range.
+pub fn parse_copy(bytes: &[u8]) -> Result<(HeaderInfo, Vec<SlotView>), &'static str> {
+    let word = |i: usize| -> u64 {
+        bytes
+            .get(i * W..i * W + W)
+            .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
+    };
+    if bytes.len() < HEADER_BYTES {
+        return Err("shorter than its header");
+    }
+    if word(H_MAGIC) != MAGIC {
+        return Err("bad magic");
+    }
+    let ver = word(H_VERSION);
+    if ver as u32 != VERSION || (ver >> 32) as usize != SLOTS {
+        return Err("another layout version");
+    }
+    let mut memory_limits = [0; MAX_DEVICES];
+    for (i, l) in memory_limits.iter_mut().enumerate() {
+        *l = word(H_LIMITS + i);
+    }
+    let sm = word(H_SM);
+    let header = HeaderInfo {
+        memory_limits,
+        sm_limit: sm as u32,
+        policy: (sm >> 32) as u32,
+    };
+    let in_copy = (bytes.len() - HEADER_BYTES) / SLOT_BYTES;
+    let high_water = (word(H_HIGH_WATER).min(SLOTS as u64) as usize).min(in_copy);
+    let slot = |s: usize, i: usize| word((HEADER_BYTES + s * SLOT_BYTES) / W + i);
+    let slots = (0..high_water)
+        .filter_map(|index| {
+            let owner = slot(index, S_OWNER) as u32;
+            if owner == 0 {
+                return None;
+            }
+            let mut used = [0; MAX_DEVICES];
+            for (d, u) in used.iter_mut().enumerate() {
+                *u = slot(index, S_USED + d);
+            }
+            Some(SlotView {
+                index,
+                pid: owner & !RECLAIMING,
+                start_time: slot(index, S_START),
+                pid_ns: slot(index, S_PIDNS),
+                launches: slot(index, S_LAUNCHES),
+                throttled_ns: slot(index, S_THROTTLED_NS),
+                context_bytes: slot(index, S_CONTEXT),
+                used,
+            })
+        })
+        .collect();
+    Ok((header, slots))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_copy_reads_like_the_mapping_and_any_bytes_are_safe() {
+        let d = tmpdir();
+        let p = d.join("copy.cache");
+        let r = CacheRegion::open_or_create(&p, &info(1000)).unwrap();
+        let a = r.claim(10, 5, 1).unwrap();
+        r.try_charge(a, 3, 600, None).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let n = bytes_in_use(&bytes);
+        assert_eq!(n, HEADER_BYTES + SLOT_BYTES);
+        let (h, slots) = parse_copy(&bytes[..n]).unwrap();
+        assert_eq!(h, r.header());
+        assert_eq!(slots, r.slots());
+        // A copy cut inside the slots leaves them out; one cut in the header, or foreign bytes, is refused.
+        assert_eq!(parse_copy(&bytes[..HEADER_BYTES + 10]).unwrap().1, vec![]);
+        assert!(parse_copy(&bytes[..100]).is_err());
+        assert!(parse_copy(&vec![0xff; FILE_BYTES]).is_err());
+        let mut huge = bytes[..n].to_vec();
+        huge[H_HIGH_WATER * W..H_HIGH_WATER * W + W].copy_from_slice(&u64::MAX.to_ne_bytes());
+        assert_eq!(
+            bytes_in_use(&huge),
+            FILE_BYTES,
+            "a forged high-water mark stays bounded"
+        );
+        assert_eq!(parse_copy(&huge).unwrap().1.len(), 1);
+        std::fs::remove_file(&p).unwrap();
+    }
+
     use super::*;
 
     fn info(limit: u64) -> HeaderInfo {
