@@ -271,19 +271,19 @@ async fn register_then_list_and_watch_sets_node_capacity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_restart_makes_the_plugin_register_again() {
-    let mut node = TestNode::start(2, Answer::default()).await;
-    node.plugin.follow_kubelet_restarts();
-    let node_ref = &mut node;
-    node_ref.plugin.register().await;
-    until("first registration", || {
-        (node_ref.harness().devices.free(RESOURCE).len() == 2).then_some(())
+    let mut node = TestNode::start(2, Answer::default())
+        .await
+        .registered()
+        .await;
+    let sock = node.dir.join("device-plugins/kubelet.sock");
+    let plugin_sock = node.dir.join("device-plugins/test-plugin.sock");
+    let before = test_plugin::file_identity(&sock).unwrap();
+    until("Node allocatable 2", || {
+        (node.api.get("nodes", "", NODE)?["status"]["allocatable"][RESOURCE] == "2").then_some(())
     })
     .await;
-    let sock = node_ref.dir.join("device-plugins/kubelet.sock");
-    let before = test_plugin::file_identity(&sock).unwrap();
 
-    node_ref
-        .harness
+    node.harness
         .as_mut()
         .unwrap()
         .restart_kubelet()
@@ -294,15 +294,31 @@ async fn kubelet_restart_makes_the_plugin_register_again() {
         before,
         "kubelet.sock is recreated"
     );
-    until("a second Register", || {
-        (node_ref.harness().devices.registrations() == 2).then_some(())
+    assert!(
+        !plugin_sock.exists(),
+        "the restart removes the plugins' sockets"
+    );
+    until("Node allocatable 0 while no plugin is registered", || {
+        let n = node.api.get("nodes", "", NODE)?;
+        (n["status"]["allocatable"][RESOURCE] == "0" && n["status"]["capacity"][RESOURCE] == "0")
+            .then_some(())
     })
     .await;
+    assert!(node.harness().devices.free(RESOURCE).is_empty());
+
+    // The plugin serves again and registers again: the harness takes the second Register.
+    node.plugin.serve();
+    node.plugin.register().await;
+    assert_eq!(node.harness().devices.registrations(), 2);
     until("the devices back after the restart", || {
-        (node_ref.harness().devices.free(RESOURCE).len() == 2).then_some(())
+        (node.harness().devices.free(RESOURCE).len() == 2).then_some(())
     })
     .await;
-    assert_eq!(node_ref.plugin.calls().list_and_watch, 2);
+    until("Node allocatable 2 again", || {
+        (node.api.get("nodes", "", NODE)?["status"]["allocatable"][RESOURCE] == "2").then_some(())
+    })
+    .await;
+    assert_eq!(node.plugin.calls().list_and_watch, 2);
     node.stop().await;
 }
 
@@ -643,4 +659,142 @@ async fn preferred_allocation_is_asked_and_followed() {
         assert_eq!(calls.allocate, vec![vec!["dev-2".to_string()]]);
     }
     node.stop().await;
+}
+
+/// The harness process, killed with its containers if the test fails.
+struct KillOnDrop(Option<std::process::Child>, PathBuf);
+
+impl KillOnDrop {
+    fn id(&self) -> u32 {
+        self.0.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = std::fs::write(self.1.join("cgroup.kill"), "1");
+        }
+    }
+}
+
+/// The binary as the lab runs it: flags, a kubeconfig, SIGHUP for a kubelet restart, SIGTERM to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_restarts_on_sighup_and_cleans_up_on_sigterm() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root, as in CI"
+    );
+    let api = FakeApi::start().await;
+    let dir = std::env::temp_dir().join(format!("kubelet-harness-bin-{}", std::process::id()));
+    let cgroup_root = cgroup2_mount().join(format!("vgpu-harness-bin-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("dp")).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\n\
+             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n\
+             current-context: x\n",
+            api.addr
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kubelet-harness"))
+        .arg("--node-name")
+        .arg(NODE)
+        .arg("--device-plugin-dir")
+        .arg(dir.join("dp"))
+        .arg("--pod-resources-socket")
+        .arg(dir.join("pr.sock"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--cgroup-root")
+        .arg(&cgroup_root)
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--container-env")
+        .arg("FROM_IMAGE=1")
+        .stderr(std::fs::File::create(dir.join("harness.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child), cgroup_root.clone());
+    until("kubelet.sock", || {
+        dir.join("dp/kubelet.sock").exists().then_some(())
+    })
+    .await;
+    let plugin = TestPlugin::start(&dir.join("dp"), 2, Answer::default());
+    plugin.follow_kubelet_restarts();
+    plugin.register().await;
+    until("Node allocatable 2", || {
+        (api.get("nodes", "", NODE)?["status"]["allocatable"][RESOURCE] == "2").then_some(())
+    })
+    .await;
+
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    until("a second accepted Register and ListAndWatch", || {
+        let c = plugin.calls();
+        (c.registered == 2 && c.list_and_watch == 2).then_some(())
+    })
+    .await;
+    // Only the new stream can carry this list to the Node.
+    plugin
+        .devices
+        .send_replace((0..3).map(|i| device(&format!("dev-{i}"), true)).collect());
+    until("Node allocatable 3 through the new ListAndWatch", || {
+        (api.get("nodes", "", NODE)?["status"]["allocatable"][RESOURCE] == "3").then_some(())
+    })
+    .await;
+
+    let mut p = pod("bin-pod", 1, "");
+    p["spec"]["containers"][0]["command"] = json!(["sleep", "60"]);
+    api.create_pod(p);
+    let id = until("bin-pod Running", || {
+        let p = api.pod("bin-pod")?;
+        (p["status"]["phase"] == "Running").then_some(())?;
+        Some(
+            p["status"]["containerStatuses"][0]["containerID"]
+                .as_str()?
+                .to_string(),
+        )
+    })
+    .await;
+    let uid = api.pod("bin-pod").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod_cg = cgroup_root.join(format!("kubepods/besteffort/pod{uid}"));
+    let cid = id.strip_prefix("containerd://").unwrap();
+    let pid: i32 = std::fs::read_to_string(pod_cg.join(cid).join("cgroup.procs"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        environ(pid).get("FROM_IMAGE").map(String::as_str),
+        Some("1")
+    );
+
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut c = child.0.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || c.wait().unwrap())
+        .await
+        .unwrap();
+    let log = std::fs::read_to_string(dir.join("harness.log")).unwrap();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the container is stopped"
+    );
+    assert!(!pod_cg.exists(), "its cgroup is removed");
+    let _ = std::fs::remove_dir(cgroup_root.join("kubepods/besteffort"));
+    let _ = std::fs::remove_dir(cgroup_root.join("kubepods"));
+    let _ = std::fs::remove_dir(&cgroup_root);
+    let _ = std::fs::remove_dir_all(&dir);
 }

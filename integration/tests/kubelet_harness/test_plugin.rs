@@ -35,6 +35,8 @@ pub struct Answer {
 #[derive(Default)]
 pub struct Calls {
     pub list_and_watch: usize,
+    /// Register calls the kubelet accepted.
+    pub registered: usize,
     pub allocate: Vec<Vec<String>>,
     pub preferred: Vec<dp::ContainerPreferredAllocationRequest>,
     /// Allocate calls in flight now, and the most seen at once.
@@ -190,7 +192,8 @@ impl TestPlugin {
         p
     }
 
-    fn serve(&self) {
+    /// Serves (again) on its socket.
+    pub fn serve(&self) {
         let incoming = uds::bind(&self.dir.join(&self.socket_name)).unwrap();
         let svc = DevicePluginServer::new(Service {
             devices: self.devices.subscribe(),
@@ -224,7 +227,7 @@ impl TestPlugin {
                 }),
             })
             .await
-            .map(|_| ())
+            .map(|_| self.calls().registered += 1)
     }
 
     pub async fn register(&self) {
