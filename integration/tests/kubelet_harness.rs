@@ -418,6 +418,39 @@ async fn admitted_pod_runs_with_allocate_env_mounts_and_cgroup() {
         "x"
     );
 
+    // An exec runs in the container: same env, same mounts, same cgroup.
+    let record = vgpu_integration::kubelet::exec::find_record(
+        &node.dir.join("run"),
+        "default",
+        "gpu-pod",
+        None,
+    )
+    .unwrap();
+    let out = vgpu_integration::kubelet::exec::command_in(
+        &record,
+        &[
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "cat {}; cat /proc/self/cgroup; env",
+                limits_in_ctr.display()
+            ),
+        ],
+    )
+    .unwrap()
+    .output()
+    .unwrap();
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.starts_with("CUDA_DEVICE_MEMORY_LIMIT_0=4000m\n"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l == want_cg), "{out}");
+    assert!(
+        out.lines().any(|l| l == "NVIDIA_VISIBLE_DEVICES=dev-0"),
+        "{out}"
+    );
+
     assert_eq!(
         node.list_pod_resources().await,
         vec![(
@@ -443,6 +476,16 @@ async fn admitted_pod_runs_with_allocate_env_mounts_and_cgroup() {
     .await;
     assert!(node.list_pod_resources().await.is_empty());
     assert_eq!(node.harness().devices.free(RESOURCE).len(), 2);
+    assert!(
+        vgpu_integration::kubelet::exec::find_record(
+            &node.dir.join("run"),
+            "default",
+            "gpu-pod",
+            None
+        )
+        .is_err(),
+        "no exec into an ended container"
+    );
     node.stop().await;
     let _ = std::fs::remove_dir_all(&tmp);
 }

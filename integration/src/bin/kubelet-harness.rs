@@ -1,21 +1,53 @@
 //! `kubelet-harness`: a kubelet for tests (see `vgpu_integration::kubelet`). SIGHUP plays a kubelet restart
 //! to the device plugins; SIGTERM or SIGINT stops every pod's processes and exits.
+//! `kubelet-harness exec --run-dir D NAMESPACE/POD [-c CONTAINER] -- CMD...` runs a command in a running
+//! container (its env, mount namespace, cgroup), as `kubectl exec` would.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use vgpu_integration::kubelet::{Config, Harness};
+use vgpu_integration::kubelet::{self, Config, Harness};
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "A kubelet for tests: device plugin gRPC, PodResources, pods started as host processes"
+    about = "A kubelet for tests: device plugin gRPC, PodResources, pods started as host processes",
+    args_conflicts_with_subcommands = true
 )]
-struct Args {
-    /// The Node this harness is.
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Run a command in a running container, as `kubectl exec` would.
+    Exec(ExecArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExecArgs {
+    /// The harness's --run-dir.
     #[arg(long)]
-    node_name: String,
+    run_dir: PathBuf,
+    /// NAMESPACE/POD, or POD in namespace default.
+    pod: String,
+    /// The container (needed when the pod runs several).
+    #[arg(short = 'c', long)]
+    container: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct Args {
+    /// The Node this harness is (required to serve).
+    #[arg(long)]
+    node_name: Option<String>,
     /// Directory of kubelet.sock and the plugins' sockets.
     #[arg(long, default_value = "/var/lib/kubelet/device-plugins")]
     device_plugin_dir: PathBuf,
@@ -29,9 +61,9 @@ struct Args {
     /// containers stay in the harness's cgroup.
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// Logs and state (logs/<namespace>_<pod>_<container>.log).
+    /// Logs and state (logs/<namespace>_<pod>_<container>.log, containers/ for exec; required to serve).
     #[arg(long)]
-    run_dir: PathBuf,
+    run_dir: Option<PathBuf>,
     /// Do not bind-mount Allocate's mounts in a per-container mount namespace (for non-root runs).
     #[arg(long)]
     no_mount_ns: bool,
@@ -63,6 +95,20 @@ async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+fn exec(e: ExecArgs) -> anyhow::Result<()> {
+    let (ns, pod) = e.pod.split_once('/').unwrap_or(("default", &e.pod));
+    let record = kubelet::exec::find_record(&e.run_dir, ns, pod, e.container.as_deref())?;
+    let status = kubelet::exec::command_in(&record, &e.command)?
+        .status()
+        .with_context(|| format!("running {:?} in {ns}/{pod}", e.command))?;
+    use std::os::unix::process::ExitStatusExt;
+    std::process::exit(
+        status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+    );
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -72,7 +118,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let a = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Cmd::Exec(e)) = cli.cmd {
+        return exec(e);
+    }
+    let a = cli.serve;
+    let (Some(node_name), Some(run_dir)) = (a.node_name, a.run_dir) else {
+        anyhow::bail!(
+            "--node-name and --run-dir are required to serve (or use the exec subcommand)"
+        );
+    };
     let container_env = a
         .container_env
         .iter()
@@ -83,11 +138,11 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = Config {
-        node_name: a.node_name,
+        node_name,
         device_plugin_dir: a.device_plugin_dir,
         pod_resources_socket: a.pod_resources_socket,
         cgroup_root: a.cgroup_root,
-        run_dir: a.run_dir,
+        run_dir,
         mount_ns: !a.no_mount_ns,
         container_env,
         host_ip: a.host_ip,

@@ -12,6 +12,7 @@ pub mod admission;
 pub mod cgroup;
 pub mod container;
 pub mod devices;
+pub mod exec;
 pub mod node;
 pub mod podresources;
 pub mod pods;

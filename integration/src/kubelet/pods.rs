@@ -17,6 +17,7 @@ use super::admission::{self, Allocated};
 use super::cgroup::{self, CgroupRoot};
 use super::container::{self, ProcessSpec};
 use super::devices::DeviceManager;
+use super::exec;
 use super::status::{self, ContainerState, PodState, State};
 
 /// The environment a container gets before its own (an image's `ENV PATH` as container runtimes default it).
@@ -271,6 +272,8 @@ struct Live {
     init: bool,
     pgid: i32,
     cgroup: Option<PathBuf>,
+    /// The exec record, removed when the container ends.
+    record: PathBuf,
 }
 
 type Exit = (usize, bool, std::io::Result<std::process::ExitStatus>);
@@ -391,6 +394,7 @@ async fn run_group(
                     init: is_init,
                     pgid,
                     cgroup,
+                    record: exec::record_path(&ctx.run_dir, &ns_of(pod), &name, &c.name),
                 });
                 let mut child = child;
                 waits.push(async move { (i, is_init, child.wait().await) });
@@ -471,6 +475,7 @@ async fn on_exit(st: &mut PodState, live: &mut Vec<Live>, (index, init, r): Exit
         return;
     };
     let l = live.remove(pos);
+    let _ = std::fs::remove_file(&l.record);
     if l.pgid > 0 {
         // SAFETY: as in `signal`; the group may already be gone.
         unsafe {
@@ -542,8 +547,25 @@ async fn start(
         mount_ns: ctx.mount_ns,
         log: ctx.log_path(pod, &c.name),
     };
+    if !ctx.mount_ns && !spec.mounts.is_empty() {
+        tracing::warn!(container = %c.name, mounts = spec.mounts.len(), "--no-mount-ns: Allocate's mounts are not applied");
+    }
     match container::spawn(&spec) {
-        Ok(child) => Ok((id, child, cgroup)),
+        Ok(child) => {
+            let record = exec::ContainerRecord {
+                pid: child.id().unwrap_or(0),
+                container_id: id.clone(),
+                cgroup: cgroup.clone(),
+                env: container::effective_env(&spec.env),
+                working_dir: spec.working_dir.clone().unwrap_or_else(|| "/".into()),
+                mount_ns: spec.mount_ns,
+            };
+            let path = exec::record_path(&ctx.run_dir, &ns_of(pod), &name_of(pod), &c.name);
+            if let Err(e) = exec::write_record(&path, &record) {
+                tracing::warn!(error = %format!("{e:#}"), "exec record not written");
+            }
+            Ok((id, child, cgroup))
+        }
         Err(e) => {
             if let Some(cg) = &cgroup {
                 cgroup::remove(cg).await;
