@@ -841,3 +841,53 @@ async fn binary_restarts_on_sighup_and_cleans_up_on_sigterm() {
     let _ = std::fs::remove_dir(&cgroup_root);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_run_first_and_hand_their_devices_on() {
+    let node = TestNode::start(2, Answer::default())
+        .await
+        .registered()
+        .await;
+    let marker = node.dir.join("init-ran");
+    let mut p = pod(
+        "with-init",
+        1,
+        &format!("test -f {} && exec sleep 60", marker.display()),
+    );
+    p["spec"]["initContainers"] = json!([{
+        "name": "init",
+        "image": "busybox",
+        "command": ["/bin/sh", "-c", format!("sleep 0.2; touch {}", marker.display())],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+    }]);
+    node.api.create_pod(p);
+    running_container(&node, "with-init").await;
+    let st = &node.api.pod("with-init").unwrap()["status"];
+    assert_eq!(
+        st["initContainerStatuses"][0]["state"]["terminated"]["exitCode"],
+        0
+    );
+    // The kubelet hands an init container's devices to the next container rather than taking new ones.
+    assert_eq!(
+        node.plugin.calls().allocate,
+        vec![vec!["dev-0".to_string()], vec!["dev-0".to_string()]]
+    );
+    let held = node.list_pod_resources().await;
+    assert_eq!(
+        held[0].2,
+        vec![
+            (
+                "init".to_string(),
+                RESOURCE.to_string(),
+                vec!["dev-0".to_string()]
+            ),
+            (
+                "app".to_string(),
+                RESOURCE.to_string(),
+                vec!["dev-0".to_string()]
+            ),
+        ]
+    );
+    assert_eq!(node.harness().devices.free(RESOURCE), ["dev-1"]);
+    node.stop().await;
+}
