@@ -661,14 +661,38 @@ async fn graceful_deletion_stops_the_processes_then_removes_the_pod() {
         .await
         .registered()
         .await;
-    node.api.create_pod(pod("doomed", 1, "exec sleep 60"));
+    // It takes a second to stop after SIGTERM.
+    let mut p = pod(
+        "doomed",
+        1,
+        "trap 'sleep 1; exit 0' TERM; while :; do sleep 0.1; done",
+    );
+    p["spec"]["terminationGracePeriodSeconds"] = json!(5);
+    node.api.create_pod(p);
     let (_, _, pid) = running_container(&node, "doomed").await;
     node.api.patch(
         "pods",
         "default",
         "doomed",
         &json!({"metadata": {"deletionTimestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
-                             "deletionGracePeriodSeconds": 1}}),
+                             "deletionGracePeriodSeconds": 5}}),
+    );
+    // Another update while it stops must not cut the teardown short.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.api.patch(
+        "pods",
+        "default",
+        "doomed",
+        &json!({"metadata": {"labels": {"touched": "yes"}}}),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        node.api.pod("doomed").is_some(),
+        "the pod object stays while its container stops"
+    );
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "still in its grace period"
     );
     until("the pod object removed by the kubelet", || {
         node.api.pod("doomed").is_none().then_some(())
@@ -676,7 +700,7 @@ async fn graceful_deletion_stops_the_processes_then_removes_the_pod() {
     .await;
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
-        "its process is gone"
+        "its process is gone before the object"
     );
     assert!(node.list_pod_resources().await.is_empty());
     node.stop().await;

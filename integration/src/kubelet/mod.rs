@@ -77,7 +77,9 @@ impl Harness {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while let Err(e) = node::ensure(&client, &cfg.node_name).await {
             if tokio::time::Instant::now() > deadline {
-                return Err(e.context("the API server did not answer for 30 s (check --kubeconfig)"));
+                return Err(
+                    e.context("the API server did not answer for 30 s (check --kubeconfig)")
+                );
             }
             tracing::info!(error = %format!("{e:#}"), "API server not reachable yet; retrying");
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -136,7 +136,7 @@ pub async fn watch_pods(ctx: Arc<PodContext>) {
     let api: Api<Pod> = Api::all(ctx.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.node));
     let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut seen = Seen::default();
     let mut listing: Option<Vec<Pod>> = None;
     while let Some(ev) = stream.next().await {
         match ev {
@@ -146,13 +146,14 @@ pub async fn watch_pods(ctx: Arc<PodContext>) {
                 let mut pods = listing.take().unwrap_or_default();
                 // Pods gone while the watch was down are deleted pods.
                 let present: HashSet<String> = pods.iter().filter_map(uid_of).collect();
-                for uid in seen
+                let gone: Vec<String> = seen
+                    .pods
                     .iter()
                     .filter(|u| !present.contains(*u))
                     .cloned()
-                    .collect::<Vec<_>>()
-                {
-                    seen.remove(&uid);
+                    .collect();
+                for uid in gone {
+                    seen.forget(&uid);
                     spawn_stop(&ctx, uid, Duration::ZERO);
                 }
                 // The kubelet admits a batch of pods sorted by creation time.
@@ -170,7 +171,7 @@ pub async fn watch_pods(ctx: Arc<PodContext>) {
             Ok(Event::Apply(p)) => on_apply(&ctx, &mut seen, p).await,
             Ok(Event::Delete(p)) => {
                 if let Some(uid) = uid_of(&p) {
-                    seen.remove(&uid);
+                    seen.forget(&uid);
                     spawn_stop(&ctx, uid, Duration::ZERO);
                 }
             }
@@ -184,13 +185,28 @@ fn spawn_stop(ctx: &Arc<PodContext>, uid: String, grace: Duration) {
     tokio::spawn(async move { ctx.stop_pod(&uid, grace).await });
 }
 
-async fn on_apply(ctx: &Arc<PodContext>, seen: &mut HashSet<String>, pod: Pod) {
+/// The pods the watch loop has handled, and those being torn down after a graceful delete.
+#[derive(Default)]
+struct Seen {
+    pods: HashSet<String>,
+    terminating: HashSet<String>,
+}
+
+impl Seen {
+    fn forget(&mut self, uid: &str) {
+        self.pods.remove(uid);
+        self.terminating.remove(uid);
+    }
+}
+
+async fn on_apply(ctx: &Arc<PodContext>, seen: &mut Seen, pod: Pod) {
     let Some(uid) = uid_of(&pod) else {
         return;
     };
     let deleting = pod.metadata.deletion_timestamp.is_some();
-    if seen.contains(&uid) {
-        if deleting {
+    if seen.pods.contains(&uid) {
+        // Our own status writes during the teardown come back as updates: one teardown per pod.
+        if deleting && seen.terminating.insert(uid.clone()) {
             // Graceful deletion: stop the containers, then remove the object as the kubelet does.
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -200,7 +216,7 @@ async fn on_apply(ctx: &Arc<PodContext>, seen: &mut HashSet<String>, pod: Pod) {
         }
         return;
     }
-    seen.insert(uid.clone());
+    seen.pods.insert(uid.clone());
     if deleting {
         finalize_delete(ctx, &pod).await;
         return;
@@ -368,6 +384,9 @@ async fn run_group(
     allocs: &[Allocated],
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> bool {
+    if stop.borrow().is_some() {
+        return true;
+    }
     let uid = uid_of(pod).unwrap_or_default();
     let name = name_of(pod);
     let mut live: Vec<Live> = Vec::new();
