@@ -17,7 +17,7 @@ use std::time::Duration;
 use fake_api::FakeApi;
 use serde_json::{json, Value};
 use test_plugin::{device, Answer, TestPlugin, RESOURCE};
-use vgpu_integration::kubelet::pods::DEFAULT_PATH;
+use vgpu_integration::kubelet::runner::DEFAULT_PATH;
 use vgpu_integration::kubelet::{uds, Config, Harness};
 use vgpu_kubelet_api::deviceplugin as dp;
 use vgpu_kubelet_api::podresources::pod_resources_lister_client::PodResourcesListerClient;

@@ -17,6 +17,7 @@ pub mod node;
 pub mod podresources;
 pub mod pods;
 pub mod registration;
+pub mod runner;
 pub mod status;
 pub mod uds;
 
