@@ -915,3 +915,21 @@ async fn init_containers_run_first_and_hand_their_devices_on() {
     assert_eq!(node.harness().devices.free(RESOURCE), ["dev-1"]);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_start_container_is_called_when_the_plugin_asks() {
+    let answer = Answer {
+        pre_start: true,
+        ..Default::default()
+    };
+    let node = TestNode::start(2, answer).await.registered().await;
+    node.api.create_pod(pod("prestarted", 1, "exec sleep 60"));
+    node.api.create_pod(pod("no-gpu", 0, "exec sleep 60"));
+    running_container(&node, "prestarted").await;
+    running_container(&node, "no-gpu").await;
+    assert_eq!(
+        node.plugin.calls().pre_start,
+        vec![vec!["dev-0".to_string()]]
+    );
+    node.stop().await;
+}
