@@ -305,6 +305,17 @@ async fn kubelet_restart_makes_the_plugin_register_again() {
     })
     .await;
     assert!(node.harness().devices.free(RESOURCE).is_empty());
+    // Until the plugin is back, a pod asking for its resource fails admission, as after a kubelet restart.
+    node.api.create_pod(pod("too-early", 1, "exec sleep 60"));
+    until("too-early Failed", || {
+        (phase(&node.api, "too-early")? == "Failed").then_some(())
+    })
+    .await;
+    assert_eq!(
+        node.api.pod("too-early").unwrap()["status"]["message"],
+        "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. \
+         Requested: 1, Available: 0, which is unexpected"
+    );
 
     // The plugin serves again and registers again: the harness takes the second Register.
     node.plugin.serve();
