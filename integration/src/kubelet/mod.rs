@@ -7,6 +7,13 @@
 //! Departures from a kubelet: images are ignored (the command must exist on the host), containers are not
 //! restarted whatever the restart policy, `valueFrom` env entries are not resolved, and the mounts apply in
 //! the host's root (there is no container root filesystem).
+//!
+//! One node, as the lab runs it (root; the cgroup root must lie on the cgroup2 mount, which is
+//! `/sys/fs/cgroup/unified` on a hybrid host):
+//! `kubelet-harness --node-name n1 --kubeconfig K --device-plugin-dir D/dp --pod-resources-socket D/pr.sock
+//! --cgroup-root /sys/fs/cgroup/vgpu-test-1 --run-dir D/run --container-env LD_LIBRARY_PATH=<sim dir>`.
+//! SIGHUP plays a kubelet restart, SIGTERM stops every pod; `kubelet-harness exec --run-dir D/run
+//! default/POD -- nvidia-smi` runs a command inside a running container.
 
 pub mod admission;
 pub mod cgroup;
