@@ -46,6 +46,12 @@ struct TestNode {
 
 impl TestNode {
     async fn start(devices: usize, answer: Answer) -> Self {
+        Self::start_with(devices, answer, true).await
+    }
+
+    /// `isolated`: a mount namespace and a cgroup per container; without, what a non-root run gets
+    /// (`--no-mount-ns`, no `--cgroup-root`).
+    async fn start_with(devices: usize, answer: Answer, isolated: bool) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -66,9 +72,9 @@ impl TestNode {
             node_name: NODE.into(),
             device_plugin_dir: dir.join("device-plugins"),
             pod_resources_socket: dir.join("pod-resources/kubelet.sock"),
-            cgroup_root: Some(cgroup_root.clone()),
+            cgroup_root: isolated.then(|| cgroup_root.clone()),
             run_dir: dir.join("run"),
-            mount_ns: true,
+            mount_ns: isolated,
             container_env: Vec::new(),
             host_ip: "127.0.0.1".into(),
         };
@@ -942,5 +948,76 @@ async fn pre_start_container_is_called_when_the_plugin_asks() {
         node.plugin.calls().pre_start,
         vec![vec!["dev-0".to_string()]]
     );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_mount_namespace_or_cgroup_root_the_env_still_holds_and_delete_still_kills() {
+    let target =
+        std::env::temp_dir().join(format!("kubelet-harness-unmounted-{}", std::process::id()));
+    let answer = Answer {
+        mounts: vec![dp::Mount {
+            container_path: target.to_str().unwrap().into(),
+            host_path: "/etc/hostname".into(),
+            read_only: true,
+        }],
+        ..Default::default()
+    };
+    let node = TestNode::start_with(1, answer, false)
+        .await
+        .registered()
+        .await;
+    let mut p = pod("plain", 1, "");
+    // A child that outlives a plain kill of the main process: the process group takes it too.
+    p["spec"]["containers"][0]["command"] = json!(["sh", "-c", "sleep 61 & exec sleep 60"]);
+    node.api.create_pod(p);
+    until("plain Running", || {
+        (phase(&node.api, "plain")? == "Running").then_some(())
+    })
+    .await;
+    let record = vgpu_integration::kubelet::exec::find_record(
+        &node.dir.join("run"),
+        "default",
+        "plain",
+        None,
+    )
+    .unwrap();
+    let pid = record.pid as i32;
+    assert_eq!(record.cgroup, None);
+    assert_eq!(environ(pid)["NVIDIA_VISIBLE_DEVICES"], "dev-0");
+    assert!(
+        !environ(pid).contains_key("CARGO"),
+        "nothing of the harness's env leaks"
+    );
+    assert!(
+        !target.exists(),
+        "no mount target is made when mounts are not applied"
+    );
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap(),
+        own
+    );
+    let group: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        // SAFETY: getpgid(2) on a pid read from /proc; a pid that exited gives -1.
+        .filter(|p| unsafe { libc::getpgid(*p) } == pid)
+        .collect();
+    assert_eq!(group.len(), 2, "the container's process group: {group:?}");
+
+    node.api.delete("pods", "default", "plain").unwrap();
+    until("the whole group killed", || {
+        group
+            .iter()
+            .all(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true)
+            })
+            .then_some(())
+    })
+    .await;
     node.stop().await;
 }
