@@ -319,7 +319,7 @@ async fn kubelet_restart_makes_the_plugin_register_again() {
     .await;
     assert_eq!(
         node.api.pod("too-early").unwrap()["status"]["message"],
-        "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. \
+        "Pod was rejected: Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. \
          Requested: 1, Available: 0, which is unexpected"
     );
 
@@ -524,7 +524,7 @@ async fn allocate_refused_fails_the_pod_with_unexpected_admission_error() {
         "Allocate failed due to rpc error: code = FailedPrecondition desc = pod default/forged \
                 has no placement by vgpu-scheduler, which is unexpected";
     assert_eq!(p["status"]["reason"], "UnexpectedAdmissionError");
-    assert_eq!(p["status"]["message"], want);
+    assert_eq!(p["status"]["message"], format!("Pod was rejected: {want}"));
     assert!(
         p["status"]["containerStatuses"].is_null(),
         "no container started: {p}"
@@ -568,8 +568,8 @@ async fn more_devices_than_free_fail_admission_without_allocate() {
     assert_eq!(p["status"]["reason"], "UnexpectedAdmissionError");
     assert_eq!(
         p["status"]["message"],
-        "Allocate failed due to requested number of devices unavailable for nvidia.com/gpu. \
-         Requested: 2, Available: 1, which is unexpected"
+        "Pod was rejected: Allocate failed due to requested number of devices unavailable for \
+         nvidia.com/gpu. Requested: 2, Available: 1, which is unexpected"
     );
     assert_eq!(
         node.plugin.calls().allocate,
