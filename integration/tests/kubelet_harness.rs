@@ -1021,3 +1021,21 @@ async fn without_mount_namespace_or_cgroup_root_the_env_still_holds_and_delete_s
     .await;
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_other_nodes_never_run_here_even_if_the_server_sends_them() {
+    let node = TestNode::start(1, Answer::default())
+        .await
+        .registered()
+        .await;
+    node.api.ignore_selectors();
+    node.api.expire_watches();
+    let mut other = pod("elsewhere", 1, "exec sleep 60");
+    other["spec"]["nodeName"] = json!("node-b");
+    node.api.create_pod(other);
+    node.api.create_pod(pod("here", 0, "exec sleep 60"));
+    running_container(&node, "here").await;
+    assert!(phase(&node.api, "elsewhere").is_none(), "not touched");
+    assert!(node.plugin.calls().allocate.is_empty());
+    node.stop().await;
+}

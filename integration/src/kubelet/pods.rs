@@ -200,6 +200,12 @@ async fn on_apply(ctx: &Arc<PodContext>, seen: &mut Seen, pod: Pod) {
     let Some(uid) = uid_of(&pod) else {
         return;
     };
+    // The field selector should have kept other nodes' pods out; a server that ignores it must not make
+    // this node run them.
+    if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(ctx.node.as_str()) {
+        tracing::warn!(pod = %name_of(&pod), "ignoring a pod of another node (the API server ignored spec.nodeName=)");
+        return;
+    }
     let deleting = pod.metadata.deletion_timestamp.is_some();
     if seen.pods.contains(&uid) {
         // Our own status writes during the teardown come back as updates: one teardown per pod.
