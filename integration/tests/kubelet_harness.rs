@@ -682,11 +682,20 @@ async fn graceful_deletion_stops_the_processes_then_removes_the_pod() {
     let mut p = pod(
         "doomed",
         1,
-        "trap 'sleep 1; exit 0' TERM; while :; do sleep 0.1; done",
+        "trap 'sleep 1; exit 0' TERM; echo trapped; while :; do sleep 0.1; done",
     );
     p["spec"]["terminationGracePeriodSeconds"] = json!(5);
     node.api.create_pod(p);
     let (_, _, pid) = running_container(&node, "doomed").await;
+    // A TERM before the trap is set would end it at once.
+    let log = node.dir.join("run/logs/default_doomed_app.log");
+    until("the trap set", || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("trapped")
+            .then_some(())
+    })
+    .await;
     node.api.patch(
         "pods",
         "default",
@@ -998,14 +1007,20 @@ async fn without_mount_namespace_or_cgroup_root_the_env_still_holds_and_delete_s
         std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap(),
         own
     );
-    let group: Vec<i32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        // SAFETY: getpgid(2) on a pid read from /proc; a pid that exited gives -1.
-        .filter(|p| unsafe { libc::getpgid(*p) } == pid)
-        .collect();
-    assert_eq!(group.len(), 2, "the container's process group: {group:?}");
+    let group_of = |pgid: i32| -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            // SAFETY: getpgid(2) on a pid read from /proc; a pid that exited gives -1.
+            .filter(|p| unsafe { libc::getpgid(*p) } == pgid)
+            .collect()
+    };
+    let group = until("both processes of the container's group", || {
+        let g = group_of(pid);
+        (g.len() == 2).then_some(g)
+    })
+    .await;
 
     node.api.delete("pods", "default", "plain").unwrap();
     until("the whole group killed", || {
