@@ -46,12 +46,12 @@ struct TestNode {
 
 impl TestNode {
     async fn start(devices: usize, answer: Answer) -> Self {
-        Self::start_with(devices, answer, true).await
+        Self::start_with(devices, answer, true, false).await
     }
 
     /// `isolated`: a mount namespace and a cgroup per container; without, what a non-root run gets
     /// (`--no-mount-ns`, no `--cgroup-root`).
-    async fn start_with(devices: usize, answer: Answer, isolated: bool) -> Self {
+    async fn start_with(devices: usize, answer: Answer, isolated: bool, pid_ns: bool) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -77,6 +77,7 @@ impl TestNode {
             mount_ns: isolated,
             container_env: Vec::new(),
             host_ip: "127.0.0.1".into(),
+            pid_ns_helper: pid_ns.then(|| PathBuf::from(env!("CARGO_BIN_EXE_kubelet-harness"))),
         };
         let harness = Harness::start(cfg, api.client()).await.unwrap();
         let plugin = TestPlugin::start(&dir.join("device-plugins"), devices, answer);
@@ -972,7 +973,7 @@ async fn without_mount_namespace_or_cgroup_root_the_env_still_holds_and_delete_s
         }],
         ..Default::default()
     };
-    let node = TestNode::start_with(1, answer, false)
+    let node = TestNode::start_with(1, answer, false, false)
         .await
         .registered()
         .await;
@@ -1052,5 +1053,29 @@ async fn pods_of_other_nodes_never_run_here_even_if_the_server_sends_them() {
     running_container(&node, "here").await;
     assert!(phase(&node.api, "elsewhere").is_none(), "not touched");
     assert!(node.plugin.calls().allocate.is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_pid_namespace_the_container_is_pid_1_and_keeps_its_env_and_exit_code() {
+    let node = TestNode::start_with(1, Answer::default(), true, true)
+        .await
+        .registered()
+        .await;
+    // `$$` is the shell's pid as it sees it; /proc is the namespace's own.
+    node.api.create_pod(pod(
+        "isolated",
+        1,
+        "echo pid=$$ procs=$(ls /proc | grep -c '^[0-9]') gpu=$NVIDIA_VISIBLE_DEVICES; exit 5",
+    ));
+    until("isolated Failed", || {
+        (phase(&node.api, "isolated")? == "Failed").then_some(())
+    })
+    .await;
+    let st = &node.api.pod("isolated").unwrap()["status"]["containerStatuses"][0];
+    assert_eq!(st["state"]["terminated"]["exitCode"], 5);
+    let log = std::fs::read_to_string(node.dir.join("run/logs/default_isolated_app.log")).unwrap();
+    // Its /proc lists only its own: the shell, the command substitution's subshell, `ls` and `grep`.
+    assert_eq!(log, "pid=1 procs=4 gpu=dev-0\n");
     node.stop().await;
 }

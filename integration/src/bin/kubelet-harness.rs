@@ -26,6 +26,12 @@ struct Cli {
 enum Cmd {
     /// Run a command in a running container, as `kubectl exec` would.
     Exec(ExecArgs),
+    /// (internal) First process of a container's pid namespace: runs the command as its pid 1.
+    #[command(hide = true)]
+    Pid1 {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -74,6 +80,10 @@ struct Args {
     /// The node's address in Node and pod status.
     #[arg(long, default_value = "127.0.0.1")]
     host_ip: String,
+    /// Give each container a pid namespace of its own (as pods without hostPID have); needs the mount
+    /// namespace.
+    #[arg(long)]
+    pid_ns: bool,
     /// Grace given to containers at shutdown before SIGKILL, in seconds.
     #[arg(long, default_value_t = 5)]
     shutdown_grace: u64,
@@ -109,9 +119,21 @@ fn exec(e: ExecArgs) -> anyhow::Result<()> {
     );
 }
 
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        // Before any runtime thread exists: pid1 forks.
+        Some(Cmd::Pid1 { command }) => {
+            std::process::exit(kubelet::pid1::run(&command)?);
+        }
+        Some(Cmd::Exec(e)) => exec(e),
+        None => serve(cli.serve),
+    }
+}
+
 // Two workers: twenty harnesses share a host in the burst benchmark, and a kubelet's work here is small.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+async fn serve(a: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -119,11 +141,6 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    if let Some(Cmd::Exec(e)) = cli.cmd {
-        return exec(e);
-    }
-    let a = cli.serve;
     let (Some(node_name), Some(run_dir)) = (a.node_name, a.run_dir) else {
         anyhow::bail!(
             "--node-name and --run-dir are required to serve (or use the exec subcommand)"
@@ -145,6 +162,11 @@ async fn main() -> anyhow::Result<()> {
         cgroup_root: a.cgroup_root,
         run_dir,
         mount_ns: !a.no_mount_ns,
+        pid_ns_helper: if a.pid_ns {
+            Some(std::env::current_exe().context("locating this binary for --pid-ns")?)
+        } else {
+            None
+        },
         container_env,
         host_ip: a.host_ip,
     };

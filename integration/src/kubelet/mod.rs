@@ -21,6 +21,7 @@ pub mod container;
 pub mod devices;
 pub mod exec;
 pub mod node;
+pub mod pid1;
 pub mod podresources;
 pub mod pods;
 pub mod registration;
@@ -34,7 +35,6 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use cgroup::CgroupRoot;
 use devices::DeviceManager;
 use pods::PodContext;
 use registration::RegistrationServerHandle;
@@ -55,6 +55,9 @@ pub struct Config {
     pub mount_ns: bool,
     /// Stands for the image's environment, given before Allocate's and the spec's.
     pub container_env: Vec<(String, String)>,
+    /// The `kubelet-harness` binary: when set (and `mount_ns`), each container gets a pid namespace of its
+    /// own, started through `kubelet-harness pid1`; None keeps containers in the host's pid namespace.
+    pub pid_ns_helper: Option<PathBuf>,
     /// The node's address in Node and pod status.
     pub host_ip: String,
 }
@@ -72,6 +75,10 @@ impl Harness {
     /// Creates the Node if absent, then serves the Registration and PodResources sockets and watches pods.
     pub async fn start(cfg: Config, client: kube::Client) -> anyhow::Result<Self> {
         std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
+        anyhow::ensure!(
+            cfg.pid_ns_helper.is_none() || cfg.mount_ns,
+            "a pid namespace per container needs its mount namespace (for its /proc): drop --no-mount-ns"
+        );
         if let Some(root) = &cfg.cgroup_root {
             std::fs::create_dir_all(root).map_err(|e| {
                 anyhow::anyhow!(
@@ -97,16 +104,7 @@ impl Harness {
             RegistrationServerHandle::start(&cfg.device_plugin_dir, devices.clone()).await?;
         let (stop_tx, stop_rx) = oneshot::channel();
         let pr = podresources::serve(&cfg.pod_resources_socket, devices.clone(), stop_rx)?;
-        let pods = PodContext::new(
-            client.clone(),
-            devices.clone(),
-            cfg.node_name.clone(),
-            cfg.cgroup_root.clone().map(CgroupRoot),
-            cfg.run_dir.clone(),
-            cfg.mount_ns,
-            cfg.container_env.clone(),
-            cfg.host_ip.clone(),
-        );
+        let pods = PodContext::new(client.clone(), devices.clone(), &cfg);
         let tasks = vec![
             pr,
             tokio::spawn(node::follow(

@@ -33,6 +33,8 @@ pub struct PodContext {
     /// Stands for the image's environment: given first, so Allocate's and the spec's entries override it.
     pub container_env: Vec<(String, String)>,
     pub host_ip: String,
+    /// See [`super::Config::pid_ns_helper`].
+    pub pid_ns_helper: Option<PathBuf>,
     workers: Mutex<HashMap<String, Worker>>,
 }
 
@@ -70,26 +72,21 @@ fn grace_of(p: &Pod) -> Duration {
 }
 
 impl PodContext {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: kube::Client,
         devices: Arc<DeviceManager>,
-        node: String,
-        cgroups: Option<CgroupRoot>,
-        run_dir: PathBuf,
-        mount_ns: bool,
-        container_env: Vec<(String, String)>,
-        host_ip: String,
+        cfg: &super::Config,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
             devices,
-            node,
-            cgroups,
-            run_dir,
-            mount_ns,
-            container_env,
-            host_ip,
+            node: cfg.node_name.clone(),
+            cgroups: cfg.cgroup_root.clone().map(CgroupRoot),
+            run_dir: cfg.run_dir.clone(),
+            mount_ns: cfg.mount_ns,
+            container_env: cfg.container_env.clone(),
+            host_ip: cfg.host_ip.clone(),
+            pid_ns_helper: cfg.pid_ns_helper.clone(),
             workers: Mutex::default(),
         })
     }

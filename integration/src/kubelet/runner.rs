@@ -303,6 +303,7 @@ async fn start(
         mounts: alloc.mounts.clone(),
         cgroup: cgroup.clone(),
         mount_ns: ctx.mount_ns,
+        pid_ns_helper: ctx.pid_ns_helper.clone(),
         log: ctx.log_path(pod, &c.name),
     };
     if !ctx.mount_ns && !spec.mounts.is_empty() {
