@@ -29,6 +29,8 @@ pub struct ProcessSpec {
     pub cgroup: Option<PathBuf>,
     /// Whether to apply the mounts in a new mount namespace (needs root).
     pub mount_ns: bool,
+    /// Start through this `kubelet-harness` (as `pid1 -- argv`) in a new pid namespace; needs `mount_ns`.
+    pub pid_ns_helper: Option<PathBuf>,
     /// stdout and stderr go here (appended).
     pub log: PathBuf,
 }
@@ -183,9 +185,27 @@ struct PreparedMount {
 
 /// Starts the process. Errors say which step failed; the pre-exec steps report the errno of the step.
 pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
-    let Some((prog, args)) = spec.argv.split_first() else {
+    if spec.argv.is_empty() {
         bail!("the container has no command: the harness ignores images, so the pod must give `command`");
+    }
+    let argv: Vec<String> = match &spec.pid_ns_helper {
+        Some(helper) if spec.mount_ns => [
+            helper.to_string_lossy().into_owned(),
+            "pid1".into(),
+            "--".into(),
+        ]
+        .into_iter()
+        .chain(spec.argv.iter().cloned())
+        .collect(),
+        _ => spec.argv.clone(),
     };
+    let (prog, args) = argv.split_first().expect("argv is not empty");
+    let ns_flags = libc::CLONE_NEWNS
+        | if spec.pid_ns_helper.is_some() {
+            libc::CLONE_NEWPID
+        } else {
+            0
+        };
     let mut shadow = Shadow::default();
     let mounts = if spec.mount_ns {
         let ordered = mount_order(&spec.mounts);
@@ -248,7 +268,7 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
                 join_cgroup(procs)?;
             }
             if mount_ns {
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                if libc::unshare(ns_flags) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // Our mounts must not propagate back to the host.
@@ -414,7 +434,10 @@ mod tests {
             .map(|m| m.container_path.to_str().unwrap())
             .collect();
         let at = |p: &str| paths.iter().position(|x| *x == p).unwrap();
-        assert!(at("/usr/local/vgpu") < at("/usr/local/vgpu/libvgpu.so"), "{paths:?}");
+        assert!(
+            at("/usr/local/vgpu") < at("/usr/local/vgpu/libvgpu.so"),
+            "{paths:?}"
+        );
         assert_eq!(paths.len(), 3);
     }
 
