@@ -59,6 +59,8 @@ POD_ENV=""
 if [ $GPU = 1 ]; then
     nvidia-smi -L >/dev/null || die "--gpu: no NVIDIA GPU here"
     PY=$(command -v python3)
+    # What an image's environment would carry: its PATH and where the driver's libraries are.
+    POD_ENV="PATH=$PATH${LD_LIBRARY_PATH:+ LD_LIBRARY_PATH=$LD_LIBRARY_PATH} HOME=/root"
     echo "lab3: on the real GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
 else
     SIM=$("$B/sim-dir") || die "sim-dir"
@@ -174,7 +176,7 @@ POD
 }
 if [ $GPU = 1 ]; then
     OOM_CMD="$PY $R/bench/gpu/oom_test.py"
-    BURN_CMD="$PY $R/bench/gpu/matmul_loop.py 20"
+    BURN_CMD="$PY $R/bench/gpu/matmul_loop.py 30"
 else
     OOM_CMD="cuda_oom"
     BURN_CMD="cuda_launch -u 500 -s 12 -k 10"
@@ -236,6 +238,7 @@ run_share() { # $1 pod
     K apply -f "$T/$1.yaml" >&2
     if [ $GPU = 1 ]; then
         wait_for 60 is_phase "$1" Running
+        sleep 4   # PyTorch's start (CUDA context, first kernels) before the loop
         # The lab samples utilization from the host (the driver pod's nvidia-smi); so does this, at 10 Hz.
         "$PY" "$R/bench/gpu/util_sampler.py" 15 > "$T/$1.util" 2>&1 || true
         K delete pod "$1" --wait=false >&2
