@@ -103,30 +103,49 @@ pub async fn run(node: Arc<Node>, p: Pending) {
         }
         return;
     };
-    let same_uid = current(&node, &p.chosen.namespace, &p.chosen.name)
-        .is_some_and(|pod| pod.metadata.uid.as_deref() == Some(p.chosen.uid.as_str()));
-    if matches(&h, &p.chosen, &p.ids) && same_uid {
-        match p.dir.ready(&p.lines) {
-            Ok(()) => tracing::info!("{label}: confirmed by the kubelet, limits ready"),
-            Err(e) => {
-                tracing::error!(
-                    "{label}: writing its limits file: {e}: the container stays capped at nothing"
-                );
+    let why = if !matches(&h, &p.chosen, &p.ids) {
+        format!(
+            "the kubelet gave devices {:?} to {}/{} container {:?}, but Allocate prepared them for {label}",
+            h.ids, h.namespace, h.name, h.container
+        )
+    } else {
+        // The reflector may not have the pod yet (Allocate may have found it by a direct list): ask the API.
+        match lookup(
+            &node,
+            &p.chosen.namespace,
+            &p.chosen.name,
+            Some(&p.chosen.uid),
+        )
+        .await
+        {
+            Some(pod) if pod.metadata.uid.as_deref() == Some(p.chosen.uid.as_str()) => {
+                match p.dir.ready(&p.lines) {
+                    Ok(()) => tracing::info!("{label}: confirmed by the kubelet, limits ready"),
+                    Err(e) => {
+                        tracing::error!(
+                            "{label}: writing its limits file: {e}: the container stays capped at nothing"
+                        );
+                        return;
+                    }
+                }
+                bind_when_started(&node, &p).await;
                 return;
             }
+            Some(pod) => format!(
+                "{}/{} is now another pod (UID {}); Allocate prepared {label} for UID {}",
+                p.chosen.namespace,
+                p.chosen.name,
+                pod.metadata.uid.as_deref().unwrap_or("?"),
+                p.chosen.uid
+            ),
+            None => format!("{label} no longer exists"),
         }
-        bind_when_started(&node, &p).await;
-        return;
-    }
-    let why = format!(
-        "the kubelet gave devices {:?} to {}/{} container {:?}, but Allocate prepared them for {label}",
-        h.ids, h.namespace, h.name, h.container
-    );
+    };
     tracing::error!("{why}: limits revoked");
     if let Err(e) = p.dir.revoke(&why) {
         tracing::error!("revoking {}: {e}", p.dir.dir.display());
     }
-    if let Some(wrong) = current(&node, &h.namespace, &h.name) {
+    if let Some(wrong) = lookup(&node, &h.namespace, &h.name, None).await {
         allocate::fail_pod(&node, &wrong, &why).await;
     }
     let same_pod = h.namespace == p.chosen.namespace && h.name == p.chosen.name;
@@ -137,6 +156,20 @@ pub async fn run(node: Arc<Node>, p: Pending) {
             tracing::warn!("giving the placement back to {label}: {e}");
         }
     }
+}
+
+/// The pod from the reflector, else from the API (the reflector may lag behind what the kubelet saw).
+/// With `uid`, a reflector copy of another UID (a pod since replaced, or not yet seen) is not taken.
+async fn lookup(node: &Node, namespace: &str, name: &str, uid: Option<&str>) -> Option<Arc<Pod>> {
+    if let Some(p) =
+        current(node, namespace, name).filter(|p| uid.is_none() || p.metadata.uid.as_deref() == uid)
+    {
+        return Some(p);
+    }
+    super::pods::get(&node.client, namespace, name)
+        .await
+        .ok()
+        .map(Arc::new)
 }
 
 fn current(node: &Node, namespace: &str, name: &str) -> Option<Arc<Pod>> {
