@@ -86,7 +86,7 @@ pub fn gpus_of(c: &Container) -> u64 {
         .unwrap_or(0)
 }
 
-fn declared_policy(c: &Container) -> Result<CorePolicy, String> {
+pub fn declared_policy(c: &Container) -> Result<CorePolicy, String> {
     let v = c
         .env
         .iter()
@@ -536,6 +536,12 @@ pub async fn allocate_container(
                 dir.dir.display()
             ))
         })?;
+    super::recover::write_ids(&dir, ids).map_err(|e| {
+        Status::internal(format!(
+            "vgpu: preparing {} for {label}: {e}",
+            dir.dir.display()
+        ))
+    })?;
     let s = settings(&c.devices, c.policy, &node.config);
     let resp = answer(&s, &dir, &node.paths);
     node.served.lock().unwrap().insert((c.uid.clone(), c.index));

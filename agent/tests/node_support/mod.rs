@@ -650,6 +650,17 @@ impl Rig {
 
     /// The API server with [`NODE`] (carrying `node_annotations`), the kubelet's sockets, and the node side.
     pub async fn start(name: &str, cards: Vec<Card>, node_annotations: Value) -> Rig {
+        Self::start_prepared(name, cards, node_annotations, |_, _, _| {}).await
+    }
+
+    /// As [`Rig::start`], with `prepare` run on the test's root directory, the API and the kubelet's record
+    /// before the node side starts (what an earlier agent left behind).
+    pub async fn start_prepared(
+        name: &str,
+        cards: Vec<Card>,
+        node_annotations: Value,
+        prepare: impl FnOnce(&Path, &FakeApi, &Record),
+    ) -> Rig {
         let dir = TempDir::new(name);
         let api = FakeApi::start().await;
         api.add_node(NODE, node_annotations);
@@ -657,6 +668,7 @@ impl Rig {
         std::fs::create_dir_all(&plugin_dir).unwrap();
         let kubelet = KubeletRegistration::serve(&plugin_dir.join("kubelet.sock"));
         let record = Record::default();
+        prepare(&dir.0, &api, &record);
         let pr = dir.0.join("pod-resources.sock");
         serve_pod_resources(&pr, record.clone());
         let (cards_tx, cards_rx) = tokio::sync::watch::channel(cards);
