@@ -104,6 +104,7 @@ async fn the_agent_binary_registers_simulated_cards_and_serves_a_sealed_pod() {
         .env("LD_LIBRARY_PATH", d("lib"))
         .env("VGPU_SIM_DEVICES", "2")
         .env("VGPU_SIM_STATE", d("sim-state"))
+        .env("VGPU_SIM_LOST_FILE", d("lost"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -185,6 +186,44 @@ async fn the_agent_binary_registers_simulated_cards_and_serves_a_sealed_pod() {
         agent_log()
     );
     assert!(text.contains("CUDA_DEVICE_SM_LIMIT=30\n"), "{text}");
+
+    // The second card is lost (its NVML calls fail): the kubelet is told at once, and so is the scheduler.
+    std::fs::write(d("lost"), "1\n").unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(15), list.message())
+        .await
+        .expect("a new device list after the card was lost")
+        .unwrap()
+        .unwrap();
+    let unhealthy: Vec<_> = next
+        .devices
+        .iter()
+        .filter(|d| d.health == "Unhealthy")
+        .map(|d| d.id.as_str())
+        .collect();
+    assert_eq!(
+        unhealthy,
+        (0..4).map(|n| format!("{gpu}-{n}")).collect::<Vec<_>>()
+    );
+    eventually(
+        "the register annotation shows the lost card",
+        Duration::from_secs(5),
+        || {
+            let v = api.node(NODE)["metadata"]["annotations"]["hami.io/node-nvidia-register"]
+                .as_str()?
+                .to_string();
+            let d = vgpu_contract::register::decode(&v).ok()?;
+            (d[0].health && !d[1].health).then_some(())
+        },
+    )
+    .await;
+    // It comes back: healthy again (a lost handle is not sticky, a critical XID would be).
+    std::fs::remove_file(d("lost")).unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(15), list.message())
+        .await
+        .expect("a new device list after the card came back")
+        .unwrap()
+        .unwrap();
+    assert!(back.devices.iter().all(|d| d.health == "Healthy"));
 
     // SAFETY: kill on the pid of a child this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
