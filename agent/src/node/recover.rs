@@ -105,16 +105,22 @@ pub fn resume(node: &Arc<Node>) {
 /// Removes the directories of pods that are not on this node any more and have not been touched for
 /// [`STALE_AFTER`]. Returns the names removed.
 pub fn sweep(node: &Node, now: SystemTime) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(&node.paths.containers_dir) else {
-        return vec![];
-    };
+    let rd = std::fs::read_dir(&node.paths.containers_dir);
     let live: std::collections::HashSet<String> = node
         .pods
         .state()
         .iter()
         .filter_map(|p| p.metadata.uid.clone())
         .collect();
+    // Containers served for pods now gone need no guard against a second Allocate.
+    node.served
+        .lock()
+        .unwrap()
+        .retain(|(uid, _)| live.contains(uid));
     let mut removed = vec![];
+    let Ok(rd) = rd else {
+        return removed;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some((uid, _)) = split_name(&name) else {
