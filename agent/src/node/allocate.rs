@@ -401,9 +401,10 @@ pub async fn record(node: &Node, c: &Chosen, serve: bool) -> Result<(), String> 
         let parse = |k: &str| {
             PodDevices::decode(annotation(&pod, k).unwrap_or("")).map_err(|e| e.to_string())
         };
-        let sealed = parse(SEALED_DEVICES_ANNOTATION)?;
+        // Re-verified: the pod may have been rewritten since it was judged.
+        let sealed = sealed_placement(&pod, &node.name, &node.seal_key)?;
         let to = parse(ann::DEVICES_TO_ALLOCATE)?;
-        if to.0.len() != sealed.0.len() || index_out(&sealed, c.index) {
+        if to.0.len() != sealed.0.len() || c.index >= sealed.0.len() {
             return Err(format!(
                 "{} of {}/{} changed shape",
                 ann::DEVICES_TO_ALLOCATE,
@@ -440,10 +441,6 @@ pub async fn record(node: &Node, c: &Chosen, serve: bool) -> Result<(), String> 
         "{}/{} kept changing under 8 attempts to record its allocation",
         c.namespace, c.name
     ))
-}
-
-fn index_out(sealed: &PodDevices, i: usize) -> bool {
-    i >= sealed.0.len()
 }
 
 /// Sets `hami.io/bind-phase: failed` on a pod and records why. Only that pod is written.
