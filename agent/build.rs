@@ -48,6 +48,12 @@ fn main() {
             .map_err(|e| format!("VGPU_EBPF_OBJECT={}: {e}", Path::new(&prebuilt).display())),
         None => build(&ebpf_dir, &out_dir.join("ebpf-target"), &object),
     };
+    // Rebuild when the toolchain changes or appears: the files it was found in, or, when it is missing, where
+    // scripts/install-ebpf-toolchain.sh puts it (a path that does not exist yet makes cargo rerun this script
+    // on every build until it does, so "install the toolchain and rebuild" works without `cargo clean`).
+    for p in toolchain_watch_paths() {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
     match result {
         Ok(how) => println!("cargo:rustc-env=VGPU_EBPF_BUILT_WITH={how}"),
         Err(why) => {
@@ -59,6 +65,24 @@ fn main() {
             fs::write(&object, b"").unwrap();
         }
     }
+}
+
+/// Every place the toolchain is looked for: `bpf-linker` in each PATH directory and cargo's bin directory,
+/// Debian's rustc and its prebuilt bpfel `core`.
+fn toolchain_watch_paths() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).map(|d| d.join("bpf-linker")).collect())
+        .unwrap_or_default();
+    if let Some(home) = env::var_os("CARGO_HOME")
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string()))
+    {
+        v.push(Path::new(&home).join("bin/bpf-linker"));
+    }
+    v.push(PathBuf::from("/usr/bin/rustc"));
+    v.push(PathBuf::from("/usr/lib/rustlib").join(BPF_TARGET));
+    v.retain(|p| p.is_absolute());
+    v.dedup();
+    v
 }
 
 fn which(name: &str) -> Option<PathBuf> {

@@ -7,7 +7,8 @@ scripts/setup.sh
 cargo build --release --quiet -p vgpu-shim -p vgpu-agent -p vgpu-scheduler -p vgpu-integration
 B=$PWD/target/release; A=$B/vgpu-agent; T=$(mktemp -d); trap 'rm -rf $T' EXIT
 export VGPU_CARD_DIR=$T/cards
-step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only; a log file gets plain text.
+if [ -t 1 ]; then step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }; else step() { printf '\n### %s\n' "$*"; }; fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     REAL=1; echo "Running on the real GPU: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)"
@@ -16,8 +17,10 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
     REAL=0; SIM=$($B/sim-dir)
     export LD_LIBRARY_PATH=$SIM${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$SIM:$PATH VGPU_SIM_STATE=$T/sim.state
-    export VGPU_SIM_MEMORY_MIB=15360
-    echo "No NVIDIA GPU here: running on the simulated GPU (a 15360 MiB card like the lab's T4; integration/simgpu)"
+    # 15360 MiB like the lab's T4, and a CUDA context of 520 MiB as PyTorch's on a real card, so the loop stops
+    # where the lab's does (3072 MiB); the simulated card names itself "NVIDIA Simulated H100" in nvidia-smi.
+    export VGPU_SIM_MEMORY_MIB=15360 VGPU_SIM_CONTEXT_MIB=520
+    echo "No NVIDIA GPU here: running on the simulated GPU (integration/simgpu: \"NVIDIA Simulated H100\" in nvidia-smi, sized 15360 MiB like the lab's T4, 520 MiB per CUDA context)"
     oom() { $A exec --gpumem 4000 --cache "$T/$1.cache" -- $SIM/cuda_oom "${@:2}"; }
 fi
 

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use vgpu_scheduler::webhook::server::{router, serve_tls, WebhookState};
-use vgpu_scheduler::webhook::{tls, ClusterLimits};
+use vgpu_scheduler::webhook::{tls, ClusterLimits, Writers};
 
 const CERT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -25,6 +25,7 @@ async fn start() -> std::net::SocketAddr {
 async fn start_with(cfg: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
     let state = Arc::new(WebhookState {
         scheduler_name: "vgpu-scheduler".into(),
+        writers: Writers::default(),
         limits: Box::new(|| ClusterLimits {
             max_card_mem_mib: Some(15360),
             max_cards_per_node: Some(1),
@@ -38,11 +39,20 @@ async fn start_with(cfg: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
 }
 
 async fn post(addr: std::net::SocketAddr, body: Value) -> Value {
-    post_trusting(addr, CA, body).await.unwrap()
+    post_to(addr, "/mutate", CA, body).await.unwrap()
 }
 
 async fn post_trusting(
     addr: std::net::SocketAddr,
+    ca: &str,
+    body: Value,
+) -> Result<Value, std::io::Error> {
+    post_to(addr, "/mutate", ca, body).await
+}
+
+async fn post_to(
+    addr: std::net::SocketAddr,
+    path: &str,
     ca: &str,
     body: Value,
 ) -> Result<Value, std::io::Error> {
@@ -67,7 +77,7 @@ async fn post_trusting(
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = hyper::Request::post("/mutate")
+    let req = hyper::Request::post(path)
         .header("content-type", "application/json")
         .header("host", "localhost")
         .body(Full::new(Bytes::from(body.to_string())))
@@ -153,6 +163,47 @@ async fn impossible_requests_are_refused_over_tls() {
     assert!(r["response"].get("patch").is_none());
     let r = post(addr, json!({"garbage": true})).await;
     assert_eq!(r["response"]["allowed"], false);
+}
+
+/// The validating route as the API server calls it on UPDATE: the same edit of the scheduler's
+/// annotation is refused for a tenant and allowed for the scheduler's service account.
+#[tokio::test]
+async fn validate_route_judges_updates_by_who_sends_them() {
+    let addr = start().await;
+    let old = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "gpumem-pod-a", "namespace": "default", "labels": {"hami.io/vgpu-node": "n1"},
+                     "annotations": {"hami.io/vgpu-devices-allocated": "GPU-0,NVIDIA,4000,0:;"}},
+        "spec": {"nodeName": "n1", "schedulerName": "vgpu-scheduler",
+                 "containers": [{"name": "app", "image": "cuda", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}});
+    let mut new = old.clone();
+    new["metadata"]["annotations"]["hami.io/vgpu-devices-allocated"] = json!("GPU-0,NVIDIA,1,0:;");
+    let body = |user: &str| {
+        let mut r = review("u5", json!({}));
+        r["request"]["operation"] = json!("UPDATE");
+        r["request"]["userInfo"] = json!({"username": user, "groups": ["system:authenticated"]});
+        r["request"]["object"] = new.clone();
+        r["request"]["oldObject"] = old.clone();
+        r
+    };
+    let r = post_to(addr, "/validate", CA, body("tenant"))
+        .await
+        .unwrap();
+    assert_eq!(r["response"]["uid"], "u5");
+    assert_eq!(r["response"]["allowed"], false, "{r}");
+    assert!(r["response"]["status"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("annotation \"hami.io/vgpu-devices-allocated\""));
+    let r = post_to(
+        addr,
+        "/validate",
+        CA,
+        body("system:serviceaccount:vgpu-system:vgpu-scheduler"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r["response"]["allowed"], true, "{r}");
+    assert!(r["response"].get("patch").is_none());
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {

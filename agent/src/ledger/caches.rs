@@ -199,6 +199,11 @@ impl Mirror {
                     } else {
                         procs.host_pid(view.pid_ns, view.pid, view.start_time)
                     };
+                    // Tell the shim its host pid: a driver that names host pids in NVML shows a process in a
+                    // pid namespace no entry under its own pid, and its CUDA context would go uncharged.
+                    if let (true, Some(host)) = (reclaim, host_pid) {
+                        f.region.record_host_pid(view.index, view.pid, view.start_time, host);
+                    }
                     let charged = view.used.iter().sum();
                     Slot {
                         view,

@@ -218,6 +218,8 @@ pub fn hand_over_probes(linger: Duration) -> Option<(u32, u64)> {
         } else {
             // Out of the agent's session and process group, so a signal meant for the agent spares it.
             libc::setsid();
+            // A name that says what it is in ps and top (it still carries the agent's command line).
+            libc::prctl(libc::PR_SET_NAME, c"vgpu-probe-hold".as_ptr());
             // Everything but the probes: a listening socket held here would keep the successor from binding it.
             for fd in 0..=last_fd {
                 if keep.binary_search(&fd).is_err() {

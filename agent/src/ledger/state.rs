@@ -599,16 +599,26 @@ pub fn unix_us() -> u64 {
 }
 
 /// The non-zero per-device limits, in MiB, for messages.
+/// The memory limits of a cache header for a log line: one figure when every limited device has the same one
+/// (a slice set with `CUDA_DEVICE_MEMORY_LIMIT` fills all 16 ordinals), else `device: limit` pairs.
 pub fn limits_text(l: &[u64]) -> String {
-    let v: Vec<String> = l
+    let set: Vec<(usize, u64)> = l
         .iter()
-        .filter(|v| **v != 0)
-        .map(|v| format!("{} MiB", v >> 20))
+        .copied()
+        .enumerate()
+        .filter(|&(_, v)| v != 0)
         .collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
+    match set.as_slice() {
+        [] => "none".into(),
+        [(_, v), rest @ ..] if rest.iter().all(|(_, w)| w == v) && set.len() > 1 => {
+            format!("{} MiB per device", v >> 20)
+        }
+        [(0, v)] => format!("{} MiB", v >> 20),
+        _ => set
+            .iter()
+            .map(|(i, v)| format!("device {i}: {} MiB", v >> 20))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 
@@ -616,6 +626,17 @@ pub fn limits_text(l: &[u64]) -> String {
 mod tests {
     use super::*;
     use crate::ebpf::procs::Proc;
+
+    #[test]
+    fn a_limit_on_every_device_is_said_once() {
+        assert_eq!(limits_text(&[4000 << 20; 16]), "4000 MiB per device");
+        assert_eq!(limits_text(&[0; 16]), "none");
+        let mut one = [0u64; 16];
+        one[0] = 4000 << 20;
+        assert_eq!(limits_text(&one), "4000 MiB");
+        one[1] = 2000 << 20;
+        assert_eq!(limits_text(&one), "device 0: 4000 MiB, device 1: 2000 MiB");
+    }
     use crate::observe::report::GpuReport;
 
     fn proc(pid: u32, cgroup: &str) -> Proc {

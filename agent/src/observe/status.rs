@@ -27,6 +27,10 @@ pub struct StatusArgs {
 pub fn query(socket: &std::path::Path) -> std::io::Result<Report> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    // The request line (`contract::agent_socket::Request::Status`); an agent that answers without reading
+    // one still works.
+    let _ = std::io::Write::write_all(&mut s, b"\"status\"\n");
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     serde_json::from_str(&buf).map_err(std::io::Error::other)
@@ -34,6 +38,14 @@ pub fn query(socket: &std::path::Path) -> std::io::Result<Report> {
 
 /// What the cache files say without an agent: limits, charges and live pids; nothing is reclaimed.
 pub fn from_cache_files(dir: PathBuf, why: &str) -> Report {
+    let dir_note = match std::fs::metadata(&dir) {
+        Ok(md) if md.is_dir() => None,
+        Ok(_) => Some(format!("--cache-dir {} is not a directory", dir.display())),
+        Err(e) => Some(format!(
+            "--cache-dir {}: {e} (no slice has run here, or pass the directory its cache files are in)",
+            dir.display()
+        )),
+    };
     let mut m = Mirror::new(dir);
     m.rescan();
     let procs = ProcTable::scan();
@@ -83,6 +95,13 @@ pub fn from_cache_files(dir: PathBuf, why: &str) -> Report {
         })
         .collect();
     let mut notes = vec![format!("no agent: {why}")];
+    notes.extend(dir_note);
+    // The GPUs themselves need no agent: NVML answers anyone allowed to open the device.
+    let nvml = crate::gpus::Gpus::open();
+    let gpus = nvml.sample().into_iter().map(|s| s.gpu).collect::<Vec<_>>();
+    if let Some(e) = &nvml.error {
+        notes.push(e.clone());
+    }
     notes.extend(
         m.errors
             .iter()
@@ -91,7 +110,7 @@ pub fn from_cache_files(dir: PathBuf, why: &str) -> Report {
     Report {
         source: "cache-files".into(),
         agent: None,
-        gpus: vec![],
+        gpus,
         containers,
         notes,
     }

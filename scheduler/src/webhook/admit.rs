@@ -1,5 +1,11 @@
-//! What the admission webhook decides for a pod: leave it, send it to our scheduler, or refuse
-//! it with words that say what to change. Pure, so it is tested without TLS or an API server.
+//! What the admission webhook decides for a new pod's spec: leave it, send it to our scheduler,
+//! or refuse it with words that say what to change. Pure, so it is tested without TLS or an API
+//! server.
+//!
+//! A vGPU pod must go through our scheduler: only its bind books the GPU share and writes the
+//! sealed placement the agent's Allocate serves. A pod placed by `spec.nodeName` or by another
+//! scheduler would either take a share nobody booked or fail at Allocate on the node, so it is
+//! refused here, where the user sees why.
 
 use crate::podspec;
 use k8s_openapi::api::core::v1::Pod;
@@ -15,7 +21,7 @@ pub struct ClusterLimits {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Not a vGPU pod, or one another scheduler was asked for: unchanged.
+    /// Not a vGPU pod, or one already naming our scheduler: unchanged.
     Unchanged,
     /// A vGPU pod: set `spec.schedulerName`.
     SetScheduler(String),
@@ -52,7 +58,22 @@ pub fn admit(pod: &Pod, scheduler_name: &str, limits: ClusterLimits) -> Verdict 
     if !mentions_vgpu(pod) {
         return Verdict::Unchanged;
     }
-    let key = podspec::pod_key(pod);
+    let key = pod_key(pod);
+    let spec = pod.spec.as_ref();
+    if let Some(node) = spec.and_then(|s| s.node_name.as_deref()) {
+        return Verdict::Deny(format!(
+            "vgpu: pod {key} asks for vGPUs but sets spec.nodeName {node:?}: a vGPU pod must be placed by the scheduler {scheduler_name:?}, which books its GPU share. Remove spec.nodeName; to keep it on that node use a nodeSelector on kubernetes.io/hostname: {node:?}"
+        ));
+    }
+    let scheduler = match spec.and_then(|s| s.scheduler_name.as_deref()) {
+        None | Some("") | Some("default-scheduler") => None,
+        Some(s) if s == scheduler_name => Some(s),
+        Some(other) => {
+            return Verdict::Deny(format!(
+                "vgpu: pod {key} asks for vGPUs but sets spec.schedulerName {other:?}: vGPU pods are placed by {scheduler_name:?}, which books their GPU share. Remove spec.schedulerName (the webhook sets it) or set it to {scheduler_name:?}"
+            ))
+        }
+    };
     let req = match podspec::pod_request(pod) {
         Ok(Some(r)) => r,
         Ok(None) => return Verdict::Unchanged,
@@ -79,16 +100,21 @@ pub fn admit(pod: &Pod, scheduler_name: &str, limits: ClusterLimits) -> Verdict 
             }
         }
     }
-    let spec = pod.spec.as_ref();
-    if spec.and_then(|s| s.node_name.as_deref()).is_some() {
-        // Placed by hand: no scheduler runs, so there is nothing to redirect.
-        return Verdict::Unchanged;
-    }
-    match spec.and_then(|s| s.scheduler_name.as_deref()) {
-        None | Some("") | Some("default-scheduler") => {
-            Verdict::SetScheduler(scheduler_name.to_string())
-        }
+    match scheduler {
+        None => Verdict::SetScheduler(scheduler_name.to_string()),
         Some(_) => Verdict::Unchanged,
+    }
+}
+
+/// `namespace/name` for messages; a pod a controller creates has no name before the API server
+/// generates one, so its prefix stands in (`ml/trainer-7d9f-*`).
+pub fn pod_key(pod: &Pod) -> String {
+    match (&pod.metadata.name, &pod.metadata.generate_name) {
+        (None, Some(prefix)) if !prefix.is_empty() => format!(
+            "{}/{prefix}*",
+            pod.metadata.namespace.as_deref().unwrap_or("default")
+        ),
+        _ => podspec::pod_key(pod),
     }
 }
 
@@ -116,7 +142,7 @@ mod tests {
     };
 
     #[test]
-    fn vgpu_pods_go_to_our_scheduler_and_others_are_left_alone() {
+    fn vgpu_pods_go_to_our_scheduler_and_other_routes_are_refused() {
         let lab = pod(include_str!("../../../deploy/examples/gpumem-pod-a.yaml"));
         assert_eq!(
             admit(&lab, "vgpu-scheduler", LIMITS),
@@ -129,6 +155,16 @@ mod tests {
         let volcano = pod("metadata: {name: v}\nspec: {schedulerName: volcano, containers: [{name: a, resources: {limits: {nvidia.com/gpu: 1}}}]}");
         assert_eq!(
             admit(&volcano, "vgpu-scheduler", LIMITS),
+            Verdict::Deny("vgpu: pod default/v asks for vGPUs but sets spec.schedulerName \"volcano\": vGPU pods are placed by \"vgpu-scheduler\", which books their GPU share. Remove spec.schedulerName (the webhook sets it) or set it to \"vgpu-scheduler\"".into())
+        );
+        let pinned = pod("metadata: {name: v}\nspec: {nodeName: n1, containers: [{name: a, resources: {requests: {nvidia.com/gpucores: 10}}}]}");
+        assert!(matches!(
+            admit(&pinned, "vgpu-scheduler", LIMITS),
+            Verdict::Deny(m) if m.contains("sets spec.nodeName \"n1\"")
+        ));
+        let cpu_pinned = pod("metadata: {name: c}\nspec: {nodeName: n1, schedulerName: volcano, containers: [{name: a}]}");
+        assert_eq!(
+            admit(&cpu_pinned, "vgpu-scheduler", LIMITS),
             Verdict::Unchanged
         );
     }

@@ -1,6 +1,9 @@
-//! Serving the webhook over TLS: `POST /mutate` takes an AdmissionReview for pods.
+//! Serving the webhooks over TLS: `POST /mutate` and `POST /validate` take an AdmissionReview
+//! for pods (CREATE and UPDATE, the pod and its `status` subresource).
 
-use super::{admit, ClusterLimits, Verdict};
+pub use super::review::Mode;
+use super::review::{decide, Rules};
+use super::{ClusterLimits, Verdict, Writers};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -15,19 +18,27 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::Service;
 
-/// What the webhook needs at each call: our scheduler's name and the cluster's current limits.
+/// What the webhook needs at each call: our scheduler's name, the accounts that write vgpu's
+/// pod metadata, and the cluster's current limits.
 pub struct WebhookState {
     pub scheduler_name: String,
+    pub writers: Writers,
     pub limits: Box<dyn Fn() -> ClusterLimits + Send + Sync>,
     /// Whether the extender has listed nodes and pods (the pod's readiness probe).
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
+/// The API server sends at most about 3 MiB in a review (an UPDATE holds the pod twice, each up to
+/// etcd's 1.5 MiB); axum's default of 2 MiB would answer 413, which fails the pod write closed.
+const MAX_REVIEW_BYTES: usize = 8 << 20;
+
 pub fn router(state: Arc<WebhookState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(state)
 }
 
@@ -43,7 +54,11 @@ async fn readyz(State(st): State<Arc<WebhookState>>) -> (axum::http::StatusCode,
 }
 
 async fn mutate(State(st): State<Arc<WebhookState>>, body: Bytes) -> Json<serde_json::Value> {
-    Json(canonical(review(&st, &body)))
+    Json(canonical(review(&st, Mode::Mutate, &body)))
+}
+
+async fn validate(State(st): State<Arc<WebhookState>>, body: Bytes) -> Json<serde_json::Value> {
+    Json(canonical(review(&st, Mode::Validate, &body)))
 }
 
 /// kube-core writes the patch as an array of byte values; Go reads that too, but the form the
@@ -65,7 +80,8 @@ pub fn canonical(review: AdmissionReview<DynamicObject>) -> serde_json::Value {
     v
 }
 
-pub fn review(st: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObject> {
+/// The answer to one AdmissionReview, as the API server sent it.
+pub fn review(st: &WebhookState, mode: Mode, body: &[u8]) -> AdmissionReview<DynamicObject> {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -81,10 +97,12 @@ pub fn review(st: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObject> 
         }
     };
     let resp = AdmissionResponse::from(&req);
-    let Some(pod) = req.object.as_ref() else {
-        return resp.into_review();
+    let rules = Rules {
+        scheduler_name: &st.scheduler_name,
+        writers: &st.writers,
+        limits: (st.limits)(),
     };
-    match admit(pod, &st.scheduler_name, (st.limits)()) {
+    match decide(&req, &rules, mode) {
         Verdict::Unchanged => resp.into_review(),
         Verdict::Deny(msg) => resp.deny(msg).into_review(),
         Verdict::SetScheduler(name) => {

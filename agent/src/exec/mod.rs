@@ -1,8 +1,16 @@
 //! `vgpu-agent exec`: runs a command in a GPU slice on this host, without Kubernetes, by giving it the same
-//! environment Allocate gives a container (HAMi's variables) and preloading libvgpu.so.
+//! environment Allocate gives a container (HAMi's variables) and preloading libvgpu.so. The values are checked
+//! against the card first; the slice gets a cgroup of its own where the machine allows it and is registered
+//! with the node agent, if one runs, from here (never from a file the slice could write).
+
+mod bind;
+mod check;
+mod runtime_dir;
+mod slice_cgroup;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use vgpu_contract::agent_socket::ExecBinding;
 use vgpu_contract::env;
 use vgpu_contract::limits::CorePolicy;
 
@@ -23,7 +31,8 @@ pub struct ExecArgs {
     /// The GPU to use: an index or a UUID (default: every GPU, each with the slice).
     #[arg(long, value_name = "INDEX|UUID")]
     pub device: Option<String>,
-    /// Shared-cache file: give the same file to several commands to make them one container.
+    /// Shared-cache file: give the same file to several commands to make them one container (a relative path
+    /// is taken from the current directory). Default: a new file in your runtime directory.
     #[arg(long, value_name = "FILE")]
     pub cache: Option<PathBuf>,
     /// libvgpu.so to preload (default: beside this binary, then /usr/local/vgpu/libvgpu.so).
@@ -32,8 +41,11 @@ pub struct ExecArgs {
     /// Directory of the per-card coordination files (default /var/run/vgpu/cards).
     #[arg(long, value_name = "DIR")]
     pub card_dir: Option<PathBuf>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// The agent's socket for registering the slice (its cgroup, cache and limits).
+    #[arg(long, value_name = "PATH", default_value = bind::DEFAULT_BIND_SOCKET, hide = true)]
+    pub bind_socket: PathBuf,
+    /// The command and its arguments (`--` before them is optional unless the command starts with `-`).
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
@@ -57,29 +69,6 @@ fn find_shim(explicit: Option<&Path>) -> Result<PathBuf, String> {
         }
     }
     Err("libvgpu.so not found beside vgpu-agent or in /usr/local/vgpu; pass --shim PATH".into())
-}
-
-/// Total MiB of the card, from nvidia-smi (the real one, or the simulated GPU's).
-fn card_total_mib(device: Option<&str>) -> Result<u64, String> {
-    let mut cmd = Command::new("nvidia-smi");
-    cmd.args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"]);
-    if let Some(d) = device {
-        cmd.args(["-i", d]);
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("--gpumem-percentage needs nvidia-smi to size the card: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let first = text
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .trim_end_matches("MiB")
-        .trim();
-    first
-        .parse()
-        .map_err(|_| format!("cannot read the card's memory from nvidia-smi: {text:?}"))
 }
 
 /// The environment the command gets (without LD_PRELOAD), in order.
@@ -122,19 +111,29 @@ pub fn run(args: ExecArgs) -> i32 {
 
 fn run_inner(args: &ExecArgs) -> Result<i32, String> {
     let shim = find_shim(args.shim.as_deref())?;
-    let gpumem = match (args.gpumem, args.gpumem_percentage) {
-        (Some(0), _) => return Err("--gpumem must be at least 1 MiB".into()),
-        (Some(m), _) => Some(m),
-        (None, Some(p)) => Some(card_total_mib(args.device.as_deref())? * p / 100),
-        (None, None) => None,
-    };
-    // A cache of our own unless the caller names one; removed afterwards so nothing stale is left.
+    let gpus = crate::gpus::Gpus::open();
+    let cards: Vec<_> = gpus.sample().into_iter().map(|s| s.gpu).collect();
+    let checked = check::check(
+        &cards,
+        args.device.as_deref(),
+        args.gpumem,
+        args.gpumem_percentage,
+    )
+    .map_err(|e| match &gpus.error {
+        Some(why) => format!("{e} ({why})"),
+        None => e,
+    })?;
+    let gpumem = checked.memory_mib.first().map(|&(_, m)| m);
+    // One absolute path for every process of the slice, whatever directory each runs from.
     let (cache, ours) = match &args.cache {
-        Some(c) => (c.clone(), false),
+        Some(c) => (
+            std::path::absolute(c).map_err(|e| format!("--cache {}: {e}", c.display()))?,
+            false,
+        ),
         None => {
-            let dir = std::env::temp_dir().join("vgpu-exec");
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            (dir.join(format!("{}.cache", std::process::id())), true)
+            let dir = runtime_dir::for_caller()?;
+            let name = format!("{}-{:x}.cache", std::process::id(), random_u64());
+            (dir.join(name), true)
         }
     };
     let preload = match std::env::var("LD_PRELOAD") {
@@ -147,11 +146,76 @@ fn run_inner(args: &ExecArgs) -> Result<i32, String> {
         cmd.env(k, v);
     }
     tie_to_parent(&mut cmd);
-    let status = cmd.spawn().and_then(|mut child| {
-        forward_signals_to(child.id());
-        child.wait()
+    // SAFETY: geteuid(2) cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let id = format!("{}-{:x}", std::process::id(), random_u64());
+    let cgroup = match slice_cgroup::SliceCgroup::create(
+        &crate::ledger::cgroups::cgroup2_mount(),
+        &id,
+        root,
+    ) {
+        Ok(cg) => {
+            cg.enter_on_spawn(&mut cmd);
+            Some(cg)
+        }
+        Err(e) => {
+            eprintln!(
+                "vgpu-agent exec: no cgroup of its own for this slice ({e}); the agent sees it as part of your \
+                 session's cgroup"
+            );
+            None
+        }
+    };
+    let child = cmd.spawn().map_err(|e| {
+        let hint = if args.command[0].starts_with('-') {
+            " (options of exec go before the command; put `--` before a command that starts with `-`)"
+        } else {
+            ""
+        };
+        format!("{}: {e}{hint}", args.command[0])
     });
-    let status = status.map_err(|e| format!("{}: {e}", args.command[0]));
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+            return Err(e);
+        }
+    };
+    forward_signals_to(child.id());
+    if let Some(cg) = &cgroup {
+        let binding = ExecBinding {
+            cgroup: cg.rel.clone(),
+            cache: cache.display().to_string(),
+            memory_limits: checked
+                .memory_mib
+                .iter()
+                .map(|&(o, m)| (o, m << 20))
+                .collect(),
+            sm_limit: args.gpucores.unwrap_or(0),
+            policy: args
+                .policy
+                .unwrap_or(CorePolicy::Default)
+                .as_str()
+                .to_string(),
+            pid: child.id(),
+        };
+        match bind::bind(&args.bind_socket, binding) {
+            bind::Outcome::Bound => {}
+            bind::Outcome::NoAgent(_) => {}
+            bind::Outcome::Refused(why) => {
+                eprintln!("vgpu-agent exec: the agent did not register this slice: {why}")
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("{}: {e}", args.command[0]));
+    if let Some(cg) = cgroup {
+        bind::unbind(&args.bind_socket, &cg.rel);
+        cg.remove();
+    }
     if ours {
         let _ = std::fs::remove_file(&cache);
     }
@@ -160,6 +224,20 @@ fn run_inner(args: &ExecArgs) -> Result<i32, String> {
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return t ^ (std::process::id() as u64).rotate_left(32);
+    }
+    u64::from_ne_bytes(b)
 }
 
 /// The command dies with us: killing `vgpu-agent exec` (even with SIGKILL) must not leave its workload holding
