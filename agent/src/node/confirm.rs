@@ -192,7 +192,8 @@ pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
         .filter(|id| !id.is_empty())
 }
 
-/// The cgroup (relative to `root`) of the container `id` of pod `uid`, in any of the kubelet's layouts.
+/// The cgroup (relative to `root`) of the container `id` of pod `uid`, in any of the kubelet's layouts and
+/// under any kubelet `--cgroup-root` (`/kubepods...`, `/kubelet.slice/kubelet-kubepods.slice/...`).
 pub fn find_cgroup(root: &Path, uid: &str, id: &str) -> Option<String> {
     fn walk(root: &Path, rel: &str, depth: usize, uid: &str, id: &str) -> Option<String> {
         let r = container_of(rel);
@@ -208,10 +209,6 @@ pub fn find_cgroup(root: &Path, uid: &str, id: &str) -> Option<String> {
                 continue;
             }
             let name = e.file_name().to_string_lossy().into_owned();
-            // Only the kubelet's part of the tree holds pods.
-            if depth == 0 && !name.starts_with("kubepods") {
-                continue;
-            }
             if let Some(found) = walk(root, &format!("{rel}/{name}"), depth + 1, uid, id) {
                 return Some(found);
             }
@@ -267,5 +264,36 @@ async fn bind_when_started(node: &Node, p: &Pending) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "5d0b2f5a-6f6e-4b6a-9c3e-0a1b2c3d4e5f";
+    const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_container_cgroup_is_found_under_any_kubelet_root_and_only_under_its_pod() {
+        let root = std::env::temp_dir().join(format!("vgpu-findcg-{}", std::process::id()));
+        let u = UID.replace('-', "_");
+        let layouts = [
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{CID}.scope"),
+            format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope"),
+            format!("harness/kubepods/besteffort/pod{UID}/{CID}"),
+        ];
+        for l in &layouts {
+            let _ = std::fs::remove_dir_all(&root);
+            // The same container ID under another pod first: never taken.
+            std::fs::create_dir_all(root.join(format!(
+                "kubepods/besteffort/podffffffff-ffff-ffff-ffff-ffffffffffff/{CID}"
+            )))
+            .unwrap();
+            std::fs::create_dir_all(root.join(l)).unwrap();
+            assert_eq!(find_cgroup(&root, UID, CID), Some(format!("/{l}")), "{l}");
+            assert_eq!(find_cgroup(&root, UID, &CID.replace('0', "1")), None);
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
