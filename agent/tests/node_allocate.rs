@@ -365,10 +365,10 @@ async fn a_two_gpu_container_gets_both_cards_and_is_bound_to_its_cgroup() {
     assert_eq!(
         l,
         format!(
-            "VGPU_LIMITS_STATE=ready\nNVIDIA_VISIBLE_DEVICES={GPU},{GPU2}\nCUDA_DEVICE_MEMORY_LIMIT_0=4000m\n\
+            "# written by vgpu-agent; read by libvgpu.so\nNVIDIA_VISIBLE_DEVICES={GPU},{GPU2}\nCUDA_DEVICE_MEMORY_LIMIT_0=4000m\n\
              CUDA_DEVICE_MEMORY_LIMIT_1=4000m\nCUDA_DEVICE_SM_LIMIT=30\n\
              CUDA_DEVICE_MEMORY_SHARED_CACHE=/usr/local/vgpu/vgpu.cache\nGPU_CORE_UTILIZATION_POLICY=force\n\
-             VGPU_CARD_DIR=/var/run/vgpu/cards\n"
+             VGPU_CARD_DIR=/var/run/vgpu/cards\nVGPU_LIMITS_STATE=ready\n"
         )
     );
 

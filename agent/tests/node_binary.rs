@@ -181,7 +181,7 @@ async fn the_agent_binary_registers_simulated_cards_and_serves_a_sealed_pod() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        text.starts_with("VGPU_LIMITS_STATE=ready\n"),
+        text.ends_with("VGPU_LIMITS_STATE=ready\n"),
         "{text:?}: {}",
         agent_log()
     );

@@ -36,7 +36,7 @@ async fn what_the_previous_agent_answered_is_confirmed_at_start() {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(
                 d.join("limits"),
-                "VGPU_LIMITS_STATE=revoked\nVGPU_LIMITS_REASON=x\n",
+                "VGPU_LIMITS_REASON=x\nVGPU_LIMITS_STATE=revoked\n",
             )
             .unwrap();
             std::fs::write(d.join("allocated-ids"), format!("{GPU}-2\n")).unwrap();
@@ -53,7 +53,7 @@ async fn what_the_previous_agent_answered_is_confirmed_at_start() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rig
         .limits("uid-b", "c0")
-        .starts_with("VGPU_LIMITS_STATE=revoked\n"));
+        .ends_with("VGPU_LIMITS_STATE=revoked\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,7 +58,11 @@ pub fn resume(node: &Arc<Node>) {
             continue;
         };
         let limits = std::fs::read_to_string(e.path().join(cd::LIMITS_NAME)).unwrap_or_default();
-        if limits.contains(&format!("{}={}", cd::LIMITS_STATE, cd::STATE_REVOKED)) {
+        // Revoked stays revoked; a damaged file is not made ready by a restart either.
+        let state = vgpu_contract::limits::parse_limits_file(&limits)
+            .map_err(|e| e.to_string())
+            .and_then(|kv| cd::limits_state(&kv));
+        if !matches!(state, Ok(cd::LimitsState::Pending | cd::LimitsState::Ready)) {
             continue;
         }
         let Some(pod) = pods.iter().find(|p| p.metadata.uid.as_deref() == Some(uid)) else {

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use vgpu_agent::gpus::Card;
 use vgpu_agent::node::bind::{Binding, ContainerBinder};
+use vgpu_contract::container_dir::LimitsState;
 use vgpu_contract::placement_seal;
 use vgpu_kubelet_api::deviceplugin::registration_server::{Registration, RegistrationServer};
 use vgpu_kubelet_api::deviceplugin::{Empty, RegisterRequest};
@@ -765,12 +766,24 @@ impl Rig {
 
     pub async fn limits_state(&self, uid: &str, container: &str, state: &str) -> String {
         let want = format!("VGPU_LIMITS_STATE={state}\n");
+        // The contract's reader decides, and the state line is the file's only one.
+        let read = |t: &str| {
+            vgpu_contract::container_dir::limits_state(
+                &vgpu_contract::limits::parse_limits_file(t).ok()?,
+            )
+            .ok()
+        };
         eventually(
             &format!("{uid}_{container} limits {state}"),
             Duration::from_secs(10),
             || {
                 let t = self.limits(uid, container);
-                t.starts_with(&want).then_some(t)
+                let ok = match read(&t)? {
+                    LimitsState::Ready => state == "ready",
+                    LimitsState::Revoked(_) => state == "revoked",
+                    LimitsState::Pending => false,
+                };
+                (ok && t.ends_with(&want)).then_some(t)
             },
         )
         .await
