@@ -327,14 +327,18 @@ async fn serve(args: RunArgs) -> Result<()> {
 }
 
 /// Kubernetes mode: the device plugin, the node's registration and Allocate (`crate::node`).
-async fn start_kubernetes(args: &RunArgs, _shared: &Shared) -> Result<crate::node::Running> {
+async fn start_kubernetes(args: &RunArgs, shared: &Shared) -> Result<crate::node::Running> {
     let cgroup_root = args
         .cgroup_root
         .clone()
         .unwrap_or_else(crate::ledger::cgroups::cgroup2_mount);
-    crate::node::start(&args.node, cgroup_root, Arc::new(LogBinder))
-        .await
-        .context("starting the Kubernetes node side")
+    crate::node::start(
+        &args.node,
+        cgroup_root,
+        Arc::new(LedgerBinder(shared.clone())),
+    )
+    .await
+    .context("starting the Kubernetes node side")
 }
 
 async fn stop_kubernetes(k: crate::node::Running) {
@@ -342,24 +346,41 @@ async fn stop_kubernetes(k: crate::node::Running) {
     let _ = tokio::time::timeout(Duration::from_secs(5), k.plugin).await;
 }
 
-/// Interim binder: the ledger's binding API (`ledger/bindings.rs`) replaces it at merge; until then a
-/// confirmed container is only logged, and the ledger attributes it by its processes as in standalone mode.
-struct LogBinder;
+/// The node side binds each container the kubelet confirmed into the ledger: from then on its limits and
+/// cgroup are the ones Allocate answered, whatever files inside the container say.
+struct LedgerBinder(Shared);
 
-impl crate::node::bind::ContainerBinder for LogBinder {
+impl crate::node::bind::ContainerBinder for LedgerBinder {
     fn bind(&self, b: crate::node::bind::Binding) {
-        tracing::info!(
-            "confirmed {}/{} container {:?}: cgroup {}, cache {}, limits {:?}, sm {} ({}), from the {}",
-            b.pod.namespace,
-            b.pod.name,
-            b.pod.container,
-            b.cgroup,
-            b.cache_path.display(),
-            b.limits,
-            b.sm_limit,
-            b.policy,
-            b.source
+        use crate::ledger::bindings as lb;
+        let what = format!(
+            "{}/{} container {:?}",
+            b.pod.namespace, b.pod.name, b.pod.container
         );
+        let binding = lb::Binding {
+            cgroup: b.cgroup.clone(),
+            cache_path: b.cache_path,
+            memory_limits: b
+                .limits
+                .iter()
+                .enumerate()
+                .map(|(ordinal, (_, bytes))| (ordinal as u32, *bytes))
+                .collect(),
+            sm_limit: b.sm_limit,
+            policy: b.policy,
+            source: lb::Source::Allocate,
+            pod: Some(lb::PodRef {
+                namespace: b.pod.namespace,
+                name: b.pod.name,
+                uid: b.pod.uid,
+                container: b.pod.container,
+            }),
+        };
+        let mut g = self.0.lock().unwrap();
+        match g.0.bind_container(binding) {
+            Ok(()) => tracing::info!("bound {what} to cgroup {} ({})", b.cgroup, b.source),
+            Err(e) => tracing::warn!("could not bind {what} to cgroup {}: {e}", b.cgroup),
+        }
     }
 }
 

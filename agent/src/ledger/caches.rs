@@ -115,14 +115,23 @@ pub fn open_tenant_file(path: &Path) -> std::io::Result<File> {
 
 /// Writes one slot's host-pid word (`cache_layout::write_host_pid`: generation-tagged, so a slot that changed
 /// owner meanwhile is left alone) through a descriptor opened as [`open_tenant_file`] opens, for writing.
-fn tell_host_pid(path: &Path, slot: usize, pid: u32, start: u64, host: u32) -> std::io::Result<bool> {
+fn tell_host_pid(
+    path: &Path,
+    slot: usize,
+    pid: u32,
+    start: u64,
+    host: u32,
+) -> std::io::Result<bool> {
     let f = File::options()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
     if !f.metadata()?.file_type().is_file() {
-        return Err(std::io::Error::new(ErrorKind::InvalidInput, "not a regular file"));
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     vgpu_contract::cache_layout::write_host_pid(&f, slot, pid, start, host)
 }
@@ -290,7 +299,9 @@ impl Mirror {
                             Ok(_) => {
                                 self.host_pid_told.insert(key);
                             }
-                            Err(e) => tracing::debug!("{}: host pid not recorded: {e}", path.display()),
+                            Err(e) => {
+                                tracing::debug!("{}: host pid not recorded: {e}", path.display())
+                            }
                         }
                     }
                 }

@@ -77,8 +77,7 @@ fn ensure_target(m: &MountSpec, earlier: &[MountSpec], shadow: &mut Shadow) -> a
             m.container_path.display()
         )
     })?;
-    if std::fs::symlink_metadata(&target).is_ok()
-        || shadow.create.iter().any(|(p, _)| *p == target)
+    if std::fs::symlink_metadata(&target).is_ok() || shadow.create.iter().any(|(p, _)| *p == target)
     {
         return Ok(());
     }
@@ -108,7 +107,8 @@ fn ensure_target(m: &MountSpec, earlier: &[MountSpec], shadow: &mut Shadow) -> a
             None => target
                 .parent()
                 .filter(|p| {
-                    std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none()) && *p != Path::new("/")
+                    std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none())
+                        && *p != Path::new("/")
                 })
                 .map(Path::to_path_buf),
         };
