@@ -17,7 +17,7 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
     pkill -9 -f "$T/" 2>/dev/null; sleep 0.5
     [ -d "$CG" ] && find "$CG" -depth -type d -exec rmdir {} \; 2>/dev/null
-    rm -rf "$T"
+    [ -n "${KEEP:-}" ] && echo "kept $T" || rm -rf "$T"
 }
 trap cleanup EXIT
 SIM=$("$B/sim-dir"); export LD_LIBRARY_PATH=$SIM PATH=$SIM:$PATH VGPU_SIM_MEMORY_MIB=81920

@@ -2,8 +2,8 @@
 //!
 //! The kubelet's Allocate carries only device IDs. No lock: the scheduler seals each placement it makes
 //! (`contract::placement_seal`), and a pod is a candidate only if its seal verifies for this node. Among the
-//! candidates whose next unserved GPU container asks for as many GPUs as the request has IDs, the oldest by
-//! `hami.io/bind-time` (then creation) is taken, since the kubelet admits pods in that order. The guess is then
+//! candidates whose next unserved GPU container asks for as many GPUs as the request has IDs, the first in the
+//! kubelet's admission order is taken: creation time, then the order the pods reached the node (see `age_key`). The guess is then
 //! checked against the kubelet's own record ([`super::confirm`]): a container found on another pod's devices
 //! never gets limits, and the placement it took is given back to its pod.
 //!
@@ -253,8 +253,10 @@ pub fn judge(
     })
 }
 
-/// Oldest first: `hami.io/bind-time`, then creation, then UID (a stable order for equal times).
-fn age_key(c: &Chosen) -> (u64, i64, String) {
+/// The kubelet's admission order: creation time (seconds), then the order the pods reached this node's watch
+/// (`pods::arrival`: the order of their bindings, as the kubelet's own watch delivers them), then
+/// `hami.io/bind-time`, then UID (a stable order for anything still equal).
+fn age_key(c: &Chosen) -> (i64, u64, u64, String) {
     let bind = annotation(&c.pod, ann::BIND_TIME)
         .and_then(|t| t.parse().ok())
         .unwrap_or(u64::MAX);
@@ -264,7 +266,7 @@ fn age_key(c: &Chosen) -> (u64, i64, String) {
         .creation_timestamp
         .as_ref()
         .map_or(i64::MAX, |t| t.0.as_second());
-    (bind, created, c.uid.clone())
+    (created, super::pods::arrival(&c.uid), bind, c.uid.clone())
 }
 
 /// Picks the candidate for a request; the pods refused, with their reasons, when there is none.

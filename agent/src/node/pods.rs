@@ -21,12 +21,49 @@ pub fn watch_node_pods(client: kube::Client, node: &str) -> Store<Pod> {
     tokio::spawn(async move {
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!("pod watch on this node: {e} (retrying)");
+            match ev {
+                Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => note_arrival(&p),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("pod watch on this node: {e} (retrying)"),
             }
         }
     });
     reader
+}
+
+/// The order in which pods first showed up on this node's watch. The kubelet admits pods by creation time and,
+/// within one second of it (creation timestamps have no finer grain), in the order its own watch of the node
+/// delivered them, which is the API server's order of their bindings: the same order this watch sees. So
+/// (creation second, arrival) is the kubelet's admission order, where `hami.io/bind-time` (seconds) ties.
+static ARRIVALS: std::sync::LazyLock<
+    std::sync::Mutex<(u64, std::collections::HashMap<String, u64>)>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn note_arrival(p: &Pod) {
+    if let Some(uid) = p.metadata.uid.as_deref() {
+        let mut g = ARRIVALS.lock().unwrap();
+        if !g.1.contains_key(uid) {
+            g.0 += 1;
+            let n = g.0;
+            g.1.insert(uid.to_string(), n);
+            // Bounded: a node holds at most a few hundred pods at once; forget the oldest arrivals.
+            if g.1.len() > 65_536 {
+                let cut = n.saturating_sub(32_768);
+                g.1.retain(|_, v| *v > cut);
+            }
+        }
+    }
+}
+
+/// Where the pod came in this node's watch order (`u64::MAX`: not seen by the watch, e.g. found by a list).
+pub fn arrival(uid: &str) -> u64 {
+    ARRIVALS
+        .lock()
+        .unwrap()
+        .1
+        .get(uid)
+        .copied()
+        .unwrap_or(u64::MAX)
 }
 
 pub fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
