@@ -1,0 +1,49 @@
+#!/bin/sh
+# The agent DaemonSet's init container (in the agent image as /usr/local/bin/vgpu-prepare-host):
+# puts on the host what Allocate mounts into GPU containers, and links the host's NVML for the agent.
+# Paths are the DaemonSet's mounts; VGPU_PREPARE_ROOT prefixes them all (the image test runs it so).
+set -eu
+R="${VGPU_PREPARE_ROOT:-}"
+SHIM_SRC="$R/opt/vgpu/lib/libvgpu.so"
+HOST_VGPU="$R/usr/local/vgpu"
+CARDS="$R/run/vgpu/cards"
+HOST="$R/host"
+LINKS="$R/opt/vgpu/driver"
+
+# A new libvgpu.so goes in by rename: containers already running keep the file they mapped.
+install -D -m 0644 "$SHIM_SRC" "$HOST_VGPU/libvgpu.so.new"
+mv -f "$HOST_VGPU/libvgpu.so.new" "$HOST_VGPU/libvgpu.so"
+mkdir -p "$HOST_VGPU/containers"
+# Every slice on a card coordinates through a file here, whatever user its container runs as.
+mkdir -p "$CARDS"
+chmod 1777 "$CARDS"
+
+# Follows a link inside the host's tree: an absolute target is the host's path, not this container's.
+resolve() {
+    f="$1" n=0
+    while [ -L "$f" ] && [ "$n" -lt 16 ]; do
+        t=$(readlink "$f")
+        case "$t" in
+        /*) f="$HOST$t" ;;
+        *) f="$(dirname "$f")/$t" ;;
+        esac
+        n=$((n + 1))
+    done
+    [ -f "$f" ] && echo "$f"
+}
+
+mkdir -p "$LINKS"
+rm -f "$LINKS"/libnvidia-ml.so*
+for d in run/nvidia/driver/usr/lib/x86_64-linux-gnu run/nvidia/driver/usr/lib64 \
+    usr/lib/x86_64-linux-gnu usr/lib64 usr/local/nvidia/lib64; do
+    if lib=$(resolve "$HOST/$d/libnvidia-ml.so.1"); then
+        # The link names the path as the agent's container sees it (VGPU_PREPARE_ROOT left out).
+        ln -s "${lib#"$R"}" "$LINKS/libnvidia-ml.so.1"
+        echo "vgpu-prepare-host: NVML is /$d/libnvidia-ml.so.1 on the host"
+        exit 0
+    fi
+done
+echo "vgpu-prepare-host: no libnvidia-ml.so.1 in the host's /run/nvidia/driver/usr/lib/x86_64-linux-gnu," \
+    "/run/nvidia/driver/usr/lib64, /usr/lib/x86_64-linux-gnu, /usr/lib64 or /usr/local/nvidia/lib64:" \
+    "the agent starts without NVML and registers no GPU. Install the NVIDIA driver (or wait for the GPU" \
+    "Operator's driver) and restart the agent pod on this node." >&2
