@@ -18,13 +18,14 @@ mkdir -p "$HOST_VGPU/containers"
 mkdir -p "$CARDS"
 chmod 1777 "$CARDS"
 
-# Follows a link inside the host's tree: an absolute target is the host's path, not this container's.
-resolve() {
-    f="$1" n=0
+# Follows a link inside a root of the host (the host's own, or the GPU Operator's driver root): an
+# absolute target is that root's path, not this container's.
+resolve() { # ROOT FILE
+    f="$2" n=0
     while [ -L "$f" ] && [ "$n" -lt 16 ]; do
         t=$(readlink "$f")
         case "$t" in
-        /*) f="$HOST$t" ;;
+        /*) f="$1$t" ;;
         *) f="$(dirname "$f")/$t" ;;
         esac
         n=$((n + 1))
@@ -34,12 +35,15 @@ resolve() {
 
 mkdir -p "$LINKS"
 rm -f "$LINKS"/libnvidia-ml.so*
-for d in run/nvidia/driver/usr/lib/x86_64-linux-gnu run/nvidia/driver/usr/lib64 \
-    usr/lib/x86_64-linux-gnu usr/lib64 usr/local/nvidia/lib64; do
-    if lib=$(resolve "$HOST/$d/libnvidia-ml.so.1"); then
+for layout in run/nvidia/driver:usr/lib/x86_64-linux-gnu run/nvidia/driver:usr/lib64 \
+    :usr/lib/x86_64-linux-gnu :usr/lib64 :usr/local/nvidia/lib64; do
+    root="$HOST/${layout%%:*}"
+    root="${root%/}"
+    d="$root/${layout#*:}"
+    if lib=$(resolve "$root" "$d/libnvidia-ml.so.1"); then
         # The link names the path as the agent's container sees it (VGPU_PREPARE_ROOT left out).
         ln -s "${lib#"$R"}" "$LINKS/libnvidia-ml.so.1"
-        echo "vgpu-prepare-host: NVML is /$d/libnvidia-ml.so.1 on the host"
+        echo "vgpu-prepare-host: NVML is ${d#"$HOST"}/libnvidia-ml.so.1 on the host"
         exit 0
     fi
 done

@@ -382,13 +382,14 @@ fn the_daemonset_mounts_every_path_the_agent_and_allocate_use() {
     assert_eq!(host.propagation, "HostToContainer");
     assert_eq!(host.volume["hostPath"]["type"], "Directory");
     let script = std::fs::read_to_string(repo().join("deploy/images/vgpu-prepare-host.sh")).unwrap();
+    // (driver root, library directory): the GPU Operator's root, and the host's own.
     for layout in [
-        "run/nvidia/driver/usr/lib/x86_64-linux-gnu",
-        "usr/lib/x86_64-linux-gnu",
-        "usr/lib64",
-        "usr/local/nvidia/lib64",
+        "run/nvidia/driver:usr/lib/x86_64-linux-gnu",
+        ":usr/lib/x86_64-linux-gnu",
+        ":usr/lib64",
+        ":usr/local/nvidia/lib64",
     ] {
-        assert!(script.contains(layout), "prepare-host misses /{layout}");
+        assert!(script.contains(layout), "prepare-host misses {layout}");
     }
     // ...and NVML is found where prepare-host links it.
     let env = &agent["env"];
