@@ -67,7 +67,8 @@ mod tests {
         let Cmd::Run(run) = cli.cmd else {
             panic!("the DaemonSet must run `vgpu-agent run`")
         };
-        assert!(run.standalone, "this build only runs standalone");
+        // The DaemonSet runs the Kubernetes node side; integration/tests/deploy_render.rs checks its mounts.
+        assert!(!run.standalone, "the DaemonSet runs Kubernetes mode");
         assert!(
             run.pin_dir.starts_with("/sys/fs/bpf"),
             "pins on the host's bpffs (mounted by the DaemonSet)"

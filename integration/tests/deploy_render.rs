@@ -15,12 +15,16 @@ use std::process::Command;
 const SUPPORTED: [&str; 4] = ["1.32.0", "1.33.0", "1.34.0", "1.35.0"];
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
 }
 
-fn tool(name: &str) -> bool {
+/// Whether `check` (a shell command) finds the tool `name`.
+fn tool_by(name: &str, check: &str) -> bool {
     let found = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
+        .args(["-c", check])
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
@@ -31,6 +35,18 @@ fn tool(name: &str) -> bool {
         eprintln!("{name} not installed: skipped");
     }
     found
+}
+
+fn tool(name: &str) -> bool {
+    tool_by(name, &format!("command -v {name}"))
+}
+
+/// kubernetes-validate, run as a Python module (pip may put its script off PATH).
+fn validator() -> bool {
+    tool_by(
+        "kubernetes-validate",
+        "python3 -c 'import kubernetes_validate'",
+    )
 }
 
 fn kustomize(dir: &str) -> String {
@@ -94,8 +110,15 @@ fn validate(text: &str, version: &str) -> (bool, String) {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(format!("rendered-{version}.yaml"));
     std::fs::write(&file, text).unwrap();
-    let out = Command::new("kubernetes-validate")
-        .args(["--strict", "--quiet", "-k", version])
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "-k",
+            version,
+        ])
         .arg(&file)
         .output()
         .unwrap();
@@ -109,7 +132,7 @@ fn validate(text: &str, version: &str) -> (bool, String) {
 
 #[test]
 fn every_rendered_object_validates_against_the_supported_kubernetes_versions() {
-    if !tool("kubectl") || !tool("kubernetes-validate") {
+    if !tool("kubectl") || !validator() {
         return;
     }
     let text = kustomize("deploy");
@@ -148,7 +171,10 @@ fn one_apply_installs_each_part_once_in_its_namespace() {
     for d in &docs {
         let id = (
             s(&d["kind"]).to_string(),
-            d["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+            d["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
             s(&d["metadata"]["name"]).to_string(),
         );
         assert!(seen.insert(id.clone()), "{id:?} twice");
@@ -327,13 +353,21 @@ fn the_daemonset_mounts_every_path_the_agent_and_allocate_use() {
         Path::new(vgpu_contract::env::DEFAULT_CARD_DIR)
     );
     // The agent's own state: on the host, so a restarted agent finds it.
-    for flag in ["socket", "bind-socket", "state-file", "pod-resources-socket"] {
+    for flag in [
+        "socket",
+        "bind-socket",
+        "state-file",
+        "pod-resources-socket",
+    ] {
         let p = &f[flag];
         let m = holding(&ms, p).unwrap_or_else(|| panic!("--{flag}={p} is not mounted"));
         assert!(m.host.is_some(), "--{flag}={p} is not on the host");
     }
     assert_eq!(
-        holding(&ms, &f["pod-resources-socket"]).unwrap().host.as_deref(),
+        holding(&ms, &f["pod-resources-socket"])
+            .unwrap()
+            .host
+            .as_deref(),
         Some("/var/lib/kubelet/pod-resources")
     );
     // Pins on the host's bpffs, shared both ways so pins made inside are the host's.
@@ -370,7 +404,11 @@ fn the_daemonset_mounts_every_path_the_agent_and_allocate_use() {
         .collect();
     assert_eq!(
         names,
-        BTreeSet::from(["deviceSplitCount", "deviceMemoryScaling", "deviceCoreScaling"])
+        BTreeSet::from([
+            "deviceSplitCount",
+            "deviceMemoryScaling",
+            "deviceCoreScaling"
+        ])
     );
 
     // The driver's libraries, on every common layout, reached through one read-only host mount that
@@ -381,7 +419,8 @@ fn the_daemonset_mounts_every_path_the_agent_and_allocate_use() {
     assert!(host.read_only);
     assert_eq!(host.propagation, "HostToContainer");
     assert_eq!(host.volume["hostPath"]["type"], "Directory");
-    let script = std::fs::read_to_string(repo().join("deploy/images/vgpu-prepare-host.sh")).unwrap();
+    let script =
+        std::fs::read_to_string(repo().join("deploy/images/vgpu-prepare-host.sh")).unwrap();
     // (driver root, library directory): the GPU Operator's root, and the host's own.
     for layout in [
         "run/nvidia/driver:usr/lib/x86_64-linux-gnu",
@@ -501,10 +540,30 @@ fn the_agent_and_the_bootstrap_hold_only_the_rights_they_use() {
         BTreeSet::from([
             t("", "secrets", "get", "vgpu-seal-key,vgpu-scheduler-tls"),
             t("", "secrets", "create", ""),
-            t(hooks, "mutatingwebhookconfigurations", "get", "vgpu-scheduler"),
-            t(hooks, "mutatingwebhookconfigurations", "patch", "vgpu-scheduler"),
-            t(hooks, "validatingwebhookconfigurations", "get", "vgpu-scheduler"),
-            t(hooks, "validatingwebhookconfigurations", "patch", "vgpu-scheduler"),
+            t(
+                hooks,
+                "mutatingwebhookconfigurations",
+                "get",
+                "vgpu-scheduler"
+            ),
+            t(
+                hooks,
+                "mutatingwebhookconfigurations",
+                "patch",
+                "vgpu-scheduler"
+            ),
+            t(
+                hooks,
+                "validatingwebhookconfigurations",
+                "get",
+                "vgpu-scheduler"
+            ),
+            t(
+                hooks,
+                "validatingwebhookconfigurations",
+                "patch",
+                "vgpu-scheduler"
+            ),
         ])
     );
     // The bootstrap's Secret rights are in vgpu-system only.
@@ -513,7 +572,10 @@ fn the_agent_and_the_bootstrap_hold_only_the_rights_they_use() {
     // The webhook trusts the agent's writes by the account the DaemonSet runs as.
     let ds = named(&docs, "DaemonSet", "vgpu-agent");
     let dep = named(&docs, "Deployment", "vgpu-scheduler");
-    let ext = by_name(&dep["spec"]["template"]["spec"]["containers"], "vgpu-scheduler");
+    let ext = by_name(
+        &dep["spec"]["template"]["spec"]["containers"],
+        "vgpu-scheduler",
+    );
     let f = flags(ext);
     assert_eq!(
         f["agent-user"],
@@ -565,7 +627,11 @@ fn the_scheduler_takes_its_knobs_from_vgpu_config_and_shares_the_seal_key() {
                 assert!(["binpack", "spread"].contains(&value), "{key}: {value}")
             }
             "--default-mem" => assert!(
-                value.strip_suffix('%').unwrap_or(value).parse::<u32>().is_ok(),
+                value
+                    .strip_suffix('%')
+                    .unwrap_or(value)
+                    .parse::<u32>()
+                    .is_ok(),
                 "{key}: {value}"
             ),
             other => panic!("{other} takes a vgpu-config key the test does not know"),
@@ -605,7 +671,10 @@ fn the_images_carry_what_the_manifests_run() {
         assert!(a.contains(p), "agent image lacks {p}: {a:?}");
     }
     let sc = copies(&scheduler);
-    for p in ["/usr/local/bin/vgpu-scheduler", "/usr/local/bin/vgpu-bootstrap"] {
+    for p in [
+        "/usr/local/bin/vgpu-scheduler",
+        "/usr/local/bin/vgpu-bootstrap",
+    ] {
         assert!(sc.contains(p), "scheduler image lacks {p}: {sc:?}");
     }
     // Both build with the toolchain CI pins.
@@ -617,11 +686,17 @@ fn the_images_carry_what_the_manifests_run() {
         .trim_matches('"')
         .to_string();
     for df in [&agent, &scheduler] {
-        assert!(df.contains(&format!("rust:{channel}")), "not on Rust {channel}");
+        assert!(
+            df.contains(&format!("rust:{channel}")),
+            "not on Rust {channel}"
+        );
     }
     let Some(docs) = rendered() else { return };
     let ds = named(&docs, "DaemonSet", "vgpu-agent");
-    let init = by_name(&ds["spec"]["template"]["spec"]["initContainers"], "prepare-host");
+    let init = by_name(
+        &ds["spec"]["template"]["spec"]["initContainers"],
+        "prepare-host",
+    );
     assert!(a.contains(s(&init["command"][0])));
     let job = named(&docs, "Job", "vgpu-bootstrap");
     let c = &job["spec"]["template"]["spec"]["containers"][0];
@@ -634,12 +709,9 @@ fn the_dashboard_queries_only_metrics_the_agent_and_scheduler_export() {
     let text = std::fs::read_to_string(repo().join("deploy/grafana/vgpu-dashboard.json")).unwrap();
     let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
     assert!(dash["title"].is_string());
-    let exported = [
-        "agent/src/observe/metrics.rs",
-        "scheduler/src/metrics.rs",
-    ]
-    .map(|f| std::fs::read_to_string(repo().join(f)).unwrap())
-    .join("\n");
+    let exported = ["agent/src/observe/metrics.rs", "scheduler/src/metrics.rs"]
+        .map(|f| std::fs::read_to_string(repo().join(f)).unwrap())
+        .join("\n");
     let mut exprs = vec![];
     for panel in dash["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().into_iter().flatten() {
@@ -669,6 +741,340 @@ fn the_dashboard_queries_only_metrics_the_agent_and_scheduler_export() {
         );
     }
     // Reservations and use side by side (HAMI-NOTES failure 10): both parts are on it.
-    assert!(names.iter().any(|n| n.starts_with("hami_vgpu_memory_allocated")));
+    assert!(names
+        .iter()
+        .any(|n| n.starts_with("hami_vgpu_memory_allocated")));
     assert!(names.contains("hami_vgpu_memory_used_bytes"));
+}
+
+/// A stand-in API server for vgpu-bootstrap: Secrets in vgpu-system and the two webhook
+/// configurations, with GET, POST (create) and PATCH (JSON patch), over plain HTTP on loopback.
+mod fake_api {
+    use serde_json::{json, Value};
+    use std::collections::BTreeMap;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    pub const TOKEN: &str = "bootstrap-test-token";
+    const SECRETS: &str = "/api/v1/namespaces/vgpu-system/secrets";
+
+    #[derive(Default)]
+    pub struct State {
+        pub objects: BTreeMap<String, Value>,
+        /// (method, path) of every request, in order.
+        pub log: Vec<(String, String)>,
+        /// Paths answered with this status instead (a hostile API server).
+        pub fail: BTreeMap<String, u16>,
+    }
+
+    pub fn start(state: Arc<Mutex<State>>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let method = parts.next().unwrap_or("").to_string();
+                let path = parts.next().unwrap_or("").to_string();
+                let (mut len, mut auth) = (0, String::new());
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    match k.to_ascii_lowercase().as_str() {
+                        "content-length" => len = v.trim().parse().unwrap(),
+                        "authorization" => auth = v.trim().to_string(),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let (code, answer) = if auth != format!("Bearer {TOKEN}") {
+                    (401, json!({"kind": "Status", "code": 401}))
+                } else {
+                    handle(&mut state.lock().unwrap(), &method, &path, &body)
+                };
+                let text = answer.to_string();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        addr
+    }
+
+    fn handle(s: &mut State, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        s.log.push((method.into(), path.into()));
+        if let Some(code) = s.fail.get(path) {
+            return (*code, json!({"kind": "Status", "code": code}));
+        }
+        let not_found = (404, json!({"kind": "Status", "code": 404}));
+        match method {
+            "GET" => match s.objects.get(path) {
+                Some(o) => (200, o.clone()),
+                None => not_found,
+            },
+            "POST" if path == SECRETS => {
+                let o: Value = serde_json::from_slice(body).unwrap();
+                let at = format!("{SECRETS}/{}", o["metadata"]["name"].as_str().unwrap());
+                if s.objects.contains_key(&at) {
+                    return (409, json!({"kind": "Status", "code": 409}));
+                }
+                s.objects.insert(at, o.clone());
+                (201, o)
+            }
+            "PATCH" => {
+                let Some(o) = s.objects.get_mut(path) else {
+                    return not_found;
+                };
+                let p: json_patch::Patch = serde_json::from_slice(body).unwrap();
+                let mut next = o.clone();
+                match json_patch::patch(&mut next, &p) {
+                    Ok(()) => {
+                        *o = next.clone();
+                        (200, next)
+                    }
+                    Err(e) => (422, json!({"kind": "Status", "message": e.to_string()})),
+                }
+            }
+            _ => (405, json!({})),
+        }
+    }
+}
+
+struct Bootstrap {
+    state: std::sync::Arc<std::sync::Mutex<fake_api::State>>,
+    api: String,
+    dir: PathBuf,
+}
+
+impl Bootstrap {
+    /// The API server holding the rendered webhook configurations, as after `kubectl apply`.
+    fn new(docs: &[Value], tag: &str) -> Self {
+        let mut st = fake_api::State::default();
+        for (kind, res) in [
+            (
+                "MutatingWebhookConfiguration",
+                "mutatingwebhookconfigurations",
+            ),
+            (
+                "ValidatingWebhookConfiguration",
+                "validatingwebhookconfigurations",
+            ),
+        ] {
+            st.objects.insert(
+                format!("/apis/admissionregistration.k8s.io/v1/{res}/vgpu-scheduler"),
+                serde_json::to_value(named(docs, kind, "vgpu-scheduler")).unwrap(),
+            );
+        }
+        let state = std::sync::Arc::new(std::sync::Mutex::new(st));
+        let api = fake_api::start(state.clone());
+        let dir = std::env::temp_dir().join(format!("vgpu-bootstrap-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sa")).unwrap();
+        std::fs::write(dir.join("sa/token"), fake_api::TOKEN).unwrap();
+        std::fs::write(dir.join("sa/ca.crt"), "unused over http").unwrap();
+        Bootstrap { state, api, dir }
+    }
+
+    /// Runs the script as the Job does (env from the rendered Job, plus the stand-in's address).
+    fn run(&self, job_env: &[(String, String)]) -> (bool, String) {
+        let out = Command::new("sh")
+            .arg(repo().join("deploy/images/vgpu-bootstrap.sh"))
+            .envs(job_env.iter().map(|(k, v)| (k, v)))
+            .env("VGPU_API", &self.api)
+            .env("VGPU_SA_DIR", self.dir.join("sa"))
+            .env("TMPDIR", &self.dir)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said)
+    }
+
+    fn object(&self, path: &str) -> Option<serde_json::Value> {
+        self.state.lock().unwrap().objects.get(path).cloned()
+    }
+
+    fn secret(&self, name: &str) -> Option<serde_json::Value> {
+        self.object(&format!("/api/v1/namespaces/vgpu-system/secrets/{name}"))
+    }
+
+    fn writes(&self) -> Vec<(String, String)> {
+        let st = self.state.lock().unwrap();
+        st.log.iter().filter(|(m, _)| m != "GET").cloned().collect()
+    }
+}
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn job_env(docs: &[Value]) -> Vec<(String, String)> {
+    let job = named(docs, "Job", "vgpu-bootstrap");
+    seq(&job["spec"]["template"]["spec"]["containers"][0]["env"])
+        .iter()
+        .map(|e| (s(&e["name"]).to_string(), s(&e["value"]).to_string()))
+        .collect()
+}
+
+#[test]
+fn the_bootstrap_makes_the_seal_key_and_the_webhook_certificate_once() {
+    let Some(docs) = rendered() else { return };
+    if !tool("curl") || !tool("jq") || !tool("openssl") {
+        return;
+    }
+    let b = Bootstrap::new(&docs, "fresh");
+    let (ok, said) = b.run(&job_env(&docs));
+    assert!(ok, "{said}");
+
+    // The seal key: random, 32 bytes as hex text (the agent trims whitespace, the scheduler does not).
+    let seal = b.secret("vgpu-seal-key").expect("no vgpu-seal-key");
+    let key = b64_decode(seal["data"]["key"].as_str().unwrap());
+    assert_eq!(key.len(), 64, "{key:?}");
+    assert!(key.iter().all(u8::is_ascii_hexdigit));
+
+    // The webhook's certificate, signed by the CA both webhooks now trust, for the Service's name.
+    let tls = b
+        .secret("vgpu-scheduler-tls")
+        .expect("no vgpu-scheduler-tls");
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    let file = |k: &str| {
+        let p = b.dir.join(k);
+        std::fs::write(&p, b64_decode(tls["data"][k].as_str().unwrap())).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (ca, crt, key) = (file("ca.crt"), file("tls.crt"), file("tls.key"));
+    let (ok, said) = openssl(&["verify", "-CAfile", &ca, &crt]);
+    assert!(ok, "{said}");
+    let (_, sans) = openssl(&["x509", "-in", &crt, "-noout", "-ext", "subjectAltName"]);
+    let svc = named(&docs, "Service", "vgpu-scheduler");
+    for hook in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        for w in seq(&named(&docs, hook, "vgpu-scheduler")["webhooks"]) {
+            let s_ = &w["clientConfig"]["service"];
+            assert_eq!(s_["name"], svc["metadata"]["name"]);
+            let host = format!("{}.{}.svc", s(&s_["name"]), s(&s_["namespace"]));
+            assert!(sans.contains(&format!("DNS:{host}")), "{sans}");
+        }
+    }
+    let (_, cert_pub) = openssl(&["x509", "-in", &crt, "-noout", "-pubkey"]);
+    let (_, key_pub) = openssl(&["pkey", "-in", &key, "-pubout"]);
+    assert_eq!(cert_pub, key_pub, "tls.key is not the certificate's key");
+    for res in [
+        "mutatingwebhookconfigurations",
+        "validatingwebhookconfigurations",
+    ] {
+        let cfg = b
+            .object(&format!(
+                "/apis/admissionregistration.k8s.io/v1/{res}/vgpu-scheduler"
+            ))
+            .unwrap();
+        let hooks = cfg["webhooks"].as_array().unwrap();
+        assert!(!hooks.is_empty());
+        for w in hooks {
+            assert_eq!(
+                w["clientConfig"]["caBundle"], tls["data"]["ca.crt"],
+                "{res}"
+            );
+        }
+    }
+
+    // Again (every apply recreates the Job): nothing is made or changed.
+    let before = b.writes().len();
+    let (ok, said) = b.run(&job_env(&docs));
+    assert!(ok, "{said}");
+    assert_eq!(b.writes().len(), before, "{:?}", b.writes());
+    assert_eq!(b.secret("vgpu-seal-key").unwrap(), seal);
+    assert_eq!(b.secret("vgpu-scheduler-tls").unwrap(), tls);
+}
+
+#[test]
+fn with_cert_manager_the_bootstrap_makes_the_seal_key_only() {
+    let Some(_) = rendered() else { return };
+    if !tool("curl") || !tool("jq") || !tool("openssl") {
+        return;
+    }
+    let docs = docs_of("deploy/with-cert-manager");
+    let b = Bootstrap::new(&docs, "cert-manager");
+    let (ok, said) = b.run(&job_env(&docs));
+    assert!(ok, "{said}");
+    assert!(b.secret("vgpu-seal-key").is_some());
+    assert!(b.secret("vgpu-scheduler-tls").is_none());
+    assert_eq!(
+        b.writes(),
+        [(
+            "POST".to_string(),
+            "/api/v1/namespaces/vgpu-system/secrets".to_string()
+        )]
+    );
+}
+
+#[test]
+fn the_bootstrap_stops_and_says_why_when_it_cannot_do_its_part() {
+    let Some(docs) = rendered() else { return };
+    if !tool("curl") || !tool("jq") || !tool("openssl") {
+        return;
+    }
+    // A certificate Secret made by hand without its CA: the webhooks cannot be told what to trust.
+    let b = Bootstrap::new(&docs, "no-ca");
+    b.state.lock().unwrap().objects.insert(
+        "/api/v1/namespaces/vgpu-system/secrets/vgpu-scheduler-tls".into(),
+        serde_json::json!({"kind": "Secret", "data": {"tls.crt": "eA==", "tls.key": "eA=="}}),
+    );
+    let (ok, said) = b.run(&job_env(&docs));
+    assert!(!ok);
+    assert!(
+        said.contains("has no ca.crt") && said.contains("delete it"),
+        "{said}"
+    );
+    // Refused by RBAC: the status is named, and nothing is patched.
+    let b = Bootstrap::new(&docs, "forbidden");
+    b.state.lock().unwrap().fail.insert(
+        "/api/v1/namespaces/vgpu-system/secrets/vgpu-seal-key".into(),
+        403,
+    );
+    let (ok, said) = b.run(&job_env(&docs));
+    assert!(!ok);
+    assert!(said.contains("vgpu-seal-key: HTTP 403"), "{said}");
+    assert!(b.writes().is_empty(), "{:?}", b.writes());
 }
