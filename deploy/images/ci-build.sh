@@ -68,8 +68,8 @@ add "$agent" deploy/images/vgpu-prepare-host.sh /usr/local/bin/vgpu-prepare-host
 sched="$(rootfs scheduler)"
 # The Dockerfile's RUN, in the root (the mirror's address from the base's sources.list).
 cp /etc/resolv.conf "$sched/etc/resolv.conf"
-chroot "$sched" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ca-certificates curl jq openssl >/dev/null && rm -rf /var/lib/apt/lists/*' ||
-    fail "apt-get install in the scheduler's root"
+chroot "$sched" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ca-certificates curl jq openssl && rm -rf /var/lib/apt/lists/*' \
+    >"$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log" >&2; fail "apt-get install in the scheduler's root"; }
 add "$sched" "$BIN/vgpu-scheduler" /usr/local/bin/vgpu-scheduler 0755
 add "$sched" deploy/images/vgpu-bootstrap.sh /usr/local/bin/vgpu-bootstrap 0755
 
