@@ -105,6 +105,8 @@ check_prepare() { # LAYOUT-DIR LINK-TARGET EXPECTED-RESOLVED
     mkdir -p "$r/host/$1" "$(dirname "$r/host/$3")"
     echo fake-nvml >"$r/host/$3"
     ln -s "$2" "$r/host/$1/libnvidia-ml.so.1"
+    echo fake-cuda >"$r/host/$1/libcuda.so.580.1"
+    ln -s libcuda.so.580.1 "$r/host/$1/libcuda.so.1"
     chroot "$r" /usr/local/bin/vgpu-prepare-host >"$WORK/prepare.log" 2>&1 ||
         { cat "$WORK/prepare.log" >&2; fail "vgpu-prepare-host on /$1"; }
     cmp -s "$r/opt/vgpu/lib/libvgpu.so" "$r/usr/local/vgpu/libvgpu.so" || fail "prepare-host: libvgpu.so not on the host"
@@ -113,6 +115,7 @@ check_prepare() { # LAYOUT-DIR LINK-TARGET EXPECTED-RESOLVED
     [ "$(readlink "$r/opt/vgpu/driver/libnvidia-ml.so.1")" = "/host/$3" ] ||
         fail "prepare-host: NVML link is $(readlink "$r/opt/vgpu/driver/libnvidia-ml.so.1"), not /host/$3"
     [ "$(chroot "$r" cat /opt/vgpu/driver/libnvidia-ml.so.1)" = fake-nvml ] || fail "prepare-host: NVML link dangles"
+    [ "$(chroot "$r" cat /opt/vgpu/driver/libcuda.so.1)" = fake-cuda ] || fail "prepare-host: no libcuda link"
     say "agent root: vgpu-prepare-host found NVML on /$1"
 }
 check_prepare usr/lib64 libnvidia-ml.so.580.1 usr/lib64/libnvidia-ml.so.580.1

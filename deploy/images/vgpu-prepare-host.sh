@@ -1,6 +1,7 @@
 #!/bin/sh
 # The agent DaemonSet's init container (in the agent image as /usr/local/bin/vgpu-prepare-host):
-# puts on the host what Allocate mounts into GPU containers, and links the host's NVML for the agent.
+# puts on the host what Allocate mounts into GPU containers, and links the host's NVML and libcuda for
+# the agent.
 # Paths are the DaemonSet's mounts; VGPU_PREPARE_ROOT prefixes them all (the image test runs it so).
 set -eu
 R="${VGPU_PREPARE_ROOT:-}"
@@ -34,7 +35,7 @@ resolve() { # ROOT FILE
 }
 
 mkdir -p "$LINKS"
-rm -f "$LINKS"/libnvidia-ml.so*
+rm -f "$LINKS"/libnvidia-ml.so.1 "$LINKS"/libcuda.so.1
 for layout in run/nvidia/driver:usr/lib/x86_64-linux-gnu run/nvidia/driver:usr/lib64 \
     :usr/lib/x86_64-linux-gnu :usr/lib64 :usr/local/nvidia/lib64; do
     root="$HOST/${layout%%:*}"
@@ -44,6 +45,13 @@ for layout in run/nvidia/driver:usr/lib/x86_64-linux-gnu run/nvidia/driver:usr/l
         # The link names the path as the agent's container sees it (VGPU_PREPARE_ROOT left out).
         ln -s "${lib#"$R"}" "$LINKS/libnvidia-ml.so.1"
         echo "vgpu-prepare-host: NVML is ${d#"$HOST"}/libnvidia-ml.so.1 on the host"
+        # The driver's libcuda beside it: the agent probes it from the start (--libcuda), before any
+        # process maps it.
+        if cuda=$(resolve "$root" "$d/libcuda.so.1"); then
+            ln -s "${cuda#"$R"}" "$LINKS/libcuda.so.1"
+        else
+            echo "vgpu-prepare-host: no libcuda.so.1 beside it: the agent probes libcuda once a process maps it" >&2
+        fi
         exit 0
     fi
 done

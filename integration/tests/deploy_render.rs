@@ -436,6 +436,9 @@ fn the_daemonset_mounts_every_path_the_agent_and_allocate_use() {
     let links = holding(&ms, ld).expect("LD_LIBRARY_PATH is not mounted");
     assert!(links.volume.get("emptyDir").is_some());
     assert!(script.contains(&format!("LINKS=\"$R{ld}\"")), "{ld}");
+    // The driver's libcuda is probed from the start, from the link prepare-host makes beside NVML.
+    assert_eq!(Path::new(&f["libcuda"]), Path::new(ld).join("libcuda.so.1"));
+    assert!(script.contains("ln -s \"${cuda#\"$R\"}\" \"$LINKS/libcuda.so.1\""));
     // No hostPath other than these (each is a promise to the node's admin).
     let hosts: BTreeSet<&str> = seq(&pod["volumes"])
         .iter()
