@@ -76,9 +76,9 @@ add "$sched" deploy/images/vgpu-bootstrap.sh /usr/local/bin/vgpu-bootstrap 0755
 # Every COPY destination of the Dockerfiles is in its root.
 for pair in "agent.Dockerfile:$agent" "scheduler.Dockerfile:$sched"; do
     df="deploy/images/${pair%%:*}" r="${pair#*:}"
-    for dest in $(sed -n 's/^COPY .* \(\/[^ ]*\)$/\1/p' "$df"); do
+    while read -r dest; do
         [ -e "$r$dest" ] || fail "$df copies to $dest, which CI's root lacks"
-    done
+    done < <(sed -n 's/^COPY .* \(\/[^ ]*\)$/\1/p' "$df")
 done
 
 # 3. The binaries, run from the roots.
