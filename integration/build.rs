@@ -96,6 +96,7 @@ fn main() {
         "cuda_launch",
         "cuda_procaddr",
         "cuda_fork",
+        "cuda_reserves_dl",
     ] {
         let src = format!("{}.c", name.trim_end_matches("_dl"));
         gcc(&out.join(name), &["-o", &o(name), &src, "-ldl", "-lm"]);

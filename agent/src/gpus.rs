@@ -106,3 +106,153 @@ impl Gpus {
             .collect()
     }
 }
+
+/// A physical GPU as the node side registers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Card {
+    pub uuid: String,
+    pub index: u32,
+    /// NVML's name (`NVIDIA H200`).
+    pub name: String,
+    pub memory_mib: u64,
+    pub numa: u32,
+    pub healthy: bool,
+    /// Why it is unhealthy (an XID, a lost handle), for the log.
+    pub reason: Option<String>,
+}
+
+/// XIDs that report an application's own fault (a bad kernel, a reset it asked for), not the card's; NVIDIA's
+/// device plugin ignores the same ones, so one tenant's crash does not take the card from every neighbour.
+const APPLICATION_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
+
+pub fn xid_marks_unhealthy(xid: u64) -> bool {
+    !APPLICATION_XIDS.contains(&xid)
+}
+
+/// The NUMA node of a PCI device from sysfs (`-1`, a machine without NUMA, reads as 0 as in HAMi).
+fn numa_of(bus_id: &str) -> u32 {
+    // NVML writes the domain with 8 digits (00000000:3B:00.0); sysfs with 4 and in lower case.
+    let id = bus_id.to_ascii_lowercase();
+    let id = id
+        .strip_prefix("0000")
+        .filter(|s| s.len() == 12)
+        .unwrap_or(&id);
+    std::fs::read_to_string(format!("/sys/bus/pci/devices/{id}/numa_node"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .unwrap_or(0) as u32
+}
+
+fn read_cards(nvml: &Nvml) -> Vec<Card> {
+    let n = nvml.device_count().unwrap_or(0);
+    (0..n)
+        .filter_map(|i| {
+            let d = nvml.device_by_index(i).ok()?;
+            Some(Card {
+                uuid: d.uuid().ok()?,
+                index: i,
+                name: d.name().unwrap_or_default(),
+                memory_mib: d.memory_info().map_or(0, |m| m.total >> 20),
+                numa: d.pci_info().map_or(0, |p| numa_of(&p.bus_id)),
+                healthy: true,
+                reason: None,
+            })
+        })
+        .collect()
+}
+
+/// Keeps `tx` holding the node's cards and their health until every receiver is gone: a card whose handle
+/// calls fail is unhealthy while they fail (a lost GPU), one that reported a critical XID stays unhealthy until
+/// the agent restarts (the card needs a reset). Runs on a thread of its own: NVML calls block.
+pub fn watch_cards(tx: tokio::sync::watch::Sender<Vec<Card>>, period: std::time::Duration) {
+    use nvml_wrapper::bitmasks::event::EventTypes;
+    let nvml = loop {
+        match Gpus::open().nvml {
+            Some(n) => break n,
+            None => {
+                tracing::warn!("NVML unavailable: no GPUs to offer the kubelet; retrying in 10 s");
+                if tx.is_closed() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(10));
+            }
+        }
+    };
+    let mut cards = read_cards(&nvml);
+    tracing::info!(
+        "{} GPU(s): {}",
+        cards.len(),
+        cards
+            .iter()
+            .map(|c| format!("{} {} {} MiB", c.uuid, c.name, c.memory_mib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    tx.send_replace(cards.clone());
+    let mut events = nvml.create_event_set().ok();
+    for c in &cards {
+        let Ok(d) = nvml.device_by_uuid(c.uuid.as_str()) else {
+            continue;
+        };
+        if let Some(set) = events.take() {
+            events = match d.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(
+                        "no XID events from {} ({e}): health from handle calls only",
+                        c.uuid
+                    );
+                    nvml.create_event_set().ok()
+                }
+            };
+        }
+    }
+    let mut xid_failed: std::collections::HashMap<String, String> = Default::default();
+    while !tx.is_closed() {
+        match &events {
+            Some(set) => {
+                if let Ok(ev) = set.wait(period.as_millis() as u32) {
+                    if let (Ok(uuid), Some(xid)) = (ev.device.uuid(), ev.event_data) {
+                        let code = match xid {
+                            nvml_wrapper::enums::event::XidError::Value(v) => v,
+                            nvml_wrapper::enums::event::XidError::Unknown => 999,
+                        };
+                        if xid_marks_unhealthy(code) {
+                            tracing::error!("GPU {uuid}: critical XID {code}: marked unhealthy");
+                            xid_failed.insert(uuid, format!("critical XID {code}"));
+                        } else {
+                            tracing::warn!("GPU {uuid}: XID {code} (an application's fault): card stays healthy");
+                        }
+                    }
+                }
+            }
+            None => std::thread::sleep(period),
+        }
+        let mut now = cards.clone();
+        for c in &mut now {
+            let lost = nvml
+                .device_by_uuid(c.uuid.as_str())
+                .and_then(|d| d.memory_info())
+                .err();
+            (c.healthy, c.reason) = match (xid_failed.get(&c.uuid), lost) {
+                (Some(r), _) => (false, Some(r.clone())),
+                (None, Some(e)) => (false, Some(format!("NVML calls fail: {e}"))),
+                (None, None) => (true, None),
+            };
+        }
+        if now != cards {
+            for c in &now {
+                if !c.healthy {
+                    tracing::warn!(
+                        "GPU {} unhealthy: {}",
+                        c.uuid,
+                        c.reason.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            cards = now;
+            tx.send_replace(cards.clone());
+        }
+    }
+}

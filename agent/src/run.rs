@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 
-use crate::ebpf::probes::{host_libcuda_candidates, parse_event, Probes};
-use crate::ebpf::procs::{mapped_libcuda, ProcTable};
+use crate::ebpf::libcuda_id::{host_shims, Identities, Scan};
+use crate::ebpf::probes::{parse_event, Probes};
+use crate::ebpf::procs::ProcTable;
 use crate::gpus::Gpus;
 use crate::ledger::handover::{hand_over_probes, one_agent, save, Predecessor, LINGER};
 use crate::ledger::state::{Policy, State};
@@ -24,6 +25,9 @@ pub struct RunArgs {
     /// Run without Kubernetes (no kubelet, no API server): the host view, status and metrics only.
     #[arg(long)]
     pub standalone: bool,
+    /// The Kubernetes node side (ignored with --standalone).
+    #[command(flatten)]
+    pub node: crate::node::NodeArgs,
     /// What to do about a container past its limit.
     #[arg(long, value_enum, default_value = "report")]
     pub policy: Policy,
@@ -36,9 +40,17 @@ pub struct RunArgs {
     pub cache_dir: PathBuf,
     #[arg(long, default_value = crate::observe::status::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Prometheus metrics address; "off" for none.
-    #[arg(long, default_value = "0.0.0.0:9394")]
-    pub metrics_addr: String,
+    /// Where `vgpu-agent exec` registers its slices (mode 0666; the caller is checked by SO_PEERCRED); "off"
+    /// for none.
+    #[arg(long, default_value = crate::ledger::bind_socket::DEFAULT_BIND_SOCKET)]
+    pub bind_socket: PathBuf,
+    /// Prometheus metrics address; "off" for none. Default 0.0.0.0:9394, or 127.0.0.1:9394 with
+    /// --metrics-detail (docs/security.md).
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+    /// Serve per-tenant detail in the metrics: pids, cgroup paths, cache file paths.
+    #[arg(long)]
+    pub metrics_detail: bool,
     /// Count kernel launches per process (uprobes on cuLaunchKernel & co.). Off by default: a uprobe trap per
     /// launch cost +1.98% per training step on an H200 (vs +0.39% without) and 15 µs per call on a VM
     /// (docs/agent.md).
@@ -102,26 +114,23 @@ fn attach(state: &mut State, probes: &mut Probes, path: &Path) {
     }
 }
 
-/// Finds libcuda files mapped by running processes; returns the pids that map one.
-fn rescan_libcuda(state: &mut State, probes: &mut Probes) -> Vec<u32> {
-    let mut users = vec![];
-    let root = Path::new("/proc");
-    for pid in crate::ebpf::procs::pids(root) {
-        let files = mapped_libcuda(root, pid);
-        if !files.is_empty() {
-            users.push(pid);
-        }
-        for f in files {
-            attach(state, probes, &f);
-        }
+/// The host driver's libcuda files and what every process maps (read without the state lock: the files
+/// a process maps may be a tenant's).
+fn find_libcuda(ids: &mut Identities, args: &RunArgs) -> (Vec<PathBuf>, Scan) {
+    let host = ids.refresh_host(&args.libcuda, &host_shims());
+    (host, ids.scan(Path::new("/proc")))
+}
+
+/// Probes the host's files, flags private ones; returns the pids that map the host's libcuda.
+fn take_libcuda(state: &mut State, probes: &mut Probes, host: &[PathBuf], scan: Scan) -> Vec<u32> {
+    for p in host {
+        attach(state, probes, p);
     }
-    users
+    state.set_private_libcuda(scan.private);
+    scan.users
 }
 
 async fn serve(args: RunArgs) -> Result<()> {
-    if !args.standalone {
-        bail!("only --standalone is available in this build: the Kubernetes side (device plugin, registration) is not part of it yet");
-    }
     // Two agents on one node would split the pinned ring buffer's events between them and each see half.
     let _lock = one_agent(&args.state_file, Duration::from_secs(30))?;
     let pins = if args.pin_dir.as_os_str() == "off" {
@@ -146,25 +155,17 @@ async fn serve(args: RunArgs) -> Result<()> {
     );
     state.launch_probes = args.launch_probes;
     pred.restore_into(&mut state, &args.state_file);
-    for p in args
-        .libcuda
-        .iter()
-        .cloned()
-        .chain(host_libcuda_candidates())
-    {
-        attach(&mut state, &mut probes, &p);
-    }
+    let mut ids = Identities::default();
+    let (host, scan) = find_libcuda(&mut ids, &args);
     // Attach before adopting: a process seen mapping libcuda now is older than the probes.
-    for pid in rescan_libcuda(&mut state, &mut probes) {
+    for pid in take_libcuda(&mut state, &mut probes, &host, scan) {
         state.adopt_running(pid);
     }
     probes.prune_pinned_links();
     pred.end(&probes);
-    // Cache files as they are now are the limits the agent holds containers to (a later rewrite is flagged).
-    state.mirror.rescan();
     if probes.files().is_empty() {
         tracing::warn!(
-            "no libcuda file found yet; will probe any that a process maps (or pass --libcuda)"
+            "no host libcuda file found yet; will probe one installed in the driver directories later (or pass --libcuda)"
         );
     }
     let ring = probes.take_events()?;
@@ -210,7 +211,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     // Sweeps run on a thread of their own: /proc scans and NVML calls block.
     let sw_shared = shared.clone();
     let sw_args = args.clone();
-    std::thread::spawn(move || sweep_loop(sw_shared, gpus, sw_args));
+    std::thread::spawn(move || sweep_loop(sw_shared, gpus, ids, sw_args));
 
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
@@ -231,23 +232,58 @@ async fn serve(args: RunArgs) -> Result<()> {
         }
     });
 
-    if args.metrics_addr != "off" {
+    if args.bind_socket.as_os_str() != "off" {
+        let l = crate::ledger::bind_socket::listen(&args.bind_socket)
+            .with_context(|| args.bind_socket.display().to_string())?;
+        let b_shared = shared.clone();
+        let apply: crate::ledger::bind_socket::Apply =
+            Arc::new(move |op| b_shared.lock().unwrap().0.apply_bind_op(op));
+        let root = args
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(crate::ledger::cgroups::cgroup2_mount);
+        tokio::spawn(crate::ledger::bind_socket::serve(l, root, apply));
+    }
+
+    let detail = args.metrics_detail;
+    let metrics_addr = args.metrics_addr.clone().unwrap_or_else(|| {
+        // Detail names every tenant's pids and paths: not for the node's network unless asked for.
+        if detail {
+            "127.0.0.1:9394"
+        } else {
+            "0.0.0.0:9394"
+        }
+        .into()
+    });
+    if metrics_addr != "off" {
         let m_shared = shared.clone();
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
                 let s = m_shared.clone();
-                async move { crate::observe::metrics::render(&snapshot(&s)) }
+                async move { crate::observe::metrics::render(&snapshot(&s), detail) }
             }),
         );
-        let l = tokio::net::TcpListener::bind(&args.metrics_addr)
+        let l = tokio::net::TcpListener::bind(&metrics_addr)
             .await
-            .with_context(|| args.metrics_addr.clone())?;
+            .with_context(|| metrics_addr.clone())?;
+        if detail && !l.local_addr()?.ip().is_loopback() {
+            tracing::warn!(
+                "--metrics-detail on {}: every tenant's pids and paths are served to anyone who reaches it",
+                l.local_addr()?
+            );
+        }
         tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
         tokio::spawn(async move {
             let _ = axum::serve(l, app).await;
         });
     }
+
+    let kubernetes = if args.standalone {
+        None
+    } else {
+        Some(start_kubernetes(&args, &shared).await?)
+    };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -256,6 +292,9 @@ async fn serve(args: RunArgs) -> Result<()> {
     }
     // Events not read by now stay in the ring buffer for the successor (pinned) and must not be half
     // applied here: stop reading before the ledger is saved. The reader stops only between batches.
+    if let Some(k) = kubernetes {
+        stop_kubernetes(k).await;
+    }
     events_task.abort();
     let _ = events_task.await;
     // With pinned links nothing is left to hold; links that could not be pinned are held by a child, for a
@@ -268,6 +307,9 @@ async fn serve(args: RunArgs) -> Result<()> {
     let holder = hand_over_probes(linger);
     save_state(&shared, &args.state_file, holder, true);
     let _ = std::fs::remove_file(&args.socket);
+    if args.bind_socket.as_os_str() != "off" {
+        let _ = std::fs::remove_file(&args.bind_socket);
+    }
     match holder {
         Some((pid, _)) if !linger.is_zero() => tracing::info!(
             "stopped; process {pid} (vgpu-probe-hold) keeps the probes that could not be pinned attached for up \
@@ -282,6 +324,43 @@ async fn serve(args: RunArgs) -> Result<()> {
         None => tracing::info!("stopped"),
     }
     Ok(())
+}
+
+/// Kubernetes mode: the device plugin, the node's registration and Allocate (`crate::node`).
+async fn start_kubernetes(args: &RunArgs, _shared: &Shared) -> Result<crate::node::Running> {
+    let cgroup_root = args
+        .cgroup_root
+        .clone()
+        .unwrap_or_else(crate::ledger::cgroups::cgroup2_mount);
+    crate::node::start(&args.node, cgroup_root, Arc::new(LogBinder))
+        .await
+        .context("starting the Kubernetes node side")
+}
+
+async fn stop_kubernetes(k: crate::node::Running) {
+    let _ = k.shutdown.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), k.plugin).await;
+}
+
+/// Interim binder: the ledger's binding API (`ledger/bindings.rs`) replaces it at merge; until then a
+/// confirmed container is only logged, and the ledger attributes it by its processes as in standalone mode.
+struct LogBinder;
+
+impl crate::node::bind::ContainerBinder for LogBinder {
+    fn bind(&self, b: crate::node::bind::Binding) {
+        tracing::info!(
+            "confirmed {}/{} container {:?}: cgroup {}, cache {}, limits {:?}, sm {} ({}), from the {}",
+            b.pod.namespace,
+            b.pod.name,
+            b.pod.container,
+            b.cgroup,
+            b.cache_path.display(),
+            b.limits,
+            b.sm_limit,
+            b.policy,
+            b.source
+        );
+    }
 }
 
 pub fn snapshot(shared: &Shared) -> Report {
@@ -302,7 +381,7 @@ pub fn snapshot(shared: &Shared) -> Report {
         dropped_events: probes.drops(),
         violations: state.violations,
         kills: state.kills.clone(),
-        reclaimed_bytes: state.mirror.files.values().map(|f| f.reclaimed_bytes).sum(),
+        dead_slot_bytes: state.mirror.dead_total,
         nvml: state.nvml_status.clone(),
     });
     r
@@ -313,7 +392,7 @@ fn save_state(shared: &Shared, path: &Path, holder: Option<(u32, u64)>, clean: b
     save(&mut g.0, path, holder, clean);
 }
 
-fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
+fn sweep_loop(shared: Shared, gpus: Gpus, mut ids: Identities, args: RunArgs) {
     let interval = Duration::from_millis(args.interval_ms.max(50));
     let mut last_rescan = Instant::now();
     loop {
@@ -321,17 +400,21 @@ fn sweep_loop(shared: Shared, gpus: Gpus, args: RunArgs) {
         let procs = ProcTable::scan();
         let samples = gpus.sample();
         let rescan = last_rescan.elapsed() >= Duration::from_millis(args.libcuda_rescan_ms);
+        // Tenant files are read without the lock: a slow one must not stop events, status or metrics.
+        let bound = shared.lock().unwrap().0.bound_cache_files();
+        let reads = crate::ledger::caches::collect(&args.cache_dir, &bound);
+        let found = rescan.then(|| find_libcuda(&mut ids, &args));
         let dirty;
         {
             let mut g = shared.lock().unwrap();
             let (state, probes) = &mut *g;
-            if rescan {
-                rescan_libcuda(state, probes);
+            if let Some((host, scan)) = found {
+                take_libcuda(state, probes, &host, scan);
                 last_rescan = Instant::now();
             }
             let launches = probes.launch_probes().then(|| probes.launch_counts());
             state.gpus = samples;
-            let dead = state.sweep(procs, launches);
+            let dead = state.sweep(procs, launches, reads);
             probes.forget_launches(&dead);
             probes.flush_log();
             state.dropped = probes.drops();

@@ -2,300 +2,14 @@
 //! built here with gcc) while test workloads allocate through it in cgroups of their own.
 //! They need root and a kernel with uprobes (CI has both); as another user they skip, saying why.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::Mutex;
+mod harness;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use harness::*;
 use serde_json::Value;
-use vgpu_contract::cache_layout::{own_pid_namespace, process_start_time, CacheRegion, HeaderInfo};
-
-const MIB: u64 = 1 << 20;
-/// One agent at a time: they share the machine's CPUs with the build.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root to load eBPF programs");
-        return false;
-    }
-    true
-}
-
-struct Fixture {
-    dir: PathBuf,
-    lib: PathBuf,
-    client: PathBuf,
-    cache_dir: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("vgpu-agent-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("lib")).unwrap();
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture");
-        let lib = dir.join("lib/libcuda.so.1");
-        let client = dir.join("client");
-        let gcc = |args: &[&str]| {
-            let st = Command::new("gcc").args(args).status().expect("gcc");
-            assert!(st.success(), "gcc {args:?}");
-        };
-        gcc(&[
-            "-O1",
-            "-fPIC",
-            "-shared",
-            "-Wl,-soname,libcuda.so.1",
-            "-o",
-            lib.to_str().unwrap(),
-            src.join("fakecuda.c").to_str().unwrap(),
-        ]);
-        let rpath = format!("-Wl,-rpath,{}", dir.join("lib").display());
-        let libdir = format!("-L{}", dir.join("lib").display());
-        gcc(&[
-            "-O1",
-            "-o",
-            client.to_str().unwrap(),
-            src.join("client.c").to_str().unwrap(),
-            &libdir,
-            "-l:libcuda.so.1",
-            &rpath,
-        ]);
-        let cache_dir = dir.join("caches");
-        std::fs::create_dir_all(&cache_dir).unwrap();
-        Self {
-            dir,
-            lib,
-            client,
-            cache_dir,
-        }
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if std::env::var_os("VGPU_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Agent {
-    /// An agent with no pinned maps (tests stay off the machine's /sys/fs/bpf).
-    fn start(fx: &Fixture, policy: &str) -> Self {
-        Self::start_pinned(fx, policy, Path::new("off"))
-    }
-
-    fn start_pinned(fx: &Fixture, policy: &str, pin_dir: &Path) -> Self {
-        let socket = fx.dir.join("agent.sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_vgpu-agent"))
-            .args([
-                "run",
-                "--standalone",
-                "--policy",
-                policy,
-                "--metrics-addr",
-                "off",
-                "--interval-ms",
-                "200",
-            ])
-            .arg("--libcuda")
-            .arg(&fx.lib)
-            .arg("--cache-dir")
-            .arg(&fx.cache_dir)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-file")
-            .arg(fx.dir.join("state.json"))
-            .arg("--pin-dir")
-            .arg(pin_dir)
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(fx.dir.join("agent.log"))
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        let mut a = Self { child, socket };
-        let t = Instant::now();
-        while a.try_status().is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "agent did not come up: {}",
-                log(fx)
-            );
-            if let Ok(Some(st)) = a.child.try_wait() {
-                panic!("agent exited {st}: {}", log(fx));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        a
-    }
-
-    fn try_status(&self) -> Option<Value> {
-        let out = Command::new(env!("CARGO_BIN_EXE_vgpu-agent"))
-            .args(["status", "--json", "--socket"])
-            .arg(&self.socket)
-            .output()
-            .ok()?;
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["source"] == "agent").then_some(v)
-    }
-
-    fn status(&self) -> Value {
-        self.try_status().expect("status from the agent")
-    }
-
-    /// Polls the status until `f` finds what it wants (or 10 s pass).
-    fn wait_for<T>(&self, what: &str, mut f: impl FnMut(&Value) -> Option<T>) -> T {
-        let t = Instant::now();
-        loop {
-            let s = self.status();
-            if let Some(v) = f(&s) {
-                return v;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "timed out waiting for {what}; last status: {s:#}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn log(fx: &Fixture) -> String {
-    std::fs::read_to_string(fx.dir.join("agent.log")).unwrap_or_default()
-}
-
-fn cgroup2() -> PathBuf {
-    let m = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    m.lines()
-        .find(|l| l.split(' ').nth(2) == Some("cgroup2"))
-        .map(|l| PathBuf::from(l.split(' ').nth(1).unwrap()))
-        .unwrap()
-}
-
-/// A cgroup standing in for a container, with its cache file (limit in the header) and the `cgroup` file
-/// that binds the two.
-struct Container {
-    cg_abs: PathBuf,
-    cg: String,
-    cache: CacheRegion,
-    cache_path: PathBuf,
-}
-
-impl Container {
-    fn new(fx: &Fixture, name: &str, limit: u64) -> Self {
-        let cg = format!("/vgpu-agent-test-{name}-{}", std::process::id());
-        let cg_abs = cgroup2().join(cg.trim_start_matches('/'));
-        let _ = std::fs::create_dir(&cg_abs);
-        let dir = fx.cache_dir.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cgroup"), &cg).unwrap();
-        let mut info = HeaderInfo::default();
-        info.memory_limits[0] = limit;
-        let cache_path = dir.join("vgpu.cache");
-        let cache = CacheRegion::open_or_create(&cache_path, &info).unwrap();
-        Self {
-            cg_abs,
-            cg,
-            cache,
-            cache_path,
-        }
-    }
-
-    /// Starts the client in this cgroup; returns it with its stdout.
-    fn spawn(&self, fx: &Fixture, args: &str) -> (Child, BufReader<ChildStdout>) {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec {} {args}",
-            self.cg_abs.display(),
-            fx.client.display()
-        );
-        let mut c = Command::new("sh")
-            .args(["-c", &script])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(c.stdout.take().unwrap());
-        (c, out)
-    }
-
-    /// What the shim would do for `pid`: claim a slot and charge `bytes`.
-    fn charge_as_shim(&self, pid: u32, bytes: u64) -> usize {
-        let slot = self
-            .cache
-            .claim(pid, process_start_time(pid).unwrap(), own_pid_namespace())
-            .unwrap();
-        self.cache.try_charge(slot, 0, bytes, None).unwrap();
-        slot
-    }
-
-    fn of<'a>(&self, status: &'a Value) -> Option<&'a Value> {
-        status["containers"]
-            .as_array()?
-            .iter()
-            .find(|c| c["cgroup"] == self.cg.as_str())
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        if let Ok(p) = std::fs::read_to_string(self.cg_abs.join("cgroup.procs")) {
-            for pid in p.lines().filter_map(|l| l.parse::<i32>().ok()) {
-                // SAFETY: only processes this test put in its own cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        let _ = std::fs::remove_dir(&self.cg_abs);
-    }
-}
-
-fn wait_line(out: &mut BufReader<ChildStdout>, want: &str) -> Instant {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "client ended before printing {want:?}"
-        );
-        if line.trim() == want {
-            return Instant::now();
-        }
-    }
-}
-
-fn pid_entry(c: &Value, pid: u32) -> Option<&Value> {
-    c["pids"].as_array()?.iter().find(|p| p["pid"] == pid)
-}
-
-fn bytes(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
 
 #[test]
 fn processes_with_and_without_the_shim_are_seen_and_a_crash_drops_memory() {
@@ -306,6 +20,7 @@ fn processes_with_and_without_the_shim_are_seen_and_a_crash_drops_memory() {
     let fx = Fixture::new("seen");
     let ctr = Container::new(&fx, "seen", 4000 * MIB);
     let agent = Agent::start(&fx, "report");
+    agent.bind(&ctr);
 
     let (mut shimmed, mut out1) = ctr.spawn(&fx, "3 64 0 60");
     wait_line(&mut out1, "alloc 2");
@@ -347,7 +62,7 @@ fn processes_with_and_without_the_shim_are_seen_and_a_crash_drops_memory() {
         "the shimmed process agrees with its slot: {w}"
     );
 
-    // kill -9: its memory leaves the eBPF view and its slot is reclaimed.
+    // kill -9: its memory leaves the eBPF view and its slot's charge stops counting.
     shimmed.kill().unwrap();
     shimmed.wait().unwrap();
     let c = agent.wait_for("the crash to be noticed", |s| {
@@ -355,12 +70,13 @@ fn processes_with_and_without_the_shim_are_seen_and_a_crash_drops_memory() {
         (pid_entry(&c, p1).is_none() && bytes(&c["charged_bytes"]) == 0).then_some(c)
     });
     assert_eq!(bytes(&c["ebpf_bytes"]), 2 * 64 * MIB);
-    assert!(
-        ctr.cache.slots().is_empty(),
-        "the dead process's slot was reclaimed in the file itself"
+    assert_eq!(
+        ctr.cache.slots().len(),
+        1,
+        "the agent never writes a tenant's file: the shim reclaims the slot on its next refused charge"
     );
     assert_eq!(
-        bytes(&agent.status()["agent"]["reclaimed_bytes"]),
+        bytes(&agent.status()["agent"]["dead_slot_bytes"]),
         3 * 64 * MIB
     );
     bare.kill().unwrap();
@@ -371,6 +87,7 @@ fn over_limit(policy: &str) -> (Value, Option<std::process::ExitStatus>, Duratio
     let fx = Fixture::new(&format!("limit-{policy}"));
     let ctr = Container::new(&fx, policy, 256 * MIB);
     let agent = Agent::start(&fx, policy);
+    agent.bind(&ctr);
     // 64 MiB every 400 ms without the shim: the fifth allocation takes it to 320 MiB, past 256.
     let (mut c, mut out) = ctr.spawn(&fx, "5 64 400 30");
     wait_line(&mut out, "alloc 3");
@@ -448,6 +165,7 @@ fn a_tampered_cache_file_is_flagged() {
     let fx = Fixture::new("tamper");
     let ctr = Container::new(&fx, "tamper", 1000 * MIB);
     let agent = Agent::start(&fx, "enforce");
+    agent.bind(&ctr);
     let (mut c, mut out) = ctr.spawn(&fx, "4 64 0 60");
     wait_line(&mut out, "alloc 3");
     let slot = ctr.charge_as_shim(c.id(), 4 * 64 * MIB);
@@ -469,12 +187,12 @@ fn a_tampered_cache_file_is_flagged() {
     let w = agent.wait_for("the warnings", |s| {
         let w = ctr.of(s)?["warnings"].to_string();
         (w.contains("cache file charges 0 MiB, uprobes saw 256 MiB")
-            && w.contains("header changed"))
+            && w.contains("header says limits"))
         .then_some(w)
     });
     assert!(
-        w.contains("(limits 1000 MiB -> 102400 MiB)"),
-        "the first-seen limit is named: {w}"
+        w.contains("header says limits 102400 MiB, the binding 1000 MiB; the binding's hold"),
+        "the binding's limit is named: {w}"
     );
     let s = agent.status();
     assert_eq!(
@@ -499,6 +217,7 @@ fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
     let fx = Fixture::new("restart");
     let ctr = Container::new(&fx, "restart", 4000 * MIB);
     let mut agent = Agent::start(&fx, "enforce");
+    agent.bind(&ctr);
     // One 64 MiB block every 4 s: the restart happens between the second and the third.
     let (mut c, mut out) = ctr.spawn(&fx, "4 64 4000 60");
     wait_line(&mut out, "alloc 1");
@@ -513,6 +232,11 @@ fn a_restarted_agent_rebuilds_its_state_without_double_counting() {
         bytes(&cs["ebpf_bytes"]),
         128 * MIB,
         "restored, not lost: {cs:#}"
+    );
+    assert_eq!(
+        (cs["bound"].as_bool(), bytes(&cs["limit_bytes"])),
+        (Some(true), 4000 * MIB),
+        "the binding is kept across the restart: {cs:#}"
     );
     wait_line(&mut out, "alloc 3");
     let c2 = agent.wait_for("four blocks", |s| {

@@ -35,7 +35,6 @@ impl Drop for Running {
 }
 
 #[test]
-#[ignore = "needs the agent's bind socket (agent-sec branch); un-ignored at merge"]
 fn two_exec_slices_are_two_containers_and_neither_is_killed_inside_its_limit() {
     if !root() {
         eprintln!("skipped: needs root (uprobes, cgroups)");

@@ -1,10 +1,14 @@
-//! Requests on the agent's root-owned unix socket (`/run/vgpu/agent.sock`) besides `status`.
+//! Requests on the agent's bind socket (`/run/vgpu/bind.sock`, mode 0666, served by `vgpu-agent run
+//! --bind-socket`; `Status` is refused there: status stays on the root-only `/run/vgpu/agent.sock`).
 //!
 //! `vgpu-agent exec` registers each slice it starts: the cgroup it made for the slice, the cache file, and the
-//! limits it was given. The agent takes a standalone container's limits and cgroup binding from this (and a
-//! Kubernetes container's from Allocate), never from a file inside the slice. The agent checks the caller with
-//! `SO_PEERCRED`: root may register any cgroup; another user only a cgroup directory it owns.
-//! One JSON object per line each way.
+//! limits it was given, and unbinds it when its command exits. The agent takes a standalone container's limits
+//! and cgroup binding from this (and a Kubernetes container's from Allocate), never from a file inside the
+//! slice. The agent checks the caller with `SO_PEERCRED`: root may bind any cgroup; another user only a cgroup
+//! directory it owns and a cache file it owns (regular file, not a symlink), and only root or the user that
+//! made a binding may replace or unbind it. Binding one cgroup twice (two commands sharing a slice) needs as
+//! many unbinds. One JSON object per line each way, at most 64 KiB a line; the reply is `"ok"` or
+//! `{"error": "what was refused and why"}`.
 
 use std::collections::BTreeMap;
 

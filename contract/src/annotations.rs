@@ -34,6 +34,8 @@ pub const DEVICES_ALLOCATED: &str = "hami.io/vgpu-devices-allocated";
 pub const NODE_REGISTER: &str = "hami.io/node-nvidia-register";
 pub const NODE_HANDSHAKE: &str = "hami.io/node-handshake";
 pub const NODE_LOCK: &str = "hami.io/mutex.lock";
+/// Comma list of card UUIDs no new pod may be placed on (HAMi ≥ 2.10); running pods stay.
+pub const DEVICE_CORDON: &str = "hami.io/device-cordon";
 
 /// The vendor word HAMi writes in the second field of every NVIDIA device entry.
 pub const VENDOR_NVIDIA: &str = "NVIDIA";

@@ -9,6 +9,9 @@
 //! 24      8      SM limit in percent (0 = none) | policy code << 32   (as the creator saw them; informational)
 //! 64      8x16   memory limit per CUDA ordinal in bytes (0 = none; as the creator saw them; informational)
 //! 192     8x16   UUID hint per ordinal: first 8 bytes after "GPU-" as written by whoever resolved it (0 = unknown)
+//! 512     8x48   pacing debt per ordinal, 3 words each (the container's, shared by its processes; see
+//!                `report_overrun`): overrun record (window end, low 40 bits of its µs, << 24 | largest overrun
+//!                µs), debt ns still to pay, last payment (period index << 24 | µs paid out of that period)
 //! 4096           slot 0, then SLOT_BYTES per slot
 //!
 //! slot:
@@ -18,8 +21,14 @@
 //! 24      8      kernel launches seen by the shim
 //! 32      8      nanoseconds the shim held launches back (pacing)
 //! 40      8      bytes of the charge that are the CUDA context (already inside used[])
+//! 48      8      host pid of the owner, written by the agent: generation << 32 | host pid (0 = not known yet)
 //! 128     8x16   bytes charged per CUDA ordinal
 //! ```
+//!
+//! The host-pid word sat in the zeroed reserve of the first version-1 files, so it needs no new version: a file
+//! written before it existed reads as "host pid not known", which is what it was. It carries the owner word's
+//! generation so that a pid the agent translated for one process can never be taken by the next owner of the
+//! slot (the slot may be freed and claimed again between the agent's read and its write).
 //!
 //! # Why no lock
 //! A process may die at any instruction. Each process writes only its own slot, so the only shared decisions
@@ -55,12 +64,17 @@ const H_HIGH_WATER: usize = 2;
 const H_SM: usize = 3;
 const H_LIMITS: usize = 64 / W;
 const H_UUIDS: usize = 192 / W;
+const H_PACING: usize = 512 / W;
+const P_OVERRUN: usize = 0;
+const P_DEBT: usize = 1;
+const P_PAID: usize = 2;
 const S_OWNER: usize = 0;
 const S_START: usize = 1;
 const S_PIDNS: usize = 2;
 const S_LAUNCHES: usize = 3;
 const S_THROTTLED_NS: usize = 4;
 const S_CONTEXT: usize = 5;
+const S_HOST_PID: usize = 6;
 const S_USED: usize = 128 / W;
 
 /// What the creator of the file knew about the container's limits; stored for readers (agent, status).
@@ -291,6 +305,68 @@ impl CacheRegion {
         }
     }
 
+    fn pacing_word(&self, dev: usize, field: usize) -> &AtomicU64 {
+        self.word(H_PACING + dev.min(MAX_DEVICES - 1) * 3 + field)
+    }
+
+    /// Reports that a process's work on CUDA ordinal `dev` ran `ns` past the container's window that ended at
+    /// `end_ns`. The pacing debt is the container's, kept here and not in the card file (which every tenant on
+    /// the node can write): all of its processes launch in the same window, so all of them must be held back
+    /// while it is paid. They drain their queues at once, so the container owes the largest of their overruns
+    /// for a window, not their sum: reports for one window are kept as a maximum, which joins the debt (capped
+    /// at `cap_ns`) when the first report for a later window arrives.
+    pub fn report_overrun(&self, dev: usize, end_ns: u64, ns: u64, cap_ns: u64) {
+        let tag = (end_ns / 1000) & ((1 << 40) - 1);
+        let us = (ns / 1000).min(0xff_ffff);
+        let rec = self.pacing_word(dev, P_OVERRUN);
+        loop {
+            let cur = rec.load(SeqCst);
+            let (cur_tag, cur_us) = (cur >> 24, cur & 0xff_ffff);
+            if cur_tag == tag {
+                if us <= cur_us
+                    || rec
+                        .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
+                        .is_ok()
+                {
+                    return;
+                }
+            } else if cur_tag > tag {
+                return; // a report for a window already closed out
+            } else if rec
+                .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
+                .is_ok()
+            {
+                let owed = cur_us * 1000;
+                let _ = self
+                    .pacing_word(dev, P_DEBT)
+                    .fetch_update(SeqCst, SeqCst, |d| {
+                        Some((d.saturating_add(owed)).min(cap_ns))
+                    });
+                return;
+            }
+        }
+    }
+
+    /// What period `period`'s window of `len_ns` on ordinal `dev` gives up to the container's debt: paid once
+    /// per period by the first process to ask, the same answer for every other. Never more than `len_ns`.
+    pub fn pay_debt(&self, dev: usize, period: u64, len_ns: u64) -> u64 {
+        let paid = self.pacing_word(dev, P_PAID);
+        loop {
+            let cur = paid.load(SeqCst);
+            if cur >> 24 == period & ((1 << 40) - 1) {
+                return ((cur & 0xff_ffff) * 1000).min(len_ns);
+            }
+            let debt = self.pacing_word(dev, P_DEBT);
+            let pay_us = (debt.load(SeqCst).min(len_ns) / 1000).min(0xff_ffff);
+            let next = ((period & ((1 << 40) - 1)) << 24) | pay_us;
+            if paid.compare_exchange(cur, next, SeqCst, SeqCst).is_ok() {
+                let _ =
+                    debt.fetch_update(SeqCst, SeqCst, |d| Some(d.saturating_sub(pay_us * 1000)));
+                return pay_us * 1000;
+            }
+        }
+    }
+
     pub fn uuid_hint(&self, dev: usize) -> u64 {
         if dev < MAX_DEVICES {
             self.word(H_UUIDS + dev).load(SeqCst)
@@ -318,7 +394,7 @@ impl CacheRegion {
             {
                 self.word(H_HIGH_WATER).fetch_max(slot as u64 + 1, SeqCst);
                 self.slot_word(slot, S_PIDNS).store(pid_ns, SeqCst);
-                for k in [S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT] {
+                for k in [S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT, S_HOST_PID] {
                     self.slot_word(slot, k).store(0, SeqCst);
                 }
                 // Written last: a slot with a start time is fully ours; reclaimers treat 0 as "claiming".
@@ -395,6 +471,32 @@ impl CacheRegion {
         self.slot_word(slot, S_THROTTLED_NS).fetch_add(ns, SeqCst);
     }
 
+    /// Records the host pid of the process that owns `slot` as `pid` (its pid in its own namespace) started at
+    /// `start_time`: the agent's translation, so the shim can find itself in NVML's list when the driver names
+    /// host pids. Does nothing (returns false) when the slot has another owner by now.
+    pub fn record_host_pid(&self, slot: usize, pid: u32, start_time: u64, host_pid: u32) -> bool {
+        if slot >= SLOTS {
+            return false;
+        }
+        let owner = self.slot_word(slot, S_OWNER).load(SeqCst);
+        let start = self.slot_word(slot, S_START).load(SeqCst);
+        let Some(word) = host_pid_word(owner, start, pid, start_time, host_pid) else {
+            return false;
+        };
+        self.slot_word(slot, S_HOST_PID).store(word, SeqCst);
+        true
+    }
+
+    /// The host pid the agent recorded for the current owner of `slot`, if it has.
+    pub fn host_pid(&self, slot: usize) -> Option<u32> {
+        if slot >= SLOTS {
+            return None;
+        }
+        let word = self.slot_word(slot, S_HOST_PID).load(SeqCst);
+        let owner = self.slot_word(slot, S_OWNER).load(SeqCst);
+        (word != 0 && word >> 32 == owner >> 32 && word as u32 != 0).then_some(word as u32)
+    }
+
     /// Every claimed slot as it is now.
     pub fn slots(&self) -> Vec<SlotView> {
         (0..self.high_water())
@@ -463,11 +565,57 @@ impl CacheRegion {
         for d in 0..MAX_DEVICES {
             self.slot_word(slot, S_USED + d).store(0, SeqCst);
         }
-        for k in [S_START, S_PIDNS, S_LAUNCHES, S_THROTTLED_NS, S_CONTEXT] {
+        for k in [
+            S_START,
+            S_PIDNS,
+            S_LAUNCHES,
+            S_THROTTLED_NS,
+            S_CONTEXT,
+            S_HOST_PID,
+        ] {
             self.slot_word(slot, k).store(0, SeqCst);
         }
         owner.store(gen << 32, SeqCst);
         true
+    }
+}
+
+/// The host-pid word for a slot whose owner word and start time read `owner` and `start`, if they still name
+/// the process (`pid`, `start_time`) that was translated.
+fn host_pid_word(owner: u64, start: u64, pid: u32, start_time: u64, host_pid: u32) -> Option<u64> {
+    let state = owner as u32;
+    let owned = state != 0 && state & RECLAIMING == 0 && state == pid;
+    (owned && start == start_time && start != 0 && host_pid != 0)
+        .then_some((owner >> 32) << 32 | host_pid as u64)
+}
+
+/// [`CacheRegion::record_host_pid`] through a file read and written with `pread`/`pwrite` (for a reader that
+/// does not map the file). The slot's owner and start time are read first; a slot claimed again since the
+/// caller read it is left alone (and the generation in the word keeps a late write from applying to the next
+/// owner). Returns whether the word was written.
+pub fn write_host_pid(
+    file: &File,
+    slot: usize,
+    pid: u32,
+    start_time: u64,
+    host_pid: u32,
+) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    if slot >= SLOTS {
+        return Ok(false);
+    }
+    let base = (HEADER_BYTES + slot * SLOT_BYTES) as u64;
+    let mut head = [0u8; 16];
+    file.read_exact_at(&mut head, base)?;
+    let owner = u64::from_ne_bytes(head[..8].try_into().unwrap());
+    let start = u64::from_ne_bytes(head[8..].try_into().unwrap());
+    match host_pid_word(owner, start, pid, start_time, host_pid) {
+        None => Ok(false),
+        Some(word) => {
+            // One aligned 8-byte write: the shim reads the word with one atomic load.
+            file.write_all_at(&word.to_ne_bytes(), base + (S_HOST_PID * W) as u64)?;
+            Ok(true)
+        }
     }
 }
 
@@ -505,8 +653,103 @@ pub fn own_pid_namespace() -> u64 {
     }
 }
 
+/// How many bytes of a cache file hold everything a reader needs, given the header's first bytes (at least
+/// 24): the header plus the slots below the high-water mark. For readers that copy the file rather than map
+/// it.
+pub fn bytes_in_use(header: &[u8]) -> usize {
+    let hw = header
+        .get(H_HIGH_WATER * W..H_HIGH_WATER * W + W)
+        .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()));
+    HEADER_BYTES + (hw.min(SLOTS as u64) as usize) * SLOT_BYTES
+}
+
+/// The header and claimed slots from a copy of a cache file (read with `pread`, say, by a reader that must
+/// not map a file its writer can truncate). Any bytes are accepted: short or foreign data is an error, slots
+/// past the end of the copy are left out, and no field is trusted beyond its range.
+pub fn parse_copy(bytes: &[u8]) -> Result<(HeaderInfo, Vec<SlotView>), &'static str> {
+    let word = |i: usize| -> u64 {
+        bytes
+            .get(i * W..i * W + W)
+            .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap()))
+    };
+    if bytes.len() < HEADER_BYTES {
+        return Err("shorter than its header");
+    }
+    if word(H_MAGIC) != MAGIC {
+        return Err("bad magic");
+    }
+    let ver = word(H_VERSION);
+    if ver as u32 != VERSION || (ver >> 32) as usize != SLOTS {
+        return Err("another layout version");
+    }
+    let mut memory_limits = [0; MAX_DEVICES];
+    for (i, l) in memory_limits.iter_mut().enumerate() {
+        *l = word(H_LIMITS + i);
+    }
+    let sm = word(H_SM);
+    let header = HeaderInfo {
+        memory_limits,
+        sm_limit: sm as u32,
+        policy: (sm >> 32) as u32,
+    };
+    let in_copy = (bytes.len() - HEADER_BYTES) / SLOT_BYTES;
+    let high_water = (word(H_HIGH_WATER).min(SLOTS as u64) as usize).min(in_copy);
+    let slot = |s: usize, i: usize| word((HEADER_BYTES + s * SLOT_BYTES) / W + i);
+    let slots = (0..high_water)
+        .filter_map(|index| {
+            let owner = slot(index, S_OWNER) as u32;
+            if owner == 0 {
+                return None;
+            }
+            let mut used = [0; MAX_DEVICES];
+            for (d, u) in used.iter_mut().enumerate() {
+                *u = slot(index, S_USED + d);
+            }
+            Some(SlotView {
+                index,
+                pid: owner & !RECLAIMING,
+                start_time: slot(index, S_START),
+                pid_ns: slot(index, S_PIDNS),
+                launches: slot(index, S_LAUNCHES),
+                throttled_ns: slot(index, S_THROTTLED_NS),
+                context_bytes: slot(index, S_CONTEXT),
+                used,
+            })
+        })
+        .collect();
+    Ok((header, slots))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_copy_reads_like_the_mapping_and_any_bytes_are_safe() {
+        let d = tmpdir();
+        let p = d.join("copy.cache");
+        let r = CacheRegion::open_or_create(&p, &info(1000)).unwrap();
+        let a = r.claim(10, 5, 1).unwrap();
+        r.try_charge(a, 3, 600, None).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let n = bytes_in_use(&bytes);
+        assert_eq!(n, HEADER_BYTES + SLOT_BYTES);
+        let (h, slots) = parse_copy(&bytes[..n]).unwrap();
+        assert_eq!(h, r.header());
+        assert_eq!(slots, r.slots());
+        // A copy cut inside the slots leaves them out; one cut in the header, or foreign bytes, is refused.
+        assert_eq!(parse_copy(&bytes[..HEADER_BYTES + 10]).unwrap().1, vec![]);
+        assert!(parse_copy(&bytes[..100]).is_err());
+        assert!(parse_copy(&vec![0xff; FILE_BYTES]).is_err());
+        let mut huge = bytes[..n].to_vec();
+        huge[H_HIGH_WATER * W..H_HIGH_WATER * W + W].copy_from_slice(&u64::MAX.to_ne_bytes());
+        assert_eq!(
+            bytes_in_use(&huge),
+            FILE_BYTES,
+            "a forged high-water mark stays bounded"
+        );
+        assert_eq!(parse_copy(&huge).unwrap().1.len(), 1);
+        std::fs::remove_file(&p).unwrap();
+    }
+
     use super::*;
 
     fn info(limit: u64) -> HeaderInfo {
@@ -638,6 +881,45 @@ mod tests {
     }
 
     #[test]
+    fn host_pids_follow_their_owner_only() {
+        let r = CacheRegion::private(&info(0));
+        let a = r.claim(7, 500, 1).unwrap();
+        assert_eq!(r.host_pid(a), None);
+        assert!(!r.record_host_pid(a, 8, 500, 4242), "another pid");
+        assert!(!r.record_host_pid(a, 7, 501, 4242), "another start time");
+        assert!(r.record_host_pid(a, 7, 500, 4242));
+        assert_eq!(r.host_pid(a), Some(4242));
+        // The slot is freed and claimed again by a process with the same namespaced pid and start tick: the
+        // word written for the first owner does not carry over.
+        r.release(a, 7);
+        assert_eq!(r.claim(7, 500, 1), Some(a));
+        assert_eq!(r.host_pid(a), None);
+        // A late write for the first owner lands with the old generation: ignored.
+        let stale_gen = (r.slot_word(a, S_OWNER).load(SeqCst) >> 32) - 2;
+        r.slot_word(a, S_HOST_PID)
+            .store(stale_gen << 32 | 4242, SeqCst);
+        assert_eq!(r.host_pid(a), None);
+    }
+
+    #[test]
+    fn host_pids_through_pwrite_and_in_old_files() {
+        let d = tmpdir().join("hostpid");
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("c.cache");
+        let _ = std::fs::remove_file(&p);
+        let r = CacheRegion::open_or_create(&p, &info(0)).unwrap();
+        let s = r.claim(9, 77, 1).unwrap();
+        // A file from before the word existed has zeros there: "not known".
+        assert_eq!(r.host_pid(s), None);
+        let f = File::options().read(true).write(true).open(&p).unwrap();
+        assert!(!write_host_pid(&f, s, 9, 78, 5151).unwrap());
+        assert!(write_host_pid(&f, s, 9, 77, 5151).unwrap());
+        assert_eq!(r.host_pid(s), Some(5151));
+        assert!(!write_host_pid(&f, SLOTS, 9, 77, 5151).unwrap());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn a_zombie_is_gone() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
@@ -662,5 +944,39 @@ mod tests {
             !pid_alive(me, t + 1),
             "a reused pid is not the same process"
         );
+    }
+
+    #[test]
+    fn pacing_debt_is_paid_once_per_period_for_the_whole_container() {
+        let c = CacheRegion::private(&HeaderInfo::default());
+        // Two processes report on window 1 (the larger counts), then a report on window 2 closes window 1 out.
+        c.report_overrun(0, 1_000_000_000, 8_000_000, 50_000_000);
+        c.report_overrun(0, 1_000_000_000, 3_000_000, 50_000_000);
+        assert_eq!(
+            c.pay_debt(0, 9, 5_000_000),
+            0,
+            "nothing owed until the window is closed out"
+        );
+        c.report_overrun(0, 1_050_000_000, 1_000, 50_000_000);
+        assert_eq!(
+            c.pay_debt(0, 10, 5_000_000),
+            5_000_000,
+            "a window pays at most its length"
+        );
+        assert_eq!(
+            c.pay_debt(0, 10, 5_000_000),
+            5_000_000,
+            "a second process sees the same payment"
+        );
+        assert_eq!(
+            c.pay_debt(0, 11, 5_000_000),
+            3_000_000,
+            "the rest next period"
+        );
+        assert_eq!(c.pay_debt(0, 12, 5_000_000), 0);
+        assert_eq!(c.pay_debt(1, 12, 5_000_000), 0, "each device its own");
+        c.report_overrun(0, 1_100_000_000, 80_000_000, 50_000_000);
+        c.report_overrun(0, 1_150_000_000, 0, 50_000_000);
+        assert_eq!(c.pay_debt(0, 13, 60_000_000), 50_000_000, "capped");
     }
 }

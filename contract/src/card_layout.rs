@@ -1,51 +1,45 @@
-//! The card file: one per physical GPU in the node-wide card directory (`VGPU_CARD_DIR`), shared by every
-//! slice on that GPU, so their compute windows do not overlap and a `default` slice knows whether anyone else
-//! wants the card.
+//! The card file: one per physical GPU in the node-wide card directory (`VGPU_CARD_DIR`), through which the
+//! slices on that GPU line their compute windows up and a `default` slice learns whether anyone else wants the
+//! card.
 //!
-//! # Layout, version 1 (native-endian 64-bit words)
+//! Every tenant on the node can write this file, so nothing in it is trusted: a slice reads it with `pread` into
+//! its own buffer (never a shared mapping: a truncated file would raise SIGBUS), writes only its own entry with
+//! `pwrite`, and takes from others only what cannot hurt it (see the shim's `pacing/peers.rs`). Its own share,
+//! policy, period and debt come from its own limits and its own memory, never from here.
+//!
+//! # Layout, version 2 (native-endian 64-bit words)
 //! ```text
-//! header (64 bytes): magic "VGPUCARD" | version | entry count | pacing period (ns; set by a slice that joins
-//!   a card with no other live container, followed by every other slice so their windows line up)
+//! header (64 bytes): magic "VGPUCARD" | version | entry count | reserved
 //! entry i (64 bytes each, ENTRIES of them) at 64 + 64*i:
-//!   0  key: identity of the container (its cache file's device and inode, hashed); 0 = free
+//!   0  key: identity of the container (its cache file's device and inode, hashed); 0 = never used
 //!   8  share percent | policy code << 32
-//!   16 last active (CLOCK_MONOTONIC ns): refreshed while a process of the container launches or waits
+//!   16 last active (CLOCK_MONOTONIC ns): when a process of the container last launched or waited
 //!   24 launches (sum reported by the container's processes)
 //!   32 nanoseconds its launches were held back
-//!   40 debt: nanoseconds the container's work ran past its windows, still to be paid
-//!   48 last payment: period index << 24 | microseconds paid out of that period's window
-//!   56 overrun record: end of the window (ns, low 40 bits of its period-aligned microseconds) << 24 |
-//!      the largest overrun a process of the container measured for it (microseconds)
+//!   40 the pacing period the container asks for (ns)
+//!   48, 56 reserved (0)
 //! ```
-//! The debt is the container's, not a process's: all of its processes launch in the same window, so all of
-//! them must be held back while it is paid. One process pays it each period (a compare-and-swap on the
-//! payment word); the others read what was paid.
-//! Entries are claimed with one compare-and-swap on `key`; an entry idle for [`STALE_NS`] may be taken over.
-//! No locks: a process may die at any instruction and the others go on.
+//! **Liveness is a lock, not a word**: a process using an entry holds an open-file-description lock on its 64
+//! bytes for as long as it lives (a write lock while claiming, then a read lock its container's other processes
+//! share). The kernel drops it when the process dies, so a dead slice's entry is free at once, and words
+//! claiming activity, however fresh or far in the future, make no entry live. A claim takes the write lock
+//! without waiting: it fails on an entry someone holds, and succeeds on any other whatever its bytes say.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 pub const MAGIC: u64 = u64::from_ne_bytes(*b"VGPUCARD");
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
 pub const ENTRIES: usize = 64;
-pub const FILE_BYTES: usize = 64 + ENTRIES * 64;
-/// An entry not refreshed for this long belongs to no one.
-pub const STALE_NS: u64 = 10_000_000_000;
+pub const HEADER_BYTES: usize = 64;
+pub const ENTRY_BYTES: usize = 64;
+pub const FILE_BYTES: usize = HEADER_BYTES + ENTRIES * ENTRY_BYTES;
 
-/// Header word holding the pacing period.
-const H_PERIOD: usize = 3;
-const E_KEY: usize = 0;
-const E_SHARE: usize = 1;
-const E_ACTIVE: usize = 2;
-const E_LAUNCHES: usize = 3;
-const E_THROTTLED: usize = 4;
-const E_DEBT: usize = 5;
-const E_PAID: usize = 6;
-const E_OVERRUN: usize = 7;
-
-/// One entry as read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One entry as read (or as its owner writes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Entry {
     pub index: usize,
     pub key: u64,
@@ -54,220 +48,232 @@ pub struct Entry {
     pub last_active_ns: u64,
     pub launches: u64,
     pub throttled_ns: u64,
+    pub period_ns: u64,
 }
 
-pub struct CardFile {
-    ptr: *mut libc::c_void,
-    private: Option<Box<[AtomicU64]>>,
-}
+impl Entry {
+    pub fn to_bytes(&self) -> [u8; ENTRY_BYTES] {
+        let words = [
+            self.key,
+            self.share as u64 | (self.policy as u64) << 32,
+            self.last_active_ns,
+            self.launches,
+            self.throttled_ns,
+            self.period_ns,
+            0,
+            0,
+        ];
+        let mut b = [0u8; ENTRY_BYTES];
+        for (i, w) in words.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+        }
+        b
+    }
 
-// SAFETY: all access goes through atomics; the mapping lives as long as the value.
-unsafe impl Send for CardFile {}
-// SAFETY: as above.
-unsafe impl Sync for CardFile {}
-
-impl Drop for CardFile {
-    fn drop(&mut self) {
-        if self.private.is_none() {
-            // SAFETY: ptr came from mmap of FILE_BYTES and nothing borrowed from self outlives it.
-            unsafe { libc::munmap(self.ptr, FILE_BYTES) };
+    pub fn from_bytes(index: usize, b: &[u8; ENTRY_BYTES]) -> Entry {
+        let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        Entry {
+            index,
+            key: w(0),
+            share: w(1) as u32,
+            policy: (w(1) >> 32) as u32,
+            last_active_ns: w(2),
+            launches: w(3),
+            throttled_ns: w(4),
+            period_ns: w(5),
         }
     }
+}
+
+/// The header of an empty card file.
+pub fn header() -> [u8; HEADER_BYTES] {
+    let mut b = [0u8; HEADER_BYTES];
+    b[0..8].copy_from_slice(&MAGIC.to_ne_bytes());
+    b[8..16].copy_from_slice(&VERSION.to_ne_bytes());
+    b[16..24].copy_from_slice(&(ENTRIES as u64).to_ne_bytes());
+    b
+}
+
+/// The entries with a key in a copy of the whole file, or why the copy is no card file.
+pub fn parse(buf: &[u8]) -> Result<Vec<Entry>, String> {
+    if buf.len() != FILE_BYTES {
+        return Err(format!(
+            "{} bytes where a card file has {FILE_BYTES} (truncated or replaced)",
+            buf.len()
+        ));
+    }
+    if buf[0..24] != header()[0..24] {
+        return Err(format!("not a version {VERSION} card file"));
+    }
+    Ok((0..ENTRIES)
+        .map(|i| {
+            let at = entry_offset(i) as usize;
+            Entry::from_bytes(i, buf[at..at + ENTRY_BYTES].try_into().expect("64 bytes"))
+        })
+        .filter(|e| e.key != 0)
+        .collect())
+}
+
+pub fn entry_offset(i: usize) -> u64 {
+    (HEADER_BYTES + i * ENTRY_BYTES) as u64
+}
+
+/// An opened card file. Reads copy the whole file out; the only write is a slice's own entry.
+pub struct CardFile {
+    file: File,
+    path: std::path::PathBuf,
+    /// Device and inode of the file opened, to notice when another file takes its name.
+    id: (u64, u64),
+}
+
+/// What a lock on an entry is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Hold {
+    /// Claiming: no one else may hold the entry.
+    Claim,
+    /// Using: shared with the container's other processes.
+    Use,
 }
 
 impl CardFile {
-    /// Opens (creating complete if needed) the card file for `uuid` in `dir`.
-    pub fn open(dir: &Path, uuid: &str) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{uuid}.card"));
-        if !path.exists() {
-            let mut buf = vec![0u8; FILE_BYTES];
-            buf[0..8].copy_from_slice(&MAGIC.to_ne_bytes());
-            buf[8..16].copy_from_slice(&VERSION.to_ne_bytes());
-            buf[16..24].copy_from_slice(&(ENTRIES as u64).to_ne_bytes());
-            crate::mapped::create_complete(&path, &buf)?;
+    /// Opens (creating it complete, mode 0666, if missing) the card file for `uuid` in `dir`, refusing anything
+    /// but a regular file with one link and the card's size: see [`crate::mapped::open_shared_file`].
+    pub fn open(dir: &Path, uuid: &str) -> io::Result<Self> {
+        let mut empty = vec![0u8; FILE_BYTES];
+        empty[..HEADER_BYTES].copy_from_slice(&header());
+        let file = crate::mapped::open_shared_file(dir, &format!("{uuid}.card"), &empty)?;
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(Self {
+            file,
+            path: dir.join(format!("{uuid}.card")),
+            id: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Whether the card's name still names the file opened (not removed, renamed over or replaced by a link).
+    /// Slices that opened different files would not see each other.
+    pub fn still_in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+
+    /// A copy of the file as it is now, or why it is no card file (truncated, replaced, damaged).
+    pub fn read(&self) -> Result<Vec<Entry>, String> {
+        let mut buf = vec![0u8; FILE_BYTES + 1];
+        let mut got = 0;
+        // One pread normally; a loop only for a short read, bounded by the buffer (one byte more than a card
+        // so a file grown past it is seen).
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("cannot read: {e}")),
+            }
         }
-        let f = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open(&path)?;
-        let bad = |why: &str| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{}: {why}", path.display()),
-            )
+        buf.truncate(got);
+        parse(&buf)
+    }
+
+    /// Writes `e` at its own index: the one write a slice makes.
+    pub fn write_entry(&self, e: &Entry) -> io::Result<()> {
+        self.file.write_all_at(&e.to_bytes(), entry_offset(e.index))
+    }
+
+    /// Takes (or converts to) the lock of `hold` on entry `i` without waiting. False if another holds a
+    /// conflicting lock.
+    pub fn lock(&self, i: usize, hold: Hold) -> bool {
+        let kind = match hold {
+            Hold::Claim => libc::F_WRLCK,
+            Hold::Use => libc::F_RDLCK,
         };
-        if f.metadata()?.len() < FILE_BYTES as u64 {
-            return Err(bad("too short for a card file"));
+        self.fcntl_lock(i, kind, libc::F_OFD_SETLK).is_some()
+    }
+
+    pub fn unlock(&self, i: usize) {
+        let _ = self.fcntl_lock(i, libc::F_UNLCK, libc::F_OFD_SETLK);
+    }
+
+    /// Whether any process other than this open file holds entry `i` (a live slice). An unlocked entry is
+    /// dead whatever its words say.
+    pub fn held_by_another(&self, i: usize) -> bool {
+        self.fcntl_lock(i, libc::F_WRLCK, libc::F_OFD_GETLK)
+            .is_some_and(|t| t != libc::F_UNLCK)
+    }
+
+    /// F_OFD_SETLK / F_OFD_GETLK on entry `i`'s bytes: Some(resulting l_type) on success.
+    fn fcntl_lock(&self, i: usize, kind: libc::c_int, cmd: libc::c_int) -> Option<libc::c_int> {
+        // SAFETY: an all-zero flock is valid (l_pid must be 0 for OFD locks); the fields used are set below.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = entry_offset(i) as libc::off_t;
+        fl.l_len = ENTRY_BYTES as libc::off_t;
+        // SAFETY: the fd is open for as long as self; fl is a valid flock the call may write.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), cmd, &mut fl) };
+        (rc == 0).then_some(fl.l_type as libc::c_int)
+    }
+
+    /// The entry of container `key`: joins one a live process of the container holds, else claims a free one
+    /// (none held by anyone) and writes `mine` there. None when every entry is held by someone else.
+    pub fn join(&self, mine: Entry) -> Option<usize> {
+        if let Some(i) = self.join_sibling(mine.key, ENTRIES) {
+            return Some(i);
         }
-        let mut head = [0u8; 16];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0)?;
-        if head[0..8] != MAGIC.to_ne_bytes() || head[8..16] != VERSION.to_ne_bytes() {
-            return Err(bad("not a version 1 card file"));
-        }
-        let ptr = crate::mapped::map_shared(&f, FILE_BYTES)?;
-        Ok(Self { ptr, private: None })
-    }
-
-    /// A card known to this process only (no card directory): pacing still works, uncoordinated.
-    pub fn private() -> Self {
-        let words: Box<[AtomicU64]> = (0..FILE_BYTES / 8).map(|_| AtomicU64::new(0)).collect();
-        let ptr = words.as_ptr() as *mut libc::c_void;
-        Self {
-            ptr,
-            private: Some(words),
-        }
-    }
-
-    fn period_word(&self) -> &AtomicU64 {
-        // SAFETY: header word 3, inside the FILE_BYTES region, 8-byte aligned, alive as long as self.
-        unsafe { &*(self.ptr as *const AtomicU64).add(H_PERIOD) }
-    }
-
-    /// The card's pacing period in ns (0 until a slice has recorded one).
-    pub fn period_ns(&self) -> u64 {
-        self.period_word().load(SeqCst)
-    }
-
-    /// Settles the card's period as the container in `entry` joins: with no other container live on the card
-    /// (every other entry free or stale) it records `wanted`, so a changed setting takes effect once the card
-    /// has emptied; otherwise it keeps the recorded one, which every slice then follows. Returns the period.
-    /// Two containers joining an empty card at once may record different values; both re-read the period
-    /// at every tick, so they agree again within one.
-    pub fn settle_period(&self, entry: usize, wanted: u64, now_ns: u64) -> u64 {
-        let others_live = (0..ENTRIES)
-            .any(|i| i != entry && self.word(i, E_KEY).load(SeqCst) != 0 && !self.stale(i, now_ns));
-        let w = self.period_word();
-        if !others_live {
-            w.store(wanted, SeqCst);
-            return wanted;
-        }
-        match w.compare_exchange(0, wanted, SeqCst, SeqCst) {
-            Ok(_) => wanted,
-            Err(recorded) => recorded,
-        }
-    }
-
-    /// Entry `i` has not been refreshed for [`STALE_NS`]: it belongs to no one.
-    fn stale(&self, i: usize, now_ns: u64) -> bool {
-        now_ns.saturating_sub(self.word(i, E_ACTIVE).load(SeqCst)) > STALE_NS
-    }
-
-    fn word(&self, entry: usize, field: usize) -> &AtomicU64 {
-        debug_assert!(entry < ENTRIES && field < 8);
-        // SAFETY: inside the FILE_BYTES region, 8-byte aligned, alive as long as self.
-        unsafe { &*(self.ptr as *const AtomicU64).add(8 + entry * 8 + field) }
-    }
-
-    /// The entry of container `key`, claiming one if it has none. None when the card is full.
-    pub fn join(&self, key: u64, share: u32, policy: u32, now_ns: u64) -> Option<usize> {
-        let share_word = share as u64 | ((policy as u64) << 32);
-        let mine = (0..ENTRIES)
-            .find(|&i| self.word(i, E_KEY).load(SeqCst) == key)
-            .or_else(|| {
-                (0..ENTRIES).find(|&i| {
-                    let k = self.word(i, E_KEY).load(SeqCst);
-                    (k == 0 || self.stale(i, now_ns))
-                        && self
-                            .word(i, E_KEY)
-                            .compare_exchange(k, key, SeqCst, SeqCst)
-                            .is_ok()
-                })
-            })?;
-        // Two processes of one container may claim two entries at once: the later entry yields to the earlier.
-        let first = (0..ENTRIES)
-            .find(|&i| self.word(i, E_KEY).load(SeqCst) == key)
-            .unwrap_or(mine);
-        if first != mine {
-            let _ = self
-                .word(mine, E_KEY)
-                .compare_exchange(key, 0, SeqCst, SeqCst);
-        }
-        self.word(first, E_SHARE).store(share_word, SeqCst);
-        self.word(first, E_ACTIVE).fetch_max(now_ns, SeqCst);
-        Some(first)
-    }
-
-    pub fn touch(&self, entry: usize, now_ns: u64) {
-        self.word(entry, E_ACTIVE).fetch_max(now_ns, SeqCst);
-    }
-
-    pub fn add_stats(&self, entry: usize, launches: u64, throttled_ns: u64) {
-        self.word(entry, E_LAUNCHES).fetch_add(launches, SeqCst);
-        self.word(entry, E_THROTTLED)
-            .fetch_add(throttled_ns, SeqCst);
-    }
-
-    /// Reports that this process's work ran `ns` past the container's window that ended at `end_ns`.
-    /// Processes of one container drain their queues at once, so the container owes the largest of their
-    /// overruns for a window, not their sum: reports for one window are kept as a maximum, which joins the
-    /// debt (capped at `cap_ns`) when the first report for a later window arrives.
-    pub fn report_overrun(&self, entry: usize, end_ns: u64, ns: u64, cap_ns: u64) {
-        let tag = (end_ns / 1000) & ((1 << 40) - 1);
-        let us = (ns / 1000).min(0xff_ffff);
-        let rec = self.word(entry, E_OVERRUN);
-        loop {
-            let cur = rec.load(SeqCst);
-            let (cur_tag, cur_us) = (cur >> 24, cur & 0xff_ffff);
-            if cur_tag == tag {
-                if us <= cur_us
-                    || rec
-                        .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
-                        .is_ok()
-                {
-                    return;
-                }
-            } else if cur_tag > tag {
-                return; // a report for a window already closed out
-            } else if rec
-                .compare_exchange(cur, (tag << 24) | us, SeqCst, SeqCst)
-                .is_ok()
+        let claimed = (0..ENTRIES).find(|&i| {
+            if !self.lock(i, Hold::Claim) {
+                return false;
+            }
+            let e = Entry { index: i, ..mine };
+            if self.write_entry(&e).is_ok() && self.lock(i, Hold::Use) {
+                return true;
+            }
+            self.unlock(i);
+            false
+        })?;
+        // Two processes of one container may claim two entries at once: the later entry yields to the earlier
+        // (a sibling converting its claim to a shared hold may take a moment: a few tries).
+        for _ in 0..5 {
+            if let Some(i) = self.join_sibling(mine.key, claimed) {
+                self.unlock(claimed);
+                return Some(i);
+            }
+            if !self
+                .read()
+                .unwrap_or_default()
+                .iter()
+                .any(|e| e.key == mine.key && e.index < claimed)
             {
-                let owed = cur_us * 1000;
-                let _ = self
-                    .word(entry, E_DEBT)
-                    .fetch_update(SeqCst, SeqCst, |d| Some((d + owed).min(cap_ns)));
-                return;
+                break;
             }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        Some(claimed)
     }
 
-    /// What period `period`'s window of `len_ns` gives up to the container's debt: paid once per period by the
-    /// first process to ask, the same answer for every other.
-    pub fn pay_debt(&self, entry: usize, period: u64, len_ns: u64) -> u64 {
-        let paid = self.word(entry, E_PAID);
-        loop {
-            let cur = paid.load(SeqCst);
-            if cur >> 24 == period & ((1 << 40) - 1) {
-                return (cur & 0xff_ffff) * 1000;
-            }
-            let debt = self.word(entry, E_DEBT);
-            let pay_us = (debt.load(SeqCst).min(len_ns) / 1000).min(0xff_ffff);
-            let next = ((period & ((1 << 40) - 1)) << 24) | pay_us;
-            if paid.compare_exchange(cur, next, SeqCst, SeqCst).is_ok() {
-                let _ =
-                    debt.fetch_update(SeqCst, SeqCst, |d| Some(d.saturating_sub(pay_us * 1000)));
-                return pay_us * 1000;
-            }
-        }
-    }
-
-    pub fn entries(&self) -> Vec<Entry> {
-        (0..ENTRIES)
-            .filter_map(|index| {
-                let key = self.word(index, E_KEY).load(SeqCst);
-                let share = self.word(index, E_SHARE).load(SeqCst);
-                (key != 0).then(|| Entry {
-                    index,
-                    key,
-                    share: share as u32,
-                    policy: (share >> 32) as u32,
-                    last_active_ns: self.word(index, E_ACTIVE).load(SeqCst),
-                    launches: self.word(index, E_LAUNCHES).load(SeqCst),
-                    throttled_ns: self.word(index, E_THROTTLED).load(SeqCst),
-                })
+    /// Shares an entry of container `key` below index `below` that a live process holds.
+    fn join_sibling(&self, key: u64, below: usize) -> Option<usize> {
+        let entries = self.read().unwrap_or_default();
+        entries
+            .iter()
+            .filter(|e| e.key == key && e.index < below && self.held_by_another(e.index))
+            .find_map(|e| {
+                // The key is re-read under the lock: the entry may have been freed and reclaimed since the copy.
+                if self.lock(e.index, Hold::Use) {
+                    if self.key_at(e.index) == Some(key) {
+                        return Some(e.index);
+                    }
+                    self.unlock(e.index);
+                }
+                None
             })
-            .collect()
+    }
+
+    fn key_at(&self, i: usize) -> Option<u64> {
+        let mut w = [0u8; 8];
+        self.file.read_exact_at(&mut w, entry_offset(i)).ok()?;
+        Some(u64::from_ne_bytes(w))
     }
 }
 
@@ -275,82 +281,120 @@ impl CardFile {
 mod tests {
     use super::*;
 
-    #[test]
-    fn join_dedups_and_takes_over_stale() {
-        let c = CardFile::private();
-        let a = c.join(11, 30, 1, 1_000).unwrap();
-        assert_eq!(c.join(11, 30, 1, 2_000), Some(a));
-        let b = c.join(22, 50, 1, 2_000).unwrap();
-        assert_ne!(a, b);
-        assert_eq!(c.entries().len(), 2);
-        for k in 100..(100 + ENTRIES as u64 - 2) {
-            c.join(k, 1, 0, 3_000).unwrap();
+    fn dir() -> std::path::PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "vgpu-card-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn entry(key: u64, share: u32) -> Entry {
+        Entry {
+            key,
+            share,
+            policy: 1,
+            last_active_ns: 5,
+            period_ns: 50_000_000,
+            ..Default::default()
         }
-        assert_eq!(c.join(999, 1, 0, 3_000), None, "full");
-        // Much later, idle entries are taken over.
-        assert!(c.join(999, 1, 0, 3_000 + STALE_NS + 1).is_some());
     }
 
     #[test]
-    fn debt_is_paid_once_per_period_for_the_whole_container() {
-        let c = CardFile::private();
-        let e = c.join(7, 30, 1, 1).unwrap();
-        // Two processes report on window 1 (the larger counts), then a report on window 2 closes window 1 out.
-        c.report_overrun(e, 1_000_000_000, 8_000_000, 50_000_000);
-        c.report_overrun(e, 1_000_000_000, 3_000_000, 50_000_000);
-        assert_eq!(
-            c.pay_debt(e, 9, 5_000_000),
-            0,
-            "nothing owed until the window is closed out"
-        );
-        c.report_overrun(e, 1_050_000_000, 1_000, 50_000_000);
-        assert_eq!(
-            c.pay_debt(e, 10, 5_000_000),
-            5_000_000,
-            "a window pays at most its length"
-        );
-        assert_eq!(
-            c.pay_debt(e, 10, 5_000_000),
-            5_000_000,
-            "a second process sees the same payment"
-        );
-        assert_eq!(
-            c.pay_debt(e, 11, 5_000_000),
-            3_000_000,
-            "the rest next period"
-        );
-        assert_eq!(c.pay_debt(e, 12, 5_000_000), 0);
-        c.report_overrun(e, 1_100_000_000, 80_000_000, 50_000_000);
-        c.report_overrun(e, 1_150_000_000, 0, 50_000_000);
-        assert_eq!(c.pay_debt(e, 13, 60_000_000), 50_000_000, "capped");
+    fn entries_round_trip_through_bytes() {
+        let e = Entry {
+            index: 3,
+            key: 7,
+            share: 30,
+            policy: 1,
+            last_active_ns: 11,
+            launches: 12,
+            throttled_ns: 13,
+            period_ns: 500_000_000,
+        };
+        assert_eq!(Entry::from_bytes(3, &e.to_bytes()), e);
     }
 
     #[test]
-    fn the_first_slice_sets_the_period_and_later_ones_adopt_it() {
-        let c = CardFile::private();
-        let a = c.join(1, 30, 1, 1_000).unwrap();
-        assert_eq!(c.settle_period(a, 50_000_000, 1_000), 50_000_000);
-        let b = c.join(2, 50, 1, 2_000).unwrap();
-        assert_eq!(c.settle_period(b, 1_000_000_000, 2_000), 50_000_000);
-        assert_eq!(c.period_ns(), 50_000_000);
-        // Once the others are stale, a newcomer's setting takes effect.
-        let later = 3_000 + STALE_NS;
-        let n = c.join(3, 10, 1, later).unwrap();
-        assert_eq!(c.settle_period(n, 200_000_000, later), 200_000_000);
-        assert_eq!(c.period_ns(), 200_000_000);
+    fn a_copy_of_the_wrong_size_or_header_is_no_card() {
+        let mut buf = vec![0u8; FILE_BYTES];
+        buf[..HEADER_BYTES].copy_from_slice(&header());
+        assert_eq!(parse(&buf), Ok(vec![]));
+        assert!(parse(&buf[..100]).unwrap_err().contains("truncated"));
+        assert!(parse(&[buf.clone(), vec![0]].concat()).is_err());
+        buf[8] = 1;
+        assert!(parse(&buf).unwrap_err().contains("version"));
+    }
+
+    /// Two open files stand for two processes: OFD locks conflict between open files, not within one.
+    #[test]
+    fn entries_are_claimed_by_lock_and_freed_when_their_holder_closes() {
+        let d = dir();
+        let a = CardFile::open(&d, "GPU-x").unwrap();
+        let b = CardFile::open(&d, "GPU-x").unwrap();
+        let ea = a.join(entry(11, 30)).unwrap();
+        assert_eq!(b.read().unwrap()[0].share, 30, "shared through the file");
+        assert!(b.held_by_another(ea));
+        let eb = b.join(entry(22, 50)).unwrap();
+        assert_ne!(ea, eb);
+        // A process of container 11 opening its own file shares entry ea.
+        let a2 = CardFile::open(&d, "GPU-x").unwrap();
+        assert_eq!(a2.join(entry(11, 30)), Some(ea));
+        drop(a);
+        assert!(b.held_by_another(ea), "its sibling still holds it");
+        drop(a2);
+        assert!(!b.held_by_another(ea), "dead with its last holder");
+        // Words left behind make no claim: a newcomer takes the entry.
+        let c = CardFile::open(&d, "GPU-x").unwrap();
+        assert_eq!(c.join(entry(33, 10)), Some(ea));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn file_round_trip() {
-        let d = std::env::temp_dir().join(format!("vgpu-card-{}", std::process::id()));
-        let c1 = CardFile::open(&d, "GPU-x").unwrap();
-        let c2 = CardFile::open(&d, "GPU-x").unwrap();
-        c1.join(5, 30, 1, 10);
-        assert_eq!(c2.entries()[0].share, 30);
-        c1.settle_period(0, 20_000_000, 10);
-        assert_eq!(c2.period_ns(), 20_000_000, "shared through the file");
-        std::fs::write(d.join("GPU-bad.card"), b"junk").unwrap();
-        assert!(CardFile::open(&d, "GPU-bad").is_err());
+    fn a_full_table_refuses_a_newcomer() {
+        let d = dir();
+        let holders: Vec<CardFile> = (0..ENTRIES as u64)
+            .map(|k| {
+                let c = CardFile::open(&d, "GPU-y").unwrap();
+                assert!(c.join(entry(100 + k, 1)).is_some());
+                c
+            })
+            .collect();
+        let late = CardFile::open(&d, "GPU-y").unwrap();
+        assert_eq!(late.join(entry(999, 1)), None);
+        drop(holders);
+        assert!(late.join(entry(999, 1)).is_some());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_put_in_the_cards_place_is_noticed() {
+        let d = dir();
+        let c = CardFile::open(&d, "GPU-w").unwrap();
+        assert!(c.still_in_place());
+        std::fs::rename(d.join("GPU-w.card"), d.join("moved")).unwrap();
+        std::fs::write(d.join("GPU-w.card"), b"x").unwrap();
+        assert!(!c.still_in_place());
+        std::fs::remove_file(d.join("GPU-w.card")).unwrap();
+        assert!(!c.still_in_place(), "removed");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_file_reads_as_no_card() {
+        let d = dir();
+        let c = CardFile::open(&d, "GPU-z").unwrap();
+        c.join(entry(1, 30)).unwrap();
+        File::options()
+            .write(true)
+            .open(d.join("GPU-z.card"))
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        assert!(c.read().unwrap_err().contains("truncated"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -20,9 +20,14 @@ pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 /// vgpu's own: directory of the per-card coordination files shared by every slice on the node
 /// (pacing phases and activity). Default [`DEFAULT_CARD_DIR`].
 pub const CARD_DIR: &str = "VGPU_CARD_DIR";
-/// vgpu's own: path of the read-only limits file Allocate mounts; when it exists the environment may only lower
-/// the limits it names. Default [`DEFAULT_LIMITS_FILE`].
+/// vgpu's own: path of a limits file off Kubernetes (`vgpu-agent exec`, tests). Ignored whenever
+/// [`DEFAULT_LIMITS_FILE`] exists: inside a container the mounted file is the root of trust, and a tenant
+/// pointing elsewhere must not escape it (see [`crate::container_dir`]).
 pub const LIMITS_FILE: &str = "VGPU_LIMITS_FILE";
+/// vgpu's own: how long a shim waits for a pending limits file before it refuses every allocation, in
+/// milliseconds. It may only shorten [`crate::container_dir::PENDING_WAIT_MS`] (a shorter wait only fails the
+/// container's own process sooner).
+pub const LIMITS_PENDING_WAIT_MS: &str = "VGPU_LIMITS_PENDING_WAIT_MS";
 /// vgpu's own: length of a card's pacing period in milliseconds (10 to 5000; default
 /// [`DEFAULT_PACING_PERIOD_MS`]). A slice joining a card no other container is using records it in the card
 /// file; every other slice on that card follows the recorded one, so windows never overlap.

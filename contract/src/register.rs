@@ -82,11 +82,65 @@ pub fn encode(devices: &[DeviceInfo]) -> String {
 pub fn decode(input: &str) -> Result<Vec<DeviceInfo>, RegisterError> {
     let trimmed = input.trim();
     if trimmed.starts_with('[') {
-        return serde_json::from_str(trimmed).map_err(|e| RegisterError {
-            reason: format!("JSON array: {e}"),
-        });
+        return decode_json(trimmed);
     }
     decode_legacy(trimmed)
+}
+
+/// The keys HAMi's `DeviceInfo` has. Go matches them case-insensitively, so we do too; any other
+/// key is a typo (`helth`) that would otherwise read as "field absent", e.g. an unhealthy card.
+const JSON_FIELDS: [&str; 13] = [
+    "id",
+    "index",
+    "count",
+    "devmem",
+    "devcore",
+    "type",
+    "numa",
+    "mode",
+    "migProfiles",
+    "migtemplate",
+    "health",
+    "devicevendor",
+    "custominfo",
+];
+
+fn decode_json(text: &str) -> Result<Vec<DeviceInfo>, RegisterError> {
+    let entries: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(text)
+        .map_err(|e| RegisterError {
+            reason: format!("JSON array: {e}"),
+        })?;
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let n = i + 1;
+        let mut known = serde_json::Map::with_capacity(entry.len());
+        for (key, value) in entry {
+            let Some(field) = JSON_FIELDS.iter().find(|f| f.eq_ignore_ascii_case(&key)) else {
+                return Err(RegisterError {
+                    reason: format!(
+                        "entry {n} has an unknown field {key:?} (known: {})",
+                        JSON_FIELDS.join(", ")
+                    ),
+                });
+            };
+            known.insert((*field).to_string(), value);
+        }
+        let id = match known.get("id") {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => id.clone(),
+            _ => {
+                return Err(RegisterError {
+                    reason: format!("entry {n} has no \"id\" (the card's UUID)"),
+                })
+            }
+        };
+        let d = serde_json::from_value(serde_json::Value::Object(known)).map_err(|e| {
+            RegisterError {
+                reason: format!("entry {n} ({id}): {e}"),
+            }
+        })?;
+        out.push(d);
+    }
+    Ok(out)
 }
 
 /// `UUID,count,devmem,devcore,type,numa,health[,index,mode]:` per device.
@@ -198,6 +252,18 @@ mod tests {
     #[test]
     fn bad_input_names_the_problem() {
         assert!(decode("[{").unwrap_err().reason.contains("JSON"));
+        // A typo must not read as "health absent", i.e. an unhealthy card.
+        let e = decode(r#"[{"id":"GPU-a","count":4,"devmem":1000,"devcore":100,"helth":true}]"#)
+            .unwrap_err();
+        assert!(e.reason.contains("unknown field \"helth\""), "{e}");
+        let e = decode(r#"[{"count":4,"devmem":1000,"health":true}]"#).unwrap_err();
+        assert!(e.reason.contains("no \"id\""), "{e}");
+        let e = decode(r#"[{"id":"GPU-a","health":"true"}]"#).unwrap_err();
+        assert!(e.reason.contains("entry 1 (GPU-a)"), "{e}");
+        // Go matches keys case-insensitively, and HAMi's other fields are accepted.
+        let d = decode(r#"[{"ID":"GPU-a","Health":true,"devicevendor":"NVIDIA","custominfo":{}}]"#)
+            .unwrap();
+        assert!(d[0].health && d[0].id == "GPU-a");
         assert!(decode("GPU-a,10,15360:")
             .unwrap_err()
             .reason

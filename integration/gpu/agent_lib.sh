@@ -7,10 +7,18 @@ LIBCUDA=${LIBCUDA:-/usr/local/nvidia/lib64/libcuda.so.1}
 CG=/sys/fs/cgroup
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:/usr/local/nvidia/lib64
 in_cg() { local cg=$1; shift; sh -c "echo \$\$ > $CG/$cg/cgroup.procs && exec \"\$@\"" sh "$@"; }
-# A slice: its own cgroup and cache directory, bound by the `cgroup` file the agent reads.
-mkslice() { mkdir -p $CG/$1 $T/caches/$1; echo /$1 > $T/caches/$1/cgroup; }
+# A slice: its own cgroup and cache directory.
+mkslice() { mkdir -p $CG/$1 $T/caches/$1; }
+# Binds slice $1 with cache file $2 and a limit of $3 MiB on device 0 over the agent's bind socket, as
+# `vgpu-agent exec` does: the agent takes limits from bindings only, never from the cache file.
+bind_slice() {
+  python3 -c "import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+b={'cgroup': '/'+sys.argv[2], 'cache': sys.argv[3], 'memory_limits': {'0': int(sys.argv[4]) << 20}, 'sm_limit': 0, 'policy': 'default', 'pid': 0}; \
+s.sendall((json.dumps({'bind': b}) + '\n').encode()); print('bind', sys.argv[2], s.makefile().readline().strip())" \
+    $T/bind.sock "$1" "$2" "$3"
+}
 agent_start() {
-  $A run --standalone --libcuda $LIBCUDA --cache-dir $T/caches --socket $T/agent.sock \
+  $A run --standalone --libcuda $LIBCUDA --cache-dir $T/caches --socket $T/agent.sock --bind-socket $T/bind.sock \
     --state-file $T/agent-state.json --metrics-addr ${METRICS_ADDR:-127.0.0.1:${METRICS_PORT:-9394}} "$@" > $T/agent.log 2>&1 &
   AGENT=$!
   for _ in $(seq 50); do [ -S $T/agent.sock ] && break; sleep 0.1; done

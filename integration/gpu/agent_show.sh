@@ -7,6 +7,7 @@ set -u
 header
 mkslice vgpu-agent-a; mkslice vgpu-agent-b
 agent_start --policy enforce
+bind_slice vgpu-agent-a $T/caches/vgpu-agent-a/a.cache 4000; bind_slice vgpu-agent-b $T/caches/vgpu-agent-b/b.cache 4000
 echo; echo "### 1. two slices running PyTorch under vgpu-agent exec (4000 MiB each)"
 in_cg vgpu-agent-a $A exec --gpumem 4000 --cache $T/caches/vgpu-agent-a/a.cache -- python3 $G/hold.py 2000 60 A1 > $T/a1.log 2>&1 &
 in_cg vgpu-agent-b $A exec --gpumem 4000 --cache $T/caches/vgpu-agent-b/b.cache -- python3 $B/train_loop.py 45 B1 > $T/b1.log 2>&1 &

@@ -28,7 +28,9 @@ done
 B=${VGPU_BIN:-$R/target/debug}
 T=$(mktemp -d /tmp/vgpu-lab3.XXXXXX); chmod 755 "$T"
 NODE=lab3-node
-CG=/sys/fs/cgroup/vgpu-lab3-$$
+# The cgroup2 hierarchy (on a hybrid host it is not /sys/fs/cgroup itself but e.g. /sys/fs/cgroup/unified).
+CG2=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/self/mounts)
+CG=${CG2:-/sys/fs/cgroup}/vgpu-lab3-$$
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
@@ -69,15 +71,21 @@ sched-token,system:serviceaccount:vgpu-system:vgpu-scheduler,2
 agent-token,system:serviceaccount:vgpu-system:vgpu-agent,3
 kubelet-token,system:node:$NODE,4,"system:nodes"
 TOK
-openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=vgpu-webhook" \
-    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-    -keyout "$T/webhook.key" -out "$T/webhook.crt" >/dev/null 2>&1 || die "openssl"
-
+# A CA of the lab's own and one certificate for 127.0.0.1 signed by it: it serves the API (kubectl sends tokens
+# only over HTTPS) and the webhook. rustls refuses a CA certificate used as a server's, so the two are separate.
+{
+    openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=vgpu-lab3-ca" \
+        -keyout "$T/ca.key" -out "$T/ca.crt"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$T/webhook.key" -out "$T/webhook.csr"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$T/ext.cnf"
+    openssl x509 -req -in "$T/webhook.csr" -CA "$T/ca.crt" -CAkey "$T/ca.key" -CAcreateserial -days 1 \
+        -extfile "$T/ext.cnf" -out "$T/webhook.crt"
+} >/dev/null 2>&1 || die "openssl"
 kubeconfig() { # $1 token, $2 file
     cat > "$2" <<KC
 apiVersion: v1
 kind: Config
-clusters: [{name: standin, cluster: {server: "http://127.0.0.1:$API_PORT"}}]
+clusters: [{name: standin, cluster: {server: "https://127.0.0.1:$API_PORT", certificate-authority: "$T/ca.crt"}}]
 users: [{name: u, user: {token: $1}}]
 contexts: [{name: c, context: {cluster: standin, user: u, namespace: default}}]
 current-context: c
@@ -88,9 +96,10 @@ WEBHOOK_PORT=$(free_port); EXT_PORT=$(free_port); SCHED_METRICS=$(free_port); AG
 
 # --- start the stack -------------------------------------------------------------------------------------------
 "$B/kube-standin" --listen 127.0.0.1:0 --token-auth-file "$T/tokens.csv" \
+    --tls-cert-file "$T/webhook.crt" --tls-private-key-file "$T/webhook.key" \
     --mutating-webhook "https://127.0.0.1:$WEBHOOK_PORT/mutate" \
     --validating-webhook "https://127.0.0.1:$WEBHOOK_PORT/validate" \
-    --webhook-ca "$T/webhook.crt" --webhook-exempt-namespace kube-system --webhook-exempt-namespace vgpu-system \
+    --webhook-ca "$T/ca.crt" --webhook-exempt-namespace kube-system --webhook-exempt-namespace vgpu-system \
     > "$T/standin.out" 2> "$T/standin.log" &
 PIDS+=($!)
 for _ in $(seq 50); do API_PORT=$(head -1 "$T/standin.out" 2>/dev/null | grep -o '[0-9]*$'); [ -n "$API_PORT" ] && break; sleep 0.1; done

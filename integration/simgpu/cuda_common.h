@@ -100,5 +100,17 @@ extern int cuEventCreate();
 extern int cuEventRecord();
 extern int cuEventSynchronize();
 extern int cuEventElapsedTime();
+extern int cuCtxSetLimit();
+extern int cuGraphCreate();
+extern int cuGraphAddMemAllocNode();
+extern int cuGraphInstantiateWithFlags();
+extern int cuGraphExecDestroy();
+extern int cuModuleLoadData();
+extern int cuModuleUnload();
+extern int cuLibraryLoadData();
+extern int cuLibraryUnload();
+extern int cuMemPoolCreate();
+extern int cuMemPoolSetAttribute();
+extern int cuMemPoolTrimTo();
 #define CU_SYM(var, base, versioned) var = (void *)versioned
 #endif

@@ -1,8 +1,9 @@
 /* The lab's OOM loop: allocate chunks (512 MiB) until refused.
- *   cuda_oom [-m dlsym|proc|ptsz] [-n MAX_CHUNKS] [-c CHUNK_MIB] [-d DEVICE] [-i] [-H HOLD_MS]
+ *   cuda_oom [-m dlsym|proc|ptsz] [-n MAX_CHUNKS] [-c CHUNK_MIB] [-d DEVICE] [-i] [-H HOLD_MS] [-W FILE]
  * Prints `Allocated N MiB` per chunk, `Hit the limit after N MiB: rc=R` when refused, with -i the
  * cuMemGetInfo view before and after, and `Holding N MiB` before holding the memory HOLD_MS ms (-1: until
- * killed). Built twice: cuda_oom links libcuda (exported symbols); cuda_oom_dl takes -m. */
+ * killed). With -W it prints `Waiting for FILE` once its context exists and waits for FILE to exist before the
+ * first chunk (so a test can act between the two). Built twice: cuda_oom links libcuda (exported symbols); cuda_oom_dl takes -m. */
 #include "cuda_common.h"
 
 #include <unistd.h>
@@ -10,7 +11,8 @@
 int main(int argc, char **argv) {
   const char *mode = "proc";
   int max_chunks = 1 << 20, chunk_mib = 512, dev = 0, info = 0, hold_ms = 0, opt;
-  while ((opt = getopt(argc, argv, "m:n:c:d:iH:")) != -1) {
+  const char *wait_for = NULL;
+  while ((opt = getopt(argc, argv, "m:n:c:d:iH:W:")) != -1) {
     switch (opt) {
     case 'm': mode = optarg; break;
     case 'n': max_chunks = atoi(optarg); break;
@@ -18,6 +20,7 @@ int main(int argc, char **argv) {
     case 'd': dev = atoi(optarg); break;
     case 'i': info = 1; break;
     case 'H': hold_ms = atoi(optarg); break;
+    case 'W': wait_for = optarg; break;
     default: return 3;
     }
   }
@@ -49,6 +52,11 @@ int main(int argc, char **argv) {
   if (info) {
     r = getinfo(&f, &t);
     printf("cuMemGetInfo rc=%d total=%zu MiB free=%zu MiB\n", r, t >> 20, f >> 20);
+  }
+  if (wait_for) {
+    printf("Waiting for %s\n", wait_for);
+    fflush(stdout);
+    while (access(wait_for, F_OK) != 0) usleep(10000);
   }
   int n = 0;
   r = 0;

@@ -65,6 +65,8 @@ struct sim_ctx {
   uint32_t magic;
   int dev;
   int primary;
+  /* cuCtxSetLimit's stack size, printf FIFO and malloc heap (CU_LIMIT_* 0, 1, 2). */
+  uint64_t limits[3];
   struct sim_stream legacy;
 };
 
@@ -89,11 +91,13 @@ static uint64_t context_bytes(void) {
 
 /* ---- allocation table (process local: a dead process's table dies with it) ---- */
 
+struct sim_pool;
 struct alloc {
   struct alloc *next;
   uint64_t key;
   uint64_t size;
   int dev;
+  struct sim_pool *pool;
 };
 #define ALLOC_BUCKETS 4096
 static struct alloc *g_allocs[ALLOC_BUCKETS];
@@ -109,18 +113,21 @@ static uint64_t fresh_address(uint64_t size) {
   return a;
 }
 
-static void table_put(uint64_t key, uint64_t size, int dev) {
+static void table_put_pool(uint64_t key, uint64_t size, int dev, struct sim_pool *pool) {
   struct alloc *a = malloc(sizeof *a);
   a->key = key;
   a->size = size;
   a->dev = dev;
+  a->pool = pool;
   pthread_mutex_lock(&g_alloc_mu);
   a->next = g_allocs[(key >> 12) % ALLOC_BUCKETS];
   g_allocs[(key >> 12) % ALLOC_BUCKETS] = a;
   pthread_mutex_unlock(&g_alloc_mu);
 }
 
-static int table_take(uint64_t key, uint64_t *size, int *dev) {
+static void table_put(uint64_t key, uint64_t size, int dev) { table_put_pool(key, size, dev, NULL); }
+
+static int table_take_pool(uint64_t key, uint64_t *size, int *dev, struct sim_pool **pool) {
   pthread_mutex_lock(&g_alloc_mu);
   struct alloc **pp = &g_allocs[(key >> 12) % ALLOC_BUCKETS];
   while (*pp && (*pp)->key != key) pp = &(*pp)->next;
@@ -130,9 +137,11 @@ static int table_take(uint64_t key, uint64_t *size, int *dev) {
   if (!a) return 0;
   *size = a->size;
   *dev = a->dev;
+  if (pool) *pool = a->pool;
   free(a);
   return 1;
 }
+
 
 static CUresult need_ctx(int *dev) {
   if (!g_inited) return CUDA_ERROR_NOT_INITIALIZED;
@@ -158,12 +167,18 @@ static CUresult alloc_cur(uint64_t size, unsigned long long *out) {
   return alloc_on(dev, size, out);
 }
 
+static void pool_free(struct sim_pool *pool, uint64_t size);
+
 static CUresult free_key(uint64_t key) {
   if (!g_inited) return CUDA_ERROR_NOT_INITIALIZED;
   uint64_t size;
   int dev;
-  if (!table_take(key, &size, &dev)) return CUDA_ERROR_INVALID_VALUE;
-  sim_uncharge(dev, size);
+  struct sim_pool *pool;
+  if (!table_take_pool(key, &size, &dev, &pool)) return CUDA_ERROR_INVALID_VALUE;
+  if (pool)
+    pool_free(pool, size);
+  else
+    sim_uncharge(dev, size);
   return CUDA_SUCCESS;
 }
 
@@ -266,6 +281,9 @@ static struct sim_ctx *new_ctx(int dev, int primary) {
   c->magic = CTX_MAGIC;
   c->dev = dev;
   c->primary = primary;
+  c->limits[0] = 1024;
+  c->limits[1] = 1ull << 20;
+  c->limits[2] = 8ull << 20;
   c->legacy.magic = STREAM_MAGIC;
   c->legacy.dev = dev;
   return c;
@@ -281,6 +299,53 @@ static CUresult ctx_up(int dev) {
 
 static void ctx_down(int dev) {
   if (g_ctx_count[dev] > 0 && --g_ctx_count[dev] == 0) sim_uncharge(dev, context_bytes());
+}
+
+/* ---- context limits: the stack (per resident thread), printf FIFO and malloc heap are device memory ---- */
+
+#define SIM_RESIDENT_THREADS (132ull * 2048ull)
+static uint64_t limit_bytes(int which, uint64_t v) { return which == 0 ? v * SIM_RESIDENT_THREADS : v; }
+static const uint64_t g_limit_default[3] = {1024, 1ull << 20, 8ull << 20};
+
+/* What the context's limits hold beyond the defaults (which are inside the context's own memory). */
+static uint64_t limits_growth(struct sim_ctx *c) {
+  uint64_t sum = 0;
+  for (int i = 0; i < 3; i++) {
+    uint64_t a = limit_bytes(i, c->limits[i]), b = limit_bytes(i, g_limit_default[i]);
+    if (a > b) sum += a - b;
+  }
+  return sum;
+}
+
+static void ctx_limits_down(struct sim_ctx *c) {
+  sim_uncharge(c->dev, limits_growth(c));
+  for (int i = 0; i < 3; i++) c->limits[i] = g_limit_default[i];
+}
+
+SIM_EXPORT CUresult cuCtxSetLimit(int limit, size_t value) {
+  int dev;
+  CUresult r = need_ctx(&dev);
+  if (r) return r;
+  if (limit < 0 || limit > 2) return limit <= 8 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+  struct sim_ctx *c = t_cur;
+  uint64_t before = limits_growth(c), old = c->limits[limit];
+  c->limits[limit] = value;
+  uint64_t after = limits_growth(c);
+  if (after > before && sim_charge(dev, after - before)) {
+    c->limits[limit] = old;
+    return CUDA_ERROR_OUT_OF_MEMORY;
+  }
+  if (before > after) sim_uncharge(dev, before - after);
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxGetLimit(size_t *value, int limit) {
+  int dev;
+  CUresult r = need_ctx(&dev);
+  if (r) return r;
+  if (!value || limit < 0 || limit > 8) return CUDA_ERROR_INVALID_VALUE;
+  *value = limit <= 2 ? t_cur->limits[limit] : 0;
+  return CUDA_SUCCESS;
 }
 
 SIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice d) {
@@ -306,7 +371,10 @@ SIM_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
   CUresult r = check_dev(d);
   if (r) return r;
   pthread_mutex_lock(&g_mu);
-  if (g_primary_refs[d] > 0 && --g_primary_refs[d] == 0) ctx_down(d);
+  if (g_primary_refs[d] > 0 && --g_primary_refs[d] == 0) {
+    ctx_limits_down(g_primary[d]);
+    ctx_down(d);
+  }
   pthread_mutex_unlock(&g_mu);
   return CUDA_SUCCESS;
 }
@@ -330,6 +398,7 @@ SIM_EXPORT CUresult cuCtxDestroy_v2(CUcontext c) {
   if (!c || c->magic != CTX_MAGIC || c->primary) return CUDA_ERROR_INVALID_CONTEXT;
   if (t_cur == c) t_cur = NULL;
   pthread_mutex_lock(&g_mu);
+  ctx_limits_down(c);
   ctx_down(c->dev);
   pthread_mutex_unlock(&g_mu);
   c->magic = 0;
@@ -401,23 +470,155 @@ SIM_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t size, unsigned f
 
 SIM_EXPORT CUresult cuMemFree_v2(CUdeviceptr p) { return free_key(p); }
 
+/* ---- memory pools: a pool keeps freed memory reserved up to its release threshold ---- */
+
+#define POOL_MAGIC 0x504f4f4cu
+struct sim_pool {
+  uint32_t magic;
+  int dev;
+  uint64_t threshold, reserved, used;
+};
+static struct sim_pool g_default_pool[SIM_MAX_DEV];
+static pthread_mutex_t g_pool_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static struct sim_pool *pool_of(void *h) {
+  struct sim_pool *p = h;
+  for (int d = 0; d < SIM_MAX_DEV; d++)
+    if (p == &g_default_pool[d]) {
+      p->magic = POOL_MAGIC;
+      p->dev = d;
+      return p;
+    }
+  /* Handles the simulated driver never gave out (tests pass placeholders) allocate outside any pool. */
+  if (!p || (uintptr_t)p < 4096 || p->magic != POOL_MAGIC) return NULL;
+  return p;
+}
+
+/* Keeps at most `keep` bytes reserved beyond what is in use. Called with g_pool_mu held. */
+static void pool_trim(struct sim_pool *p, uint64_t keep) {
+  uint64_t idle = p->reserved - p->used;
+  if (idle > keep) {
+    sim_uncharge(p->dev, idle - keep);
+    p->reserved -= idle - keep;
+  }
+}
+
+static CUresult pool_alloc(struct sim_pool *p, uint64_t size, unsigned long long *out) {
+  if (size == 0 || !out) return CUDA_ERROR_INVALID_VALUE;
+  pthread_mutex_lock(&g_pool_mu);
+  uint64_t idle = p->reserved - p->used;
+  if (idle < size) {
+    if (sim_charge(p->dev, size - idle)) {
+      pthread_mutex_unlock(&g_pool_mu);
+      return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    p->reserved += size - idle;
+  }
+  p->used += size;
+  pthread_mutex_unlock(&g_pool_mu);
+  uint64_t a = fresh_address(size);
+  table_put_pool(a, size, p->dev, p);
+  *out = a;
+  return CUDA_SUCCESS;
+}
+
+/* The free takes effect at once (no stream ordering modelled); what passes the threshold goes back. */
+static void pool_free(struct sim_pool *p, uint64_t size) {
+  pthread_mutex_lock(&g_pool_mu);
+  p->used -= size < p->used ? size : p->used;
+  pool_trim(p, p->threshold);
+  pthread_mutex_unlock(&g_pool_mu);
+}
+
+SIM_EXPORT CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice d) {
+  CUresult r = check_dev(d);
+  if (r) return r;
+  if (!pool) return CUDA_ERROR_INVALID_VALUE;
+  *pool = pool_of(&g_default_pool[d]);
+  return CUDA_SUCCESS;
+}
+SIM_EXPORT CUresult cuDeviceGetMemPool(CUmemoryPool *pool, CUdevice d) { return cuDeviceGetDefaultMemPool(pool, d); }
+
+/* CUmemPoolProps: allocType, handleTypes, location {type, id}, win32 attributes, maxSize, ... (88 bytes). */
+SIM_EXPORT CUresult cuMemPoolCreate(CUmemoryPool *pool, const void *props) {
+  if (!g_inited) return CUDA_ERROR_NOT_INITIALIZED;
+  if (!pool || !props) return CUDA_ERROR_INVALID_VALUE;
+  int dev = ((const int *)props)[3];
+  if (check_dev(dev)) return CUDA_ERROR_INVALID_DEVICE;
+  struct sim_pool *p = calloc(1, sizeof *p);
+  p->magic = POOL_MAGIC;
+  p->dev = dev;
+  *pool = p;
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuMemPoolDestroy(CUmemoryPool pool) {
+  struct sim_pool *p = pool_of(pool);
+  if (!p || p == &g_default_pool[p->dev]) return CUDA_ERROR_INVALID_VALUE;
+  pthread_mutex_lock(&g_pool_mu);
+  pool_trim(p, 0);
+  pthread_mutex_unlock(&g_pool_mu);
+  /* Left allocated (and marked dead) while allocations may still name it. */
+  p->magic = 0;
+  return CUDA_SUCCESS;
+}
+
+enum { MEMPOOL_RELEASE_THRESHOLD = 4, MEMPOOL_RESERVED_CURRENT = 5, MEMPOOL_USED_CURRENT = 7 };
+
+SIM_EXPORT CUresult cuMemPoolSetAttribute(CUmemoryPool pool, int attr, void *value) {
+  struct sim_pool *p = pool_of(pool);
+  if (!p || !value) return CUDA_ERROR_INVALID_VALUE;
+  if (attr != MEMPOOL_RELEASE_THRESHOLD) return attr >= 1 && attr <= 8 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+  pthread_mutex_lock(&g_pool_mu);
+  p->threshold = *(uint64_t *)value;
+  pool_trim(p, p->threshold);
+  pthread_mutex_unlock(&g_pool_mu);
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuMemPoolGetAttribute(CUmemoryPool pool, int attr, void *value) {
+  struct sim_pool *p = pool_of(pool);
+  if (!p || !value) return CUDA_ERROR_INVALID_VALUE;
+  pthread_mutex_lock(&g_pool_mu);
+  uint64_t v = attr == MEMPOOL_RELEASE_THRESHOLD ? p->threshold
+               : attr == MEMPOOL_RESERVED_CURRENT ? p->reserved
+               : attr == MEMPOOL_USED_CURRENT     ? p->used
+                                                  : 0;
+  pthread_mutex_unlock(&g_pool_mu);
+  *(uint64_t *)value = v;
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t keep) {
+  struct sim_pool *p = pool_of(pool);
+  if (!p) return CUDA_ERROR_INVALID_VALUE;
+  pthread_mutex_lock(&g_pool_mu);
+  pool_trim(p, keep);
+  pthread_mutex_unlock(&g_pool_mu);
+  return CUDA_SUCCESS;
+}
+
 SIM_EXPORT CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t size, CUstream s) {
   (void)s;
-  return alloc_cur(size, dptr);
+  int dev;
+  CUresult r = need_ctx(&dev);
+  if (r) return r;
+  return pool_alloc(pool_of(&g_default_pool[dev]), size, dptr);
 }
 SIM_EXPORT CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t size, CUstream s) {
   return cuMemAllocAsync(dptr, size, s);
 }
 SIM_EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s) {
-  (void)pool;
   (void)s;
-  return alloc_cur(size, dptr);
+  struct sim_pool *p = pool_of(pool);
+  if (!p) return alloc_cur(size, dptr);
+  return pool_alloc(p, size, dptr);
 }
 SIM_EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s) {
   return cuMemAllocFromPoolAsync(dptr, size, pool, s);
 }
-/* Memory is returned at once rather than when the stream reaches the free: what a caching pool would keep is
- * not modelled. */
+/* Memory is returned at once rather than when the stream reaches the free; a pool keeps what its release
+ * threshold allows. */
 SIM_EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
   (void)s;
   return free_key(p);
@@ -769,6 +970,181 @@ static CUresult graph_launch(CUgraphExec g, CUstream h, int per_thread) {
 SIM_EXPORT CUresult cuGraphLaunch(CUgraphExec g, CUstream h) { return graph_launch(g, h, 0); }
 SIM_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream h) { return graph_launch(g, h, 1); }
 
+/* ---- graph memory nodes: a graph's allocations are reserved when it is instantiated ---- */
+
+#define GRAPH_MAGIC 0x47525048u
+struct sim_graph {
+  uint32_t magic;
+  uint64_t bytes[SIM_MAX_DEV];
+};
+/* Instantiated graphs get ids past what cuGraphLaunch takes as microseconds: the simulated launch keeps its
+ * convention, so these are not launchable. */
+#define EXEC_BASE 0x40000000ull
+#define MAX_EXECS 4096
+static uint64_t g_exec_bytes[MAX_EXECS][SIM_MAX_DEV];
+static int g_exec_live[MAX_EXECS];
+static int g_exec_next;
+
+SIM_EXPORT CUresult cuGraphCreate(void **graph, unsigned flags) {
+  (void)flags;
+  if (!graph) return CUDA_ERROR_INVALID_VALUE;
+  struct sim_graph *g = calloc(1, sizeof *g);
+  g->magic = GRAPH_MAGIC;
+  *graph = g;
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuGraphDestroy(void *graph) {
+  struct sim_graph *g = graph;
+  if (!g || g->magic != GRAPH_MAGIC) return CUDA_ERROR_INVALID_VALUE;
+  g->magic = 0;
+  free(g);
+  return CUDA_SUCCESS;
+}
+
+/* CUDA_MEM_ALLOC_NODE_PARAMS: poolProps (88 bytes; location id at byte 12), accessDescs, accessDescCount,
+ * bytesize (byte 104), dptr (out, byte 112). */
+SIM_EXPORT CUresult cuGraphAddMemAllocNode(void **node, void *graph, const void *deps, size_t ndeps, void *params) {
+  (void)deps;
+  (void)ndeps;
+  struct sim_graph *g = graph;
+  if (!node || !params || !g || g->magic != GRAPH_MAGIC) return CUDA_ERROR_INVALID_VALUE;
+  int dev = *(const int *)((const char *)params + 12);
+  uint64_t bytes = *(const uint64_t *)((const char *)params + 104);
+  if (check_dev(dev) || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+  g->bytes[dev] += bytes;
+  *(uint64_t *)((char *)params + 112) = fresh_address(bytes);
+  *node = (void *)(uintptr_t)(g->bytes[dev] | 1);
+  return CUDA_SUCCESS;
+}
+
+static CUresult instantiate(void **exec, void *graph) {
+  struct sim_graph *g = graph;
+  if (!exec || !g || g->magic != GRAPH_MAGIC) return CUDA_ERROR_INVALID_VALUE;
+  pthread_mutex_lock(&g_mu);
+  int id = g_exec_next < MAX_EXECS ? g_exec_next++ : -1;
+  pthread_mutex_unlock(&g_mu);
+  if (id < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+  for (int d = 0; d < SIM_MAX_DEV; d++) {
+    if (g->bytes[d] && sim_charge(d, g->bytes[d])) {
+      for (int e = 0; e < d; e++) sim_uncharge(e, g->bytes[e]);
+      return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    g_exec_bytes[id][d] = g->bytes[d];
+  }
+  g_exec_live[id] = 1;
+  *exec = (void *)(uintptr_t)(EXEC_BASE + (uint64_t)id);
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuGraphInstantiateWithFlags(void **exec, void *graph, unsigned long long flags) {
+  (void)flags;
+  return instantiate(exec, graph);
+}
+SIM_EXPORT CUresult cuGraphInstantiateWithParams(void **exec, void *graph, void *params) {
+  (void)params;
+  return instantiate(exec, graph);
+}
+SIM_EXPORT CUresult cuGraphInstantiateWithParams_ptsz(void **exec, void *graph, void *params) {
+  return cuGraphInstantiateWithParams(exec, graph, params);
+}
+SIM_EXPORT CUresult cuGraphInstantiate_v2(void **exec, void *graph, void *err_node, char *log, size_t log_size) {
+  (void)err_node;
+  (void)log;
+  (void)log_size;
+  return instantiate(exec, graph);
+}
+
+SIM_EXPORT CUresult cuGraphExecDestroy(void *exec) {
+  uint64_t id = (uint64_t)(uintptr_t)exec - EXEC_BASE;
+  if ((uintptr_t)exec < EXEC_BASE || id >= MAX_EXECS || !g_exec_live[id]) return CUDA_ERROR_INVALID_VALUE;
+  g_exec_live[id] = 0;
+  for (int d = 0; d < SIM_MAX_DEV; d++) sim_uncharge(d, g_exec_bytes[id][d]);
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDeviceGraphMemTrim(CUdevice d) { return check_dev(d); }
+
+/* CU_GRAPH_MEM_ATTR_*: what the graphs of this process reserve on d (used = reserved: no reuse modelled). */
+SIM_EXPORT CUresult cuDeviceGetGraphMemAttribute(CUdevice d, int attr, void *value) {
+  CUresult r = check_dev(d);
+  if (r) return r;
+  if (!value || attr < 0 || attr > 3) return CUDA_ERROR_INVALID_VALUE;
+  uint64_t sum = 0;
+  for (int i = 0; i < MAX_EXECS; i++)
+    if (g_exec_live[i]) sum += g_exec_bytes[i][d];
+  *(uint64_t *)value = sum;
+  return CUDA_SUCCESS;
+}
+
+/* ---- modules and libraries: an image "vgpu-sim-module globals=N" holds N bytes of globals on the device ---- */
+
+#define MODULE_MAGIC 0x4d4f444cu
+struct sim_module {
+  uint32_t magic;
+  int dev;
+  uint64_t bytes;
+};
+
+static CUresult load_image(void **out, const char *image) {
+  int dev;
+  CUresult r = need_ctx(&dev);
+  if (r) return r;
+  if (!out || !image) return CUDA_ERROR_INVALID_VALUE;
+  const char *g = strstr(image, "globals=");
+  if (strncmp(image, "vgpu-sim-module", 15) || !g) return CUDA_ERROR_INVALID_VALUE;
+  uint64_t bytes = strtoull(g + 8, NULL, 10);
+  if (bytes && sim_charge(dev, bytes)) return CUDA_ERROR_OUT_OF_MEMORY;
+  struct sim_module *m = calloc(1, sizeof *m);
+  m->magic = MODULE_MAGIC;
+  m->dev = dev;
+  m->bytes = bytes;
+  *out = m;
+  return CUDA_SUCCESS;
+}
+
+static CUresult load_file(void **out, const char *path) {
+  if (!path) return CUDA_ERROR_INVALID_VALUE;
+  FILE *f = fopen(path, "re");
+  if (!f) return CUDA_ERROR_NOT_FOUND;
+  char buf[256] = {0};
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  return load_image(out, buf);
+}
+
+static CUresult unload(void *h) {
+  struct sim_module *m = h;
+  if (!m || m->magic != MODULE_MAGIC) return CUDA_ERROR_INVALID_HANDLE;
+  sim_uncharge(m->dev, m->bytes);
+  m->magic = 0;
+  free(m);
+  return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuModuleLoad(void **m, const char *path) { return load_file(m, path); }
+SIM_EXPORT CUresult cuModuleLoadData(void **m, const void *image) { return load_image(m, image); }
+SIM_EXPORT CUresult cuModuleLoadDataEx(void **m, const void *image, unsigned n, void *opts, void **vals) {
+  (void)n;
+  (void)opts;
+  (void)vals;
+  return load_image(m, image);
+}
+SIM_EXPORT CUresult cuModuleLoadFatBinary(void **m, const void *fatbin) { return load_image(m, fatbin); }
+SIM_EXPORT CUresult cuModuleUnload(void *m) { return unload(m); }
+SIM_EXPORT CUresult cuLibraryLoadData(void **lib, const void *code, void *jo, void **jv, unsigned nj, void *lo,
+                                      void **lv, unsigned nl) {
+  (void)jo, (void)jv, (void)nj, (void)lo, (void)lv, (void)nl;
+  return load_image(lib, code);
+}
+SIM_EXPORT CUresult cuLibraryLoadFromFile(void **lib, const char *path, void *jo, void **jv, unsigned nj,
+                                          void *lo, void **lv, unsigned nl) {
+  (void)jo, (void)jv, (void)nj, (void)lo, (void)lv, (void)nl;
+  return load_file(lib, path);
+}
+SIM_EXPORT CUresult cuLibraryUnload(void *lib) { return unload(lib); }
+
 /* ---- errors ---- */
 
 static const struct {
@@ -884,6 +1260,33 @@ static const struct proc_entry {
     P("cuLaunchKernelEx", 11060, cuLaunchKernelEx),
     P("cuLaunchCooperativeKernel", 9000, cuLaunchCooperativeKernel),
     P("cuGraphLaunch", 10000, cuGraphLaunch),
+    E("cuCtxSetLimit", 3010, cuCtxSetLimit),
+    E("cuCtxGetLimit", 3010, cuCtxGetLimit),
+    E("cuDeviceGetDefaultMemPool", 11020, cuDeviceGetDefaultMemPool),
+    E("cuDeviceGetMemPool", 11020, cuDeviceGetMemPool),
+    E("cuMemPoolCreate", 11020, cuMemPoolCreate),
+    E("cuMemPoolDestroy", 11020, cuMemPoolDestroy),
+    E("cuMemPoolSetAttribute", 11020, cuMemPoolSetAttribute),
+    E("cuMemPoolGetAttribute", 11020, cuMemPoolGetAttribute),
+    E("cuMemPoolTrimTo", 11020, cuMemPoolTrimTo),
+    E("cuGraphCreate", 10000, cuGraphCreate),
+    E("cuGraphDestroy", 10000, cuGraphDestroy),
+    E("cuGraphAddMemAllocNode", 11040, cuGraphAddMemAllocNode),
+    E("cuGraphInstantiate", 11000, cuGraphInstantiate_v2),
+    E("cuGraphInstantiate", 12000, cuGraphInstantiateWithFlags),
+    E("cuGraphInstantiateWithFlags", 11040, cuGraphInstantiateWithFlags),
+    P("cuGraphInstantiateWithParams", 12000, cuGraphInstantiateWithParams),
+    E("cuGraphExecDestroy", 10000, cuGraphExecDestroy),
+    E("cuDeviceGraphMemTrim", 11040, cuDeviceGraphMemTrim),
+    E("cuDeviceGetGraphMemAttribute", 11040, cuDeviceGetGraphMemAttribute),
+    E("cuModuleLoad", 2000, cuModuleLoad),
+    E("cuModuleLoadData", 2000, cuModuleLoadData),
+    E("cuModuleLoadDataEx", 2010, cuModuleLoadDataEx),
+    E("cuModuleLoadFatBinary", 2000, cuModuleLoadFatBinary),
+    E("cuModuleUnload", 2000, cuModuleUnload),
+    E("cuLibraryLoadData", 12000, cuLibraryLoadData),
+    E("cuLibraryLoadFromFile", 12000, cuLibraryLoadFromFile),
+    E("cuLibraryUnload", 12000, cuLibraryUnload),
     E("cuGetErrorString", 6000, cuGetErrorString),
     E("cuGetErrorName", 6000, cuGetErrorName),
     E("cuGetProcAddress", 11030, cuGetProcAddress),

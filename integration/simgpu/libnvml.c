@@ -205,7 +205,7 @@ static nvmlReturn_t running(nvmlDevice_t d, unsigned *count, void *out, int v1) 
     int32_t pid = atomic_load(&s->proc[i].pid);
     uint64_t m = atomic_load(&s->proc[i].mem[d->index]);
     if (pid <= 0 || m == 0) continue;
-    pids[n] = (unsigned)pid;
+    pids[n] = sim_reported_pid(&s->proc[i]);
     mem[n++] = m;
   }
   if (*count < n || (n && !out)) {
@@ -277,7 +277,7 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, nvmlProc
     if (pid <= 0) continue;
     uint64_t busy = sim_busy_between((int)d->index, &s->proc[i], now - span, now);
     if (!busy) continue;
-    tmp[n] = (nvmlProcessUtilizationSample_t){.pid = (unsigned)pid, .timeStamp = now_us,
+    tmp[n] = (nvmlProcessUtilizationSample_t){.pid = sim_reported_pid(&s->proc[i]), .timeStamp = now_us,
                                               .smUtil = percent(busy, span), .memUtil = percent(busy, span) / 2};
     n++;
   }

@@ -12,17 +12,21 @@
  * queued ahead (each stream queues at most ~1 s). */
 #define SIM_BUCKET_NS 10000000ull
 #define SIM_NBUCKETS 1024
-#define SIM_LAYOUT 1ull
+#define SIM_LAYOUT 2ull
 
 #define SIM_EXPORT __attribute__((visibility("default")))
 
 struct sim_proc {
   /* 0 = free, >0 = owner pid, <0 = being reaped by pid -value (another reaper takes over if that one dies). */
   _Atomic int32_t pid;
-  int32_t pad;
+  /* The owner's pid in the namespace the test runs in (the "host"): getpid() there, or read through the host's
+   * procfs (VGPU_SIM_HOST_PROC) inside a pid namespace. */
+  _Atomic int32_t host_pid;
   /* Owner's start time (clock ticks since boot, /proc/pid/stat field 22) so a reused pid is not taken for the
    * owner; 0 while a claim is in progress. */
   _Atomic uint64_t starttime;
+  /* Inode of the owner's pid namespace: `pid` means something only there. */
+  _Atomic uint64_t pidns;
   _Atomic uint64_t mem[SIM_MAX_DEV];
   _Atomic uint64_t busy_ns[SIM_MAX_DEV];
   _Atomic uint64_t tail_ns[SIM_MAX_DEV];
@@ -65,6 +69,10 @@ void sim_book(int dev, uint64_t start, uint64_t end);
 /* Busy ns of the device, or of one process (p != NULL), within [a, now]. */
 uint64_t sim_busy_between(int dev, struct sim_proc *p, uint64_t a, uint64_t now);
 void sim_uuid(int dev, char *out, unsigned len);
+/* The pid NVML names slot p's owner by, for a caller in this process: VGPU_SIM_NVML_PIDS=host names host pids
+ * (some drivers do, whatever the caller's namespace); otherwise (`namespace`, the default, as driver 580 on the
+ * H200) the owner's own pid to a caller in the owner's pid namespace and its host pid to anyone else. */
+unsigned sim_reported_pid(struct sim_proc *p);
 #define SIM_NAME "NVIDIA Simulated H100"
 #define SIM_DRIVER_VERSION "580.95.05"
 #define SIM_CUDA_VERSION 13000

@@ -107,9 +107,9 @@ void sim_sleep_until(uint64_t t) {
 
 /* Start time of pid (field 22 of /proc/pid/stat), 0 if the process is gone or a zombie: the driver frees a
  * process's memory when it exits, before its parent reaps it. */
-static uint64_t proc_starttime(pid_t pid) {
-  char path[64], buf[1024];
-  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+static uint64_t starttime_in(const char *proc, pid_t pid) {
+  char path[512], buf[1024];
+  snprintf(path, sizeof path, "%s/%d/stat", proc, (int)pid);
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return 0;
   ssize_t n = read(fd, buf, sizeof buf - 1);
@@ -130,11 +130,62 @@ static uint64_t proc_starttime(pid_t pid) {
   return st ? st : 1;
 }
 
+static uint64_t proc_starttime(pid_t pid) { return starttime_in("/proc", pid); }
+
+/* Inode of this process's pid namespace (0 if unknown). */
+static uint64_t own_pidns(void) {
+  struct stat st;
+  return stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+/* The host's procfs: VGPU_SIM_HOST_PROC inside a pid namespace (a bind mount of the outer /proc), else /proc. */
+static const char *host_proc(void) {
+  const char *h = getenv("VGPU_SIM_HOST_PROC");
+  return h && *h ? h : NULL;
+}
+
+/* This process's pid in the host namespace: what `self` names in the host's procfs. */
+static int32_t own_host_pid(void) {
+  const char *h = host_proc();
+  if (!h) return (int32_t)getpid();
+  char path[512], buf[32];
+  snprintf(path, sizeof path, "%s/self", h);
+  ssize_t n = readlink(path, buf, sizeof buf - 1);
+  if (n <= 0) return 0;
+  buf[n] = 0;
+  return (int32_t)atoi(buf);
+}
+
+/* Start time of the host's `pid`, read through the host's procfs. */
+static uint64_t host_starttime(pid_t pid) {
+  const char *h = host_proc();
+  return starttime_in(h ? h : "/proc", pid);
+}
+
+/* A slot's owner is judged where its pid means something: by its own pid in its own namespace, else by its
+ * host pid on the host (a pid namespace's pids would name unrelated host processes). */
 static int slot_alive(struct sim_proc *p, pid_t pid) {
   uint64_t want = atomic_load(&p->starttime);
-  uint64_t st = proc_starttime(pid);
+  uint64_t ns = atomic_load(&p->pidns);
+  uint64_t st;
+  if (ns == 0 || ns == own_pidns()) {
+    st = proc_starttime(pid);
+  } else {
+    int32_t hp = atomic_load(&p->host_pid);
+    if (hp <= 0) return 1; /* cannot tell from here: its own namespace will */
+    st = host_starttime(hp);
+  }
   if (!st) return 0;
   return want == 0 || want == st;
+}
+
+unsigned sim_reported_pid(struct sim_proc *p) {
+  const char *mode = getenv("VGPU_SIM_NVML_PIDS");
+  int32_t pid = atomic_load(&p->pid), hp = atomic_load(&p->host_pid);
+  if (mode && !strcmp(mode, "host")) return (unsigned)(hp > 0 ? hp : pid);
+  uint64_t ns = atomic_load(&p->pidns);
+  if (ns == 0 || ns == own_pidns() || hp <= 0) return (unsigned)pid;
+  return (unsigned)hp;
 }
 
 void sim_reap(void) {
@@ -154,6 +205,8 @@ void sim_reap(void) {
     if (!atomic_compare_exchange_strong(&p->pid, &pid, -me)) continue;
     for (int d = 0; d < SIM_MAX_DEV; d++) atomic_store(&p->mem[d], 0);
     atomic_store(&p->starttime, 0);
+    atomic_store(&p->pidns, 0);
+    atomic_store(&p->host_pid, 0);
     int32_t mine = -me;
     atomic_compare_exchange_strong(&p->pid, &mine, 0);
   }
@@ -190,9 +243,11 @@ struct sim_proc *sim_self(void) {
   }
   int32_t me = (int32_t)getpid();
   uint64_t st = proc_starttime(me);
-  /* A slot already under our pid belongs to our image before exec or to a dead process whose pid we reuse. */
+  uint64_t ns = own_pidns();
+  /* A slot already under our pid (in our namespace) belongs to our image before exec or to a dead process whose
+   * pid we reuse. */
   for (int i = 0; i < SIM_MAX_PROCS && !p; i++)
-    if (atomic_load(&s->proc[i].pid) == me) p = &s->proc[i];
+    if (atomic_load(&s->proc[i].pid) == me && atomic_load(&s->proc[i].pidns) == ns) p = &s->proc[i];
   for (int attempt = 0; attempt < 2 && !p; attempt++) {
     for (int i = 0; i < SIM_MAX_PROCS; i++) {
       int32_t zero = 0;
@@ -205,6 +260,8 @@ struct sim_proc *sim_self(void) {
   }
   if (p) {
     reset_slot(p);
+    atomic_store(&p->pidns, ns);
+    atomic_store(&p->host_pid, own_host_pid());
     atomic_store(&p->starttime, st);
     static int registered;
     if (!registered) {

@@ -406,3 +406,6 @@ impl Running {
         }
     }
 }
+
+pub mod kubelet;
+pub mod standin;

@@ -504,7 +504,10 @@ fn corrupt_other_version_and_truncated_cache_files_are_refused_safely() {
 fn limits_file_is_a_ceiling_the_environment_cannot_lift() {
     let sim = Sim::new();
     let file = sim.dir().join("limits");
-    write(&file, b"CUDA_DEVICE_MEMORY_LIMIT_0=4000m\n");
+    write(
+        &file,
+        b"CUDA_DEVICE_MEMORY_LIMIT_0=4000m\nVGPU_LIMITS_STATE=ready\n",
+    );
     let raised = run(sim
         .shim_cmd("cuda_oom", "f")
         .env("VGPU_LIMITS_FILE", &file)
@@ -541,12 +544,21 @@ fn unreadable_or_damaged_limits_file_refuses_every_allocation() {
     let unreadable = sim.dir().join("limits.d");
     std::fs::create_dir(&unreadable).unwrap();
     let no_equals = sim.dir().join("no-equals");
-    write(&no_equals, b"CUDA_DEVICE_MEMORY_LIMIT_0\n");
+    write(
+        &no_equals,
+        b"CUDA_DEVICE_MEMORY_LIMIT_0\nVGPU_LIMITS_STATE=ready\n",
+    );
     let bad_value = sim.dir().join("bad-value");
-    write(&bad_value, b"CUDA_DEVICE_MEMORY_LIMIT_0=lots\n");
+    write(
+        &bad_value,
+        b"CUDA_DEVICE_MEMORY_LIMIT_0=lots\nVGPU_LIMITS_STATE=ready\n",
+    );
     for (file, message) in [
-        (&unreadable, "limits file unreadable"),
-        (&no_equals, "limits file damaged"),
+        (&unreadable, "unreadable (Is a directory"),
+        (
+            &no_equals,
+            "damaged (\"CUDA_DEVICE_MEMORY_LIMIT_0\": limits file line is not NAME=value)",
+        ),
         (&bad_value, "lots"),
     ] {
         for env in [&[][..], &[("CUDA_DISABLE_CONTROL", "true")][..]] {
@@ -695,4 +707,458 @@ fn forked_child_gets_its_own_slot() {
             .contains("parent Hit the limit after 3584 MiB: rc=2"),
         "{quiet:#?}"
     );
+}
+
+/// A limits file a test writes: `lines` then `VGPU_LIMITS_STATE=ready`.
+fn ready(lines: &[String]) -> Vec<u8> {
+    let mut t = lines.join("\n");
+    t.push_str("\nVGPU_LIMITS_STATE=ready\n");
+    t.into_bytes()
+}
+
+/// Whether this test process can make mount namespaces (root); says so loudly when it cannot.
+fn can_mount(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED {what}: needs root for a mount namespace (CI runs as root)");
+    }
+    root
+}
+
+/// `cmd` run in a private mount namespace where `/usr/local` is `usr_local`, so `usr_local/vgpu/limits` sits at
+/// the default limits path exactly as Allocate's bind mount puts it in a container. The program, arguments and
+/// environment are `cmd`'s.
+fn at_default_path(cmd: &Command, usr_local: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind \"$0\" /usr/local && exec \"$@\"")
+        .arg(usr_local)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// A directory to bind at `/usr/local` holding `vgpu/limits` with `text`.
+fn usr_local_with(sim: &Sim, text: &[u8]) -> std::path::PathBuf {
+    let d = sim.dir().join("usr-local");
+    std::fs::create_dir_all(d.join("vgpu")).unwrap();
+    write(&d.join("vgpu/limits"), text);
+    d
+}
+
+/// issue 16 item 2: `VGPU_LIMITS_FILE=/nonexistent` took a container with a 1000m limits file to 3584 MiB (its
+/// environment's 4000m). With the file at the default path, no variable names another.
+#[test]
+fn the_mounted_limits_file_cannot_be_swapped_by_the_environment() {
+    if !can_mount("the_mounted_limits_file_cannot_be_swapped_by_the_environment") {
+        return;
+    }
+    let sim = Sim::new();
+    let cache = sim.cache_path("mounted");
+    let usr_local = usr_local_with(
+        &sim,
+        &ready(&[
+            "CUDA_DEVICE_MEMORY_LIMIT_0=1000m".into(),
+            format!("CUDA_DEVICE_MEMORY_SHARED_CACHE={}", cache.display()),
+        ]),
+    );
+    let looser = sim.dir().join("looser");
+    write(
+        &looser,
+        &ready(&["CUDA_DEVICE_MEMORY_LIMIT_0=80000m".into()]),
+    );
+    for named in ["/nonexistent", looser.to_str().unwrap()] {
+        let mut c = capped(&sim, "cuda_oom", "tenant");
+        c.env("VGPU_LIMITS_FILE", named).arg("-i");
+        let out = run(&mut at_default_path(&c, &usr_local));
+        out.assert_ok();
+        // 300 + 512 = 812 fits 1000; a second chunk would make 1324.
+        assert_eq!(out.hit_limit(), Some((512, 2)), "{named}: {out:#?}");
+        assert_eq!(
+            out.oom_lines(),
+            vec![(0, 1324 * MIB, 1000 * MIB)],
+            "{named}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr
+                .contains(&format!("VGPU_LIMITS_FILE={named} is ignored")),
+            "{named}: {}",
+            out.stderr
+        );
+        assert!(out.stdout.contains("total=1000 MiB"), "{named}: {out:#?}");
+    }
+    // The container's cache file is the one the limits file names, not the environment's.
+    assert!(!sim.cache_path("tenant").exists());
+    assert!(cache.exists());
+}
+
+/// issue 16 item 2: `GPU_CORE_UTILIZATION_POLICY=disable` took a 30% force cap to 0.98 of the card, and a
+/// `VGPU_CARD_DIR` of its own hid a slice from its neighbours. The share, policy and card directory the slice
+/// joins with are the limits file's.
+#[test]
+fn the_environment_cannot_loosen_the_compute_share_or_leave_the_card() {
+    let sim = Sim::new();
+    let file = sim.dir().join("limits");
+    write(
+        &file,
+        &ready(&[
+            "CUDA_DEVICE_SM_LIMIT=30".into(),
+            "GPU_CORE_UTILIZATION_POLICY=force".into(),
+            format!("VGPU_CARD_DIR={}", sim.card_dir().display()),
+        ]),
+    );
+    let own_cards = sim.dir().join("own-cards");
+    let out = run(sim
+        .shim_cmd("cuda_launch", "share")
+        .env("VGPU_LIMITS_FILE", &file)
+        .env("GPU_CORE_UTILIZATION_POLICY", "disable")
+        .env("CUDA_DEVICE_SM_LIMIT", "100")
+        .env("VGPU_CARD_DIR", &own_cards)
+        .args(["-s", "2", "-u", "2000"]));
+    out.assert_ok();
+    let busy = out.f64_after("overall", "busy").expect("overall line");
+    assert!(
+        (0.1..0.5).contains(&busy),
+        "a 30% force slice ran {busy} of the card: {out:#?}"
+    );
+    assert!(
+        out.stderr
+            .contains("GPU_CORE_UTILIZATION_POLICY=disable is ignored")
+            && out.stderr.contains("VGPU_CARD_DIR is ignored"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !own_cards.exists(),
+        "the slice made a card directory of its own"
+    );
+    let cards: Vec<_> = std::fs::read_dir(sim.card_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cards.len(), 1, "{cards:?}");
+    let uuid = cards[0].file_stem().unwrap().to_str().unwrap();
+    let card = vgpu_contract::card_layout::CardFile::open(&sim.card_dir(), uuid).unwrap();
+    let entries = card.entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(
+        (entries[0].share, entries[0].policy),
+        (30, 1),
+        "{entries:?}"
+    );
+}
+
+/// issue 16 item 2: one `CUDA_DEVICE_MEMORY_SHARED_CACHE` per process gave each process the whole budget. Under
+/// a limits file every process charges the file's cache.
+#[test]
+fn every_process_charges_the_cache_file_the_limits_file_names() {
+    let sim = Sim::new();
+    let cache = sim.cache_path("container");
+    let file = sim.dir().join("limits");
+    write(
+        &file,
+        &ready(&[
+            "CUDA_DEVICE_MEMORY_LIMIT_0=4000m".into(),
+            format!("CUDA_DEVICE_MEMORY_SHARED_CACHE={}", cache.display()),
+        ]),
+    );
+    let mut first = Running::spawn(
+        sim.shim_cmd("cuda_oom", "own-a")
+            .env("VGPU_LIMITS_FILE", &file)
+            .args(["-n", "3", "-H", "-1"]),
+    );
+    first.wait_line("Holding 1536 MiB", WAIT).expect("holds");
+    let second = run(sim
+        .shim_cmd("cuda_oom_dl", "own-b")
+        .env("VGPU_LIMITS_FILE", &file));
+    second.assert_ok();
+    // 1836 held + its own 300 + 3 x 512 = 3672; a 4th chunk would make 4184.
+    assert_eq!(second.hit_limit(), Some((1536, 2)), "{second:#?}");
+    assert_eq!(second.oom_lines(), vec![(0, 4184 * MIB, LIMIT)]);
+    assert!(
+        second
+            .stderr
+            .contains("CUDA_DEVICE_MEMORY_SHARED_CACHE is ignored"),
+        "{}",
+        second.stderr
+    );
+    assert!(!sim.cache_path("own-a").exists() && !sim.cache_path("own-b").exists());
+    assert_eq!(sim.cache_slots("container").len(), 1);
+    first.kill9();
+}
+
+/// A limits file Allocate has not filled yet: the shim waits for it, and applies it once it is ready.
+#[test]
+fn a_pending_limits_file_is_waited_for_then_applied() {
+    if !can_mount("a_pending_limits_file_is_waited_for_then_applied") {
+        return;
+    }
+    let sim = Sim::new();
+    let usr_local = usr_local_with(&sim, b"");
+    let c = capped(&sim, "cuda_oom", "pending");
+    let started = std::time::Instant::now();
+    let mut r = Running::spawn(&mut at_default_path(&c, &usr_local));
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        r.wait_line("Allocated", Duration::from_millis(1)).is_none(),
+        "allocated before the file was ready"
+    );
+    // In place, as the agent fills it (the bind mount keeps the inode).
+    write(
+        &usr_local.join("vgpu/limits"),
+        &ready(&["CUDA_DEVICE_MEMORY_LIMIT_0=1000m".into()]),
+    );
+    let out = r.finish();
+    out.assert_ok();
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert_eq!(out.hit_limit(), Some((512, 2)), "{out:#?}");
+}
+
+/// Pending past the wait: every allocation refused, and the message says why and what to do.
+#[test]
+fn a_limits_file_left_pending_refuses_every_allocation() {
+    let sim = Sim::new();
+    let file = sim.dir().join("limits");
+    for text in [&b""[..], b"CUDA_DEVICE_MEMORY_LIMIT_0=4000m\n"] {
+        write(&file, text);
+        let out = run(sim
+            .shim_cmd("cuda_oom", "late")
+            .env("VGPU_LIMITS_FILE", &file)
+            .env("VGPU_LIMITS_PENDING_WAIT_MS", "300")
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "4000m"));
+        out.assert_ok();
+        assert_eq!(out.hit_limit(), Some((0, 2)), "{out:#?}");
+        assert!(
+            out.stderr.contains("still pending after")
+                && out.stderr.contains("check the agent's log"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+/// Revoked: not even a context (it is device memory too), with the agent's reason.
+#[test]
+fn a_revoked_limits_file_refuses_contexts_and_allocations() {
+    let sim = Sim::new();
+    let file = sim.dir().join("limits");
+    write(
+        &file,
+        b"CUDA_DEVICE_MEMORY_LIMIT_0=4000m\nVGPU_LIMITS_REASON=devices GPU-0 belong to pod other/x\nVGPU_LIMITS_STATE=revoked\n",
+    );
+    for (prog, line) in [
+        ("cuda_oom", "context failed: rc=2"),
+        ("cuda_launch", "init failed: rc=2"),
+    ] {
+        let out = run(sim
+            .shim_cmd(prog, "revoked")
+            .env("VGPU_LIMITS_FILE", &file)
+            .env("CUDA_DISABLE_CONTROL", "true"));
+        assert!(out.stdout.contains(line), "{prog}: {out:#?}");
+        assert!(
+            out.stderr.contains("revoked")
+                && out.stderr.contains("devices GPU-0 belong to pod other/x"),
+            "{prog}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(sim.smi_memory(0), (0, 16384), "nothing was allocated");
+}
+
+/// `cmd` as the only process tree of a new pid namespace with its own /proc (`unshare --pid --fork
+/// --mount-proc`), as a pod without hostPID runs. The outer /proc stays reachable at `host_proc` for the
+/// simulated driver, which (like the kernel driver) must know the host's pid of each process.
+fn in_pid_namespace(cmd: &Command, host_proc: &Path) -> Command {
+    std::fs::create_dir_all(host_proc).unwrap();
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind /proc \"$0\" && exec unshare --pid --fork --mount-proc \"$@\"")
+        .arg(host_proc)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.env("VGPU_SIM_HOST_PROC", host_proc);
+    c
+}
+
+/// The agent's translation, done here from the test's (host's) view: the host pid of the process that is `pid`
+/// in the pid namespace with inode `pid_ns`.
+fn host_pid_of(pid_ns: u64, pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let host: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let ns = std::fs::metadata(format!("/proc/{host}/ns/pid"))
+            .ok()?
+            .ino();
+        let status = std::fs::read_to_string(format!("/proc/{host}/status")).ok()?;
+        let inner: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))?
+            .split_whitespace()
+            .last()?
+            .parse()
+            .ok()?;
+        (ns == pid_ns && inner == pid).then_some(host)
+    })
+}
+
+/// issue 15: the CUDA context is charged inside a pid namespace whichever pids NVML names. With a 700 MiB
+/// context the lab loop stops at 3072 MiB outside; inside, with a driver naming host pids, the shim found no
+/// entry of its own and went on to 3584 (the context uncharged). Now the agent records each slot's host pid
+/// (here the test plays the agent, with the same contract call) and the shim matches NVML by either pid.
+#[test]
+fn the_context_is_charged_inside_a_pid_namespace() {
+    if !can_mount("the_context_is_charged_inside_a_pid_namespace") {
+        return;
+    }
+    for mode in ["namespace", "host"] {
+        let sim = Sim::new().context_mib(700);
+        let outside = run(capped(&sim, "cuda_oom", "outside").env("VGPU_SIM_NVML_PIDS", mode));
+        outside.assert_ok();
+        assert_eq!(outside.hit_limit(), Some((3072, 2)), "{mode}: {outside:#?}");
+
+        let go = sim.dir().join("go");
+        let container = format!("inside-{mode}");
+        let mut c = capped(&sim, "cuda_oom", &container);
+        c.env("VGPU_SIM_NVML_PIDS", mode)
+            .args(["-W", go.to_str().unwrap()]);
+        let mut inside = Running::spawn(&mut in_pid_namespace(&c, &sim.dir().join("host-proc")));
+        inside
+            .wait_line("Waiting for", WAIT)
+            .expect("context created");
+        let slots = sim.cache_slots(&container);
+        assert_eq!(slots.len(), 1, "{slots:?}");
+        let slot = &slots[0];
+        assert!(slot.pid < 10, "namespaced pid: {slot:?}");
+        let host = host_pid_of(slot.pid_ns, slot.pid).expect("the process is found from the host");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(sim.cache_path(&container))
+            .unwrap();
+        assert!(vgpu_contract::cache_layout::write_host_pid(
+            &file,
+            slot.index,
+            slot.pid,
+            slot.start_time,
+            host
+        )
+        .unwrap());
+        write(&go, b"");
+        let out = inside.finish();
+        out.assert_ok();
+        assert_eq!(
+            out.hit_limit(),
+            outside.hit_limit(),
+            "{mode}: the loop stops at the same MiB inside: {out:#?}"
+        );
+        assert_eq!(
+            out.oom_lines(),
+            vec![(0, (700 + 7 * 512) * MIB, LIMIT)],
+            "{mode}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr
+                .contains("734003200 of them this process's CUDA context"),
+            "{mode}: {}",
+            out.stderr
+        );
+    }
+}
+
+/// The MiB after `<kind> <step> rc=R used=` in `out`, with R.
+fn reserve_line(out: &vgpu_integration::Out, kind: &str, step: &str) -> (i32, u64) {
+    let prefix = format!("{kind} {step} rc=");
+    let l = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line: {out:#?}"));
+    let (rc, used) = l.split_once(" used=").unwrap();
+    (
+        rc.parse().unwrap(),
+        used.trim_end_matches(" MiB").parse().unwrap(),
+    )
+}
+
+/// issue 16 item 8: context limits, graph memory nodes, module globals and pools that keep memory are charged
+/// (and uncharged when given back), through each way a program finds the driver, and refused past the slice.
+/// Before, each reserve past the slice went through (rc=0, the card has 16 GiB) and showed up only later as
+/// "context".
+#[test]
+fn reserves_outside_allocation_calls_are_charged_and_refused() {
+    let sim = Sim::new();
+    // Stack: 1024 MiB over the resident threads (132 SMs x 2048), beyond the 1 KiB default.
+    let threads = 132 * 2048;
+    let stack = (1024 * MIB / threads) * threads - 1024 * threads;
+    let fits = [
+        ("heap", 300 + 1024 - 8),
+        ("fifo", 300 + 1024 - 1),
+        ("stack", (300 * MIB + stack) >> 20),
+        ("graph", 300 + 1024),
+        ("module", 300 + 1024),
+        ("library", 300 + 1024),
+        ("pool", 300 + 1024),
+    ];
+    for mode in ["proc", "dlsym", "ptsz"] {
+        for (kind, used) in fits {
+            let out = run(capped(&sim, "cuda_reserves_dl", kind).args(["-m", mode, "-k", kind]));
+            out.assert_ok();
+            assert_eq!(
+                reserve_line(&out, kind, "reserve"),
+                (0, used),
+                "{mode} {kind}: {out:#?}"
+            );
+            assert_eq!(
+                reserve_line(&out, kind, "release"),
+                (0, 300),
+                "{mode} {kind}: {out:#?}"
+            );
+            assert!(out.oom_lines().is_empty(), "{mode} {kind}: {}", out.stderr);
+        }
+    }
+    for (kind, what) in [
+        ("heap", "cuCtxSetLimit"),
+        ("stack", "cuCtxSetLimit"),
+        ("graph", "cuGraphInstantiateWithFlags"),
+        ("module", "cuModuleLoadData"),
+        ("library", "cuLibraryLoadData"),
+    ] {
+        let out = run(capped(&sim, "cuda_reserves_dl", kind).args(["-k", kind, "-s", "4096"]));
+        out.assert_ok();
+        let (rc, used) = reserve_line(&out, kind, "reserve");
+        assert_eq!((rc, used), (2, 300), "{kind}: {out:#?}");
+        assert_eq!(out.oom_lines().len(), 1, "{kind}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!(": {what} of ")),
+            "{kind}: {}",
+            out.stderr
+        );
+    }
+    // Memory freed into a pool that keeps it stays charged: a second pool cannot take the slice again.
+    let out = run(capped(&sim, "cuda_reserves_dl", "pool2").args(["-k", "pool2", "-s", "3000"]));
+    out.assert_ok();
+    assert!(out.stdout.contains("pool2 second rc=2"), "{out:#?}");
+    assert_eq!(reserve_line(&out, "pool2", "reserve"), (0, 3300));
+    assert_eq!(
+        out.oom_lines(),
+        vec![(0, 6300 * MIB, LIMIT)],
+        "{}",
+        out.stderr
+    );
+    assert_eq!(sim.smi_memory(0), (0, 16384), "everything was given back");
 }

@@ -1,8 +1,10 @@
 //! Self-tests of the simulated GPU (no shim): it must behave like the real card for what the shim's tests
 //! check, or those tests prove nothing.
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
-use vgpu_integration::{run, Running, Sim};
+use vgpu_integration::{run, sim_dir, Running, Sim};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -293,4 +295,78 @@ fn device_name_is_the_simulated_h100() {
         .arg("--query-gpu=name")
         .arg("--format=csv,noheader"));
     assert_eq!(out.stdout.trim(), "NVIDIA Simulated H100");
+}
+
+/// `script` run by `sh` as pid 1 of a new pid namespace with its own /proc, the outer /proc bound at
+/// `host_proc` for the simulated driver (which, like the kernel's, knows every process's host pid).
+fn sh_in_pid_namespace(sim: &Sim, script: &str, host_proc: &Path) -> Command {
+    std::fs::create_dir_all(host_proc).unwrap();
+    let base = sim.cmd("cuda_oom");
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind /proc \"$0\" && exec unshare --pid --fork --mount-proc sh -c \"$1\"")
+        .arg(host_proc)
+        .arg(script);
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.env("VGPU_SIM_HOST_PROC", host_proc).env("SIM", sim_dir());
+    c
+}
+
+/// `VGPU_SIM_NVML_PIDS`: by default NVML names a process in a pid namespace by its own pid to a caller in that
+/// namespace (driver 580 on the H200) and by its host pid to the host; `host` names host pids to everyone (the
+/// drivers the shim cannot find itself in without the agent's help).
+#[test]
+fn nvml_names_namespaced_or_host_pids() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED nvml_names_namespaced_or_host_pids: needs root for a pid namespace");
+        return;
+    }
+    // The holder is pid 2 (after sh); NVML is asked from inside once it holds, then the holder is stopped.
+    let script = r#""$SIM/cuda_oom" -n 1 -H -1 > holder.out & holder=$!
+        until grep -q Holding holder.out 2>/dev/null; do sleep 0.01; done
+        echo "holder $holder"
+        "$SIM/nvidia-smi" --query-compute-apps=pid,used_memory --format=csv,noheader,nounits
+        until [ -e go ]; do sleep 0.01; done
+        kill $holder"#;
+    for (mode, inside_sees_host_pid) in [("namespace", false), ("host", true)] {
+        let sim = Sim::new().context_mib(500);
+        let mut c = sh_in_pid_namespace(&sim, script, &sim.dir().join("host-proc"));
+        c.current_dir(sim.dir()).env("VGPU_SIM_NVML_PIDS", mode);
+        let mut r = Running::spawn(&mut c);
+        let holder: u32 = r
+            .wait_line("holder ", WAIT)
+            .expect("holder started")
+            .trim_start_matches("holder ")
+            .parse()
+            .unwrap();
+        let inside = r.wait_line(", 1012", WAIT).expect("NVML lists the holder");
+        let inside_pid: u32 = inside.split(',').next().unwrap().trim().parse().unwrap();
+        // From the host, the holder is the process whose innermost pid is `holder` in a namespace: its host pid.
+        let apps = sim.smi_apps();
+        assert_eq!(apps.len(), 1, "{mode}: {apps:?}");
+        let host_pid = apps[0].0;
+        assert_eq!(apps[0].1, 1012);
+        assert_ne!(host_pid, holder, "{mode}: the host sees a host pid");
+        let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert_eq!(
+            nspid.split_whitespace().last(),
+            Some(holder.to_string().as_str()),
+            "{mode}: {nspid}"
+        );
+        let want = if inside_sees_host_pid {
+            host_pid
+        } else {
+            holder
+        };
+        assert_eq!(inside_pid, want, "{mode}: NVML inside the namespace");
+        std::fs::write(sim.dir().join("go"), b"").unwrap();
+        r.finish().assert_ok();
+    }
 }

@@ -100,9 +100,10 @@ mod tests {
         c[FitReason::CardNotHealth as usize] = 1;
         c[FitReason::CardInsufficientMemory as usize] = 1;
         let both = NodeMiss::from_counts(c, 2);
+        // One node's text is sorted as HAMi's GenReason sorts it; the event lines keep check order.
         assert_eq!(
             both.to_string(),
-            "1/2 CardNotHealth, 1/2 CardInsufficientMemory"
+            "1/2 CardInsufficientMemory, 1/2 CardNotHealth"
         );
         let (head, lines) = filtering_failed([("n1", &mem), ("n2", &both)]);
         assert_eq!(head, "no available node, 2 nodes do not meet");

@@ -1,6 +1,6 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use vgpu_scheduler::placement::policy::Policy;
+use vgpu_scheduler::placement::policy::{GpuPolicy, Policy};
 use vgpu_scheduler::placement::request::DefaultMemory;
 use vgpu_scheduler::placement::Config;
 
@@ -24,6 +24,10 @@ enum Command {
         /// Print a JSON array of {pod, node, devices, reason, score}.
         #[arg(long)]
         json: bool,
+        /// Stop at the first object that cannot be read, instead of skipping it with a warning
+        /// as `serve` does.
+        #[arg(long)]
+        strict: bool,
         #[command(flatten)]
         placement: PlacementArgs,
     },
@@ -33,8 +37,9 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Where kube-scheduler reaches the extender (plain HTTP, inside the cluster).
-    #[arg(long, default_value = "0.0.0.0:8888")]
+    /// Where kube-scheduler reaches the extender (plain HTTP). Loopback by default: kube-scheduler
+    /// runs in the same pod, and nothing else should be able to ask for binds.
+    #[arg(long, default_value = "127.0.0.1:8888")]
     extender_listen: std::net::SocketAddr,
     /// Where Prometheus scrapes the allocation metrics (HAMi's names), plain HTTP.
     #[arg(long, default_value = "0.0.0.0:9395")]
@@ -57,6 +62,10 @@ struct ServeArgs {
     /// The username of the node agents' service account (they record Allocate on the pod).
     #[arg(long, default_value = vgpu_scheduler::webhook::Writers::DEFAULT_AGENT, value_parser = parse_username)]
     agent_user: String,
+    /// The placement-seal key (a Secret shared with the node agents): bind seals each placement
+    /// with it and the agent's Allocate serves only sealed ones. The key is the file's bytes as they are.
+    #[arg(long)]
+    seal_key_file: PathBuf,
     /// Seconds a filter's reservation waits for its bind before it is given back.
     #[arg(long, default_value_t = 120)]
     reservation_ttl: u64,
@@ -69,9 +78,10 @@ struct PlacementArgs {
     /// Node policy when a pod sets no hami.io/node-scheduler-policy.
     #[arg(long, default_value = "binpack", value_parser = parse_policy)]
     node_policy: Policy,
-    /// GPU policy when a pod sets no hami.io/gpu-scheduler-policy.
-    #[arg(long, default_value = "spread", value_parser = parse_policy)]
-    gpu_policy: Policy,
+    /// GPU policy when a pod sets no hami.io/gpu-scheduler-policy: binpack, spread, mutex,
+    /// topology-aware, numa, or a comma chain such as binpack,numa.
+    #[arg(long, default_value = "spread", value_parser = parse_gpu_policy)]
+    gpu_policy: GpuPolicy,
     /// Memory per vGPU when a container sets neither gpumem nor gpumem-percentage: MiB (`2048`)
     /// or a percentage of the card (`100%`, HAMi's default).
     #[arg(long, default_value = "100%", value_parser = parse_default_memory)]
@@ -102,6 +112,11 @@ fn parse_username(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+fn parse_gpu_policy(s: &str) -> Result<GpuPolicy, String> {
+    s.parse()
+        .map_err(|e: vgpu_scheduler::placement::policy::UnknownPolicy| e.to_string())
+}
+
 fn parse_default_memory(s: &str) -> Result<DefaultMemory, String> {
     let bad = || format!("{s:?} is neither MiB (2048) nor a percentage of the card (1% to 100%)");
     match s.strip_suffix('%') {
@@ -116,6 +131,26 @@ fn parse_default_memory(s: &str) -> Result<DefaultMemory, String> {
     }
 }
 
+/// Shortest key accepted: an HMAC-SHA256 key much shorter than the hash adds nothing but guessability.
+const MIN_SEAL_KEY_BYTES: usize = 16;
+
+fn read_seal_key(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let key = std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the placement-seal key {}: {e}; mount the seal Secret there or pass --seal-key-file",
+            path.display()
+        )
+    })?;
+    if key.len() < MIN_SEAL_KEY_BYTES {
+        anyhow::bail!(
+            "the placement-seal key {} has {} bytes; it needs at least {MIN_SEAL_KEY_BYTES} (e.g. `head -c 32 /dev/urandom`)",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(key)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
     use vgpu_scheduler::extender::{self, Extender};
@@ -123,6 +158,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use vgpu_scheduler::watch::{self, Readiness};
     use vgpu_scheduler::webhook::server::{self as webhook, WebhookState};
 
+    let seal_key = read_seal_key(&args.seal_key_file)?;
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the API server: {e}"))?;
@@ -132,7 +168,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     extender::spawn_event_writer(api.clone(), rx);
     let ready = Arc::new(Readiness::default());
-    let mut ext = Extender::new(args.placement.config(), api, tx).with_readiness(ready.clone());
+    let mut ext = Extender::new(args.placement.config(), api, tx)
+        .with_readiness(ready.clone())
+        .with_seal_key(seal_key);
     ext.reservation_ttl = std::time::Duration::from_secs(args.reservation_ttl);
     let ext = Arc::new(ext);
     let _watchers = watch::spawn(client, ext.clone(), ready);
@@ -198,6 +236,7 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate {
             file,
             json,
+            strict,
             placement,
         } => {
             let text = if file.as_os_str() == "-" {
@@ -206,8 +245,16 @@ fn main() -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
             };
-            let out = vgpu_scheduler::simulate::run(&text, &placement.config(), json)
-                .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
+            let mut warnings = vgpu_scheduler::simulate::Warnings {
+                strict,
+                ..Default::default()
+            };
+            let out =
+                vgpu_scheduler::simulate::run(&text, &placement.config(), json, &mut warnings)
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", file.display()))?;
+            for w in &warnings.list {
+                tracing::warn!("{}: {w}", file.display());
+            }
             print!("{out}");
         }
         Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(args))?,

@@ -174,14 +174,7 @@ mod tests {
         l.upsert_node("hami-workshop", vec![t4]);
         for (uid, pod) in [("a", "default/gpumem-pod-a"), ("b", "default/gpumem-pod-b")] {
             let devices = PodDevices::decode("GPU-859b,NVIDIA,4000,30:;").unwrap();
-            l.record(
-                uid,
-                Placement {
-                    pod: pod.into(),
-                    node: "hami-workshop".into(),
-                    devices,
-                },
-            );
+            l.record(uid, Placement::as_asked(pod, "hami-workshop", devices));
         }
         let text = render(&l);
         let base = r#"node="hami-workshop",device_uuid="GPU-859b",device_index="0",device_type="NVIDIA-Tesla T4",zone="vGPU""#;

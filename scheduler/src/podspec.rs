@@ -1,8 +1,9 @@
 //! Reading the placement library's inputs out of Kubernetes objects: a pod's request (resource
 //! limits and annotations), a node's registered cards, and where an already placed pod sits.
 
-use crate::placement::ledger::Placement;
-use crate::placement::policy::Policy;
+use crate::placement::ledger::{Ask, Placement};
+use crate::placement::policy::UnknownPolicy;
+use crate::placement::request::DefaultMemory;
 use crate::placement::request::{CardFilter, ContainerRequest, MemRequest, PodRequest};
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use std::fmt;
@@ -65,7 +66,48 @@ fn resource(c: &Container, name: &str) -> Result<Option<u64>, RequestError> {
     }
 }
 
+fn resource_present(c: &Container, name: &str) -> bool {
+    let r = c.resources.as_ref();
+    r.and_then(|r| r.limits.as_ref())
+        .is_some_and(|l| l.contains_key(name))
+        || r.and_then(|r| r.requests.as_ref())
+            .is_some_and(|l| l.contains_key(name))
+}
+
+/// `nvidia.com/gpumem` is a count of MiB, but Kubernetes accepts `16Gi` there and means 16 × 2³⁰
+/// of them; a binary suffix is always that mistake.
+fn check_gpumem_unit(c: &Container) -> Result<(), RequestError> {
+    let r = c.resources.as_ref();
+    let q = r
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get(ann::RESOURCE_GPUMEM))
+        .or_else(|| {
+            r.and_then(|r| r.requests.as_ref())
+                .and_then(|l| l.get(ann::RESOURCE_GPUMEM))
+        });
+    let Some(q) = q else { return Ok(()) };
+    let text = q.0.trim();
+    let Some(suffix) = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+        .into_iter()
+        .find(|s| text.ends_with(s))
+    else {
+        return Ok(());
+    };
+    let number = text.trim_end_matches(suffix);
+    let hint = match (suffix, number.parse::<u64>()) {
+        ("Gi", Ok(n)) => format!(" (for {n} GiB write {})", n.saturating_mul(1024)),
+        ("Mi", Ok(n)) => format!(" (for {n} MiB write {n})"),
+        _ => String::new(),
+    };
+    Err(RequestError(format!(
+        "container {:?}: {} is {text:?}, but its unit is MiB, so that asks for {text} MiB; give a plain number of MiB{hint}",
+        c.name,
+        ann::RESOURCE_GPUMEM
+    )))
+}
+
 fn container_request(c: &Container) -> Result<ContainerRequest, RequestError> {
+    check_gpumem_unit(c)?;
     let gpus = resource(c, ann::RESOURCE_GPU)?;
     let mem = resource(c, ann::RESOURCE_GPUMEM)?;
     let pct = resource(c, ann::RESOURCE_GPUMEM_PERCENTAGE)?;
@@ -87,6 +129,10 @@ fn container_request(c: &Container) -> Result<ContainerRequest, RequestError> {
         }
         return Ok(ContainerRequest::NONE);
     }
+    // 0 MiB or 0 % is "unset" in HAMi: the default memory applies.
+    let mem = mem.filter(|m| *m > 0);
+    let pct_given = pct.is_some();
+    let pct = pct.filter(|p| *p > 0);
     let mem = match (mem, pct) {
         (Some(_), Some(_)) => {
             return Err(RequestError(format!(
@@ -95,23 +141,28 @@ fn container_request(c: &Container) -> Result<ContainerRequest, RequestError> {
                 ann::RESOURCE_GPUMEM_PERCENTAGE
             )))
         }
-        (Some(0), None) => {
-            return Err(RequestError(format!(
-                "container {name:?}: {} must be above 0 MiB",
-                ann::RESOURCE_GPUMEM
-            )))
-        }
         (Some(m), None) => MemRequest::MiB(m),
-        (None, Some(p)) if p == 0 || p > 100 => {
+        (None, Some(p)) if p > 100 => {
             return Err(RequestError(format!(
-                "container {name:?}: {} is {p}, want 1 to 100",
+                "container {name:?}: {} is {p}, want 0 to 100 (0: the default memory)",
                 ann::RESOURCE_GPUMEM_PERCENTAGE
             )))
         }
         (None, Some(p)) => MemRequest::Percent(p as u32),
         (None, None) => MemRequest::Default,
     };
-    let cores = cores.unwrap_or(0);
+    // HAMi (≥ 2.7) gives a container that asks for whole cards (no gpumem, or a gpumem-percentage
+    // of 100) all of each card's compute, so nothing else shares it; gpumem: 0 or a percentage
+    // of 0 is an explicit memory request and keeps cores at 0.
+    let whole_card = match pct {
+        Some(p) => p == 100,
+        None => !pct_given && !resource_present(c, ann::RESOURCE_GPUMEM),
+    };
+    let cores = match cores {
+        Some(c) => c,
+        None if whole_card => 100,
+        None => 0,
+    };
     if cores > 100 {
         return Err(RequestError(format!(
             "container {name:?}: {} is {cores}, want 0 to 100 (percent of one card)",
@@ -131,14 +182,24 @@ fn container_request(c: &Container) -> Result<ContainerRequest, RequestError> {
     })
 }
 
-fn policy_annotation(pod: &Pod, key: &str) -> Result<Option<Policy>, RequestError> {
+fn policy_annotation<P: std::str::FromStr<Err = UnknownPolicy>>(
+    pod: &Pod,
+    key: &str,
+) -> Result<Option<P>, RequestError> {
     match pod.metadata.annotations.as_ref().and_then(|a| a.get(key)) {
         None => Ok(None),
         Some(v) => v
-            .parse::<Policy>()
+            .parse::<P>()
             .map(Some)
             .map_err(|e| RequestError(format!("annotation {key}: {e}"))),
     }
+}
+
+fn init_count(pod: &Pod) -> usize {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .map_or(0, Vec::len)
 }
 
 /// The pod's vGPU request, or `Ok(None)` when it asks for no vGPU at all.
@@ -160,6 +221,7 @@ pub fn pod_request(pod: &Pod) -> Result<Option<PodRequest>, RequestError> {
     };
     Ok(Some(PodRequest {
         containers,
+        init: init_count(pod),
         filter,
         node_policy: policy_annotation(pod, ann::NODE_SCHEDULER_POLICY)?,
         gpu_policy: policy_annotation(pod, ann::GPU_SCHEDULER_POLICY)?,
@@ -179,6 +241,16 @@ pub fn node_devices(node: &Node) -> Result<Option<Vec<DeviceInfo>>, register::Re
     }
 }
 
+/// The UUIDs in the node's `hami.io/device-cordon` (blanks and stray commas skipped, as HAMi does).
+pub fn node_cordoned(node: &Node) -> Vec<String> {
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ann::DEVICE_CORDON))
+        .map(|v| CardFilter::list(v, false))
+        .unwrap_or_default()
+}
+
 /// A pod that no longer holds its devices: finished, whatever its annotations say.
 pub fn pod_finished(pod: &Pod) -> bool {
     matches!(
@@ -187,10 +259,40 @@ pub fn pod_finished(pod: &Pod) -> bool {
     )
 }
 
+/// Why a pod's annotations cannot be booked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementError {
+    Devices(ann::DeviceListError),
+    /// The spec asks for nothing the annotations could stand for, or cannot be read.
+    Spec(String),
+}
+
+impl fmt::Display for PlacementError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlacementError::Devices(e) => write!(f, "{e}"),
+            PlacementError::Spec(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<ann::DeviceListError> for PlacementError {
+    fn from(e: ann::DeviceListError) -> Self {
+        PlacementError::Devices(e)
+    }
+}
+
 /// Where a placed pod's vGPUs are, from the annotations the scheduler and agent wrote. The
 /// agent's `vgpu-devices-allocated` wins once written; before that the scheduler's
 /// `vgpu-devices-to-allocate` says what was reserved.
-pub fn pod_placement(pod: &Pod) -> Result<Option<Placement>, ann::DeviceListError> {
+///
+/// Annotations are not proof: anyone who can patch a pod can write them. So a pod is booked only
+/// if its spec asks for vGPUs, and never for more than that (the ledger clamps each device to
+/// the spec's [`Ask`]); `default_mem` resolves a spec that names no memory.
+pub fn pod_placement(
+    pod: &Pod,
+    default_mem: DefaultMemory,
+) -> Result<Option<Placement>, PlacementError> {
     if pod_finished(pod) {
         return Ok(None);
     }
@@ -225,16 +327,33 @@ pub fn pod_placement(pod: &Pod) -> Result<Option<Placement>, ann::DeviceListErro
     if devices.is_empty() {
         return Ok(None);
     }
+    let req = match pod_request(pod) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Err(PlacementError::Spec(
+                "it carries a vGPU device annotation but its spec asks for no vGPU; not booked"
+                    .into(),
+            ))
+        }
+        Err(e) => {
+            return Err(PlacementError::Spec(format!(
+                "its vGPU request cannot be read ({e}); not booked"
+            )))
+        }
+    };
     Ok(Some(Placement {
         pod: pod_key(pod),
         node,
         devices,
+        init: req.init,
+        asked: Ask::all(&req, default_mem),
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::policy::GpuPolicy;
 
     fn pod(yaml: &str) -> Pod {
         serde_yaml::from_str(yaml).unwrap()
@@ -293,7 +412,7 @@ mod tests {
             ]
         );
         assert_eq!(r.filter.use_types, vec!["a100", "h100"]);
-        assert_eq!(r.gpu_policy, Some(Policy::Binpack));
+        assert_eq!(r.gpu_policy, Some(GpuPolicy::BINPACK));
         assert_eq!(r.node_policy, None);
     }
 
@@ -312,7 +431,7 @@ mod tests {
         assert!(e("nvidia.com/gpu: 1, nvidia.com/gpumem: 4GB", "")
             .contains("nvidia.com/gpumem is \"4GB\", want a whole number"));
         assert!(
-            e("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 101", "").contains("want 1 to 100")
+            e("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 101", "").contains("want 0 to 100")
         );
         assert!(
             e("nvidia.com/gpu: 1", "hami.io/node-scheduler-policy: binpak")
@@ -327,7 +446,9 @@ mod tests {
             "nvidia.com/gpu: 1",
             "hami.io/vgpu-node: n1, hami.io/vgpu-devices-to-allocate: 'GPU-a,NVIDIA,3000,0:;'",
         );
-        let pl = pod_placement(&p).unwrap().unwrap();
+        let pl = pod_placement(&p, DefaultMemory::default())
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (pl.node.as_str(), pl.devices.encode().as_str()),
             ("n1", "GPU-a,NVIDIA,3000,0:;")
@@ -340,23 +461,115 @@ mod tests {
             "GPU-a,NVIDIA,3000,0:;".into(),
         );
         assert_eq!(
-            pod_placement(&p).unwrap().unwrap().devices.encode(),
+            pod_placement(&p, DefaultMemory::default())
+                .unwrap()
+                .unwrap()
+                .devices
+                .encode(),
             "GPU-a,NVIDIA,3000,0:;"
         );
         // Leftovers of a failed bind on a pod that never reached a node hold nothing.
         let mut failed = p.clone();
         let fa = failed.metadata.annotations.as_mut().unwrap();
         fa.insert(ann::BIND_PHASE.into(), "failed".into());
-        assert_eq!(pod_placement(&failed).unwrap(), None);
+        assert_eq!(
+            pod_placement(&failed, DefaultMemory::default()).unwrap(),
+            None
+        );
         failed.spec.as_mut().unwrap().node_name = Some("n1".into());
         assert!(
-            pod_placement(&failed).unwrap().is_some(),
+            pod_placement(&failed, DefaultMemory::default())
+                .unwrap()
+                .is_some(),
             "once on a node, it holds its devices"
         );
         p.status = Some(k8s_openapi::api::core::v1::PodStatus {
             phase: Some("Succeeded".into()),
             ..Default::default()
         });
-        assert_eq!(pod_placement(&p).unwrap(), None);
+        assert_eq!(pod_placement(&p, DefaultMemory::default()).unwrap(), None);
+    }
+
+    /// HAMi's webhook cases for the default of 100 cores ("no memory fields defaults to
+    /// exclusive", "exclusive via percentage", "memory size present treated as shareable",
+    /// "explicit cores remains unchanged", "non-exclusive percentage").
+    #[test]
+    fn a_whole_card_request_gets_all_of_its_cores() {
+        let c = |limits: &str| {
+            pod_request(&with_limits(limits, ""))
+                .unwrap()
+                .unwrap()
+                .containers[1]
+        };
+        assert_eq!(c("nvidia.com/gpu: 1").cores, 100);
+        assert_eq!(
+            c("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 100").cores,
+            100
+        );
+        assert_eq!(
+            c("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 50").cores,
+            0
+        );
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpumem: 8000").cores, 0);
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 30").cores, 30);
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 0").cores, 0);
+    }
+
+    /// "gpumem: 0" and "memory percentage of 0 — treated as unset": the default memory applies,
+    /// and the explicit field keeps the card shareable.
+    #[test]
+    fn zero_memory_means_unset() {
+        let c = |limits: &str| {
+            pod_request(&with_limits(limits, ""))
+                .unwrap()
+                .unwrap()
+                .containers[1]
+        };
+        let m = c("nvidia.com/gpu: 1, nvidia.com/gpumem: 0");
+        assert_eq!((m.mem, m.cores), (MemRequest::Default, 0));
+        let p = c("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 0");
+        assert_eq!((p.mem, p.cores), (MemRequest::Default, 0));
+    }
+
+    #[test]
+    fn gpumem_with_a_binary_unit_says_the_unit_is_mib() {
+        let e = pod_request(&with_limits(
+            "nvidia.com/gpu: 1, nvidia.com/gpumem: 16Gi",
+            "",
+        ))
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("its unit is MiB") && e.contains("write 16384"),
+            "{e}"
+        );
+        // The API's canonical form of 4000 (4k) is a plain number of MiB.
+        assert!(pod_request(&with_limits("nvidia.com/gpu: 1, nvidia.com/gpumem: 4k", "")).is_ok());
+    }
+
+    #[test]
+    fn init_containers_are_counted_and_gpu_policy_chains_parse() {
+        let r = pod_request(&with_limits(
+            "nvidia.com/gpu: 1",
+            "hami.io/gpu-scheduler-policy: 'binpack,numa'",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.init, 1);
+        assert_eq!(r.gpu_policy, Some("binpack,numa".parse().unwrap()));
+        assert!(pod_request(&with_limits(
+            "nvidia.com/gpu: 1",
+            "hami.io/gpu-scheduler-policy: mutex"
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn device_cordon_is_read_as_hami_reads_it() {
+        let n: Node = serde_yaml::from_str(
+            "metadata: {name: n, annotations: {hami.io/device-cordon: ' GPU-a,,GPU-b , '}}",
+        )
+        .unwrap();
+        assert_eq!(node_cordoned(&n), vec!["GPU-a", "GPU-b"]);
     }
 }

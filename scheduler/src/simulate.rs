@@ -47,8 +47,29 @@ pub fn read_objects(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
+/// Objects `serve` would skip with a warning: without `strict` simulate skips them too, so it
+/// runs on any cluster `serve` runs on; with it the first one is an error.
+#[derive(Debug, Default)]
+pub struct Warnings {
+    pub strict: bool,
+    pub list: Vec<String>,
+}
+
+impl Warnings {
+    fn skip(&mut self, e: anyhow::Error) -> anyhow::Result<()> {
+        if self.strict {
+            return Err(e);
+        }
+        self.list.push(format!("{e:#}; skipped"));
+        Ok(())
+    }
+}
+
 /// Splits the objects into nodes and pods; other kinds are skipped.
-pub fn nodes_and_pods(objects: Vec<serde_json::Value>) -> anyhow::Result<(Vec<Node>, Vec<Pod>)> {
+pub fn nodes_and_pods(
+    objects: Vec<serde_json::Value>,
+    warnings: &mut Warnings,
+) -> anyhow::Result<(Vec<Node>, Vec<Pod>)> {
     let (mut nodes, mut pods) = (Vec::new(), Vec::new());
     for (i, o) in objects.into_iter().enumerate() {
         let name = o
@@ -57,37 +78,58 @@ pub fn nodes_and_pods(objects: Vec<serde_json::Value>) -> anyhow::Result<(Vec<No
             .unwrap_or("?")
             .to_string();
         match o.get("kind").and_then(|k| k.as_str()) {
-            Some("Node") => nodes
-                .push(serde_json::from_value(o).with_context(|| {
-                    format!("item {} (Node {name}) is not a valid Node", i + 1)
-                })?),
-            Some("Pod") => pods.push(
-                serde_json::from_value(o)
-                    .with_context(|| format!("item {} (Pod {name}) is not a valid Pod", i + 1))?,
-            ),
+            Some("Node") => match serde_json::from_value(o) {
+                Ok(n) => nodes.push(n),
+                Err(e) => warnings.skip(
+                    anyhow::Error::new(e)
+                        .context(format!("item {} (Node {name}) is not a valid Node", i + 1)),
+                )?,
+            },
+            Some("Pod") => match serde_json::from_value(o) {
+                Ok(p) => pods.push(p),
+                Err(e) => warnings.skip(
+                    anyhow::Error::new(e)
+                        .context(format!("item {} (Pod {name}) is not a valid Pod", i + 1)),
+                )?,
+            },
             Some(_) => {}
-            None => bail!("item {} ({name}) has no kind", i + 1),
+            None => warnings.skip(anyhow::anyhow!("item {} ({name}) has no kind", i + 1))?,
         }
     }
     Ok((nodes, pods))
 }
 
 /// Places the pending pods in order; running pods' annotations count as reserved first.
-pub fn simulate(nodes: &[Node], pods: &[Pod], cfg: &Config) -> anyhow::Result<Vec<Outcome>> {
+pub fn simulate(
+    nodes: &[Node],
+    pods: &[Pod],
+    cfg: &Config,
+    warnings: &mut Warnings,
+) -> anyhow::Result<Vec<Outcome>> {
     let mut ledger = Ledger::default();
     let mut names = Vec::new();
     for n in nodes {
         let name = n.metadata.name.clone().unwrap_or_default();
-        let devices = podspec::node_devices(n).with_context(|| format!("node {name}"))?;
-        if let Some(devices) = devices {
-            ledger.upsert_node(&name, devices);
+        match podspec::node_devices(n) {
+            Ok(Some(devices)) => {
+                ledger.upsert_node_cordoned(&name, devices, podspec::node_cordoned(n))
+            }
+            Ok(None) => {}
+            Err(e) => warnings.skip(
+                anyhow::Error::new(e).context(format!("node {name}: its GPUs cannot be read")),
+            )?,
         }
         names.push(name);
     }
     let mut pending = Vec::new();
     for p in pods {
-        let placed =
-            podspec::pod_placement(p).with_context(|| format!("pod {}", podspec::pod_key(p)))?;
+        let placed = match podspec::pod_placement(p, cfg.default_memory) {
+            Ok(placed) => placed,
+            Err(e) => {
+                warnings.skip(anyhow::anyhow!("pod {}: {e}", podspec::pod_key(p)))?;
+                continue;
+            }
+        };
         if let Some(placement) = placed {
             ledger.record(&podspec::pod_uid(p), placement);
         } else if p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
@@ -149,14 +191,20 @@ pub fn simulate(nodes: &[Node], pods: &[Pod], cfg: &Config) -> anyhow::Result<Ve
 }
 
 /// Reads, places and renders, as the CLI does.
-pub fn run(text: &str, cfg: &Config, json: bool) -> anyhow::Result<String> {
-    let (nodes, pods) = nodes_and_pods(read_objects(text)?)?;
+/// Warnings (objects skipped) are returned beside the output, for standard error.
+pub fn run(
+    text: &str,
+    cfg: &Config,
+    json: bool,
+    warnings: &mut Warnings,
+) -> anyhow::Result<String> {
+    let (nodes, pods) = nodes_and_pods(read_objects(text)?, warnings)?;
     if nodes.is_empty() {
         bail!(
             "the file holds no Node objects: include them, e.g. kubectl get nodes,pods -A -o yaml"
         );
     }
-    let outcomes = simulate(&nodes, &pods, cfg)?;
+    let outcomes = simulate(&nodes, &pods, cfg, warnings)?;
     if json {
         return Ok(serde_json::to_string_pretty(&outcomes)? + "\n");
     }

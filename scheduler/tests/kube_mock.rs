@@ -168,7 +168,7 @@ fn placed_pod(name: &str, uid: &str, mib: u64) -> Value {
                         "labels": {"hami.io/vgpu-node": "hami-workshop"},
                         "annotations": {"hami.io/vgpu-node": "hami-workshop", "hami.io/bind-phase": "success",
                                         "hami.io/vgpu-devices-allocated": format!("{T4},NVIDIA,{mib},0:;")}},
-           "spec": {"nodeName": "hami-workshop", "containers": [{"name": "app"}]},
+           "spec": {"nodeName": "hami-workshop", "containers": [{"name": "app", "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": mib.to_string()}}}]},
            "status": {"phase": "Running"}})
 }
 

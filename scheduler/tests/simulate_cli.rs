@@ -72,7 +72,7 @@ fn text_output_and_a_json_list_from_stdin() {
             "hami.io/node-nvidia-register": format!("[{{\"id\":\"{T4}\",\"count\":10,\"devmem\":15360,\"devcore\":100,\"type\":\"NVIDIA-Tesla T4\",\"health\":true}}]")}}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "running", "namespace": "ml", "annotations": {
             "hami.io/vgpu-node": "n1", "hami.io/vgpu-devices-allocated": format!("{T4},NVIDIA,12000,0:;")}},
-         "spec": {"nodeName": "n1", "containers": [{"name": "c"}]}, "status": {"phase": "Running"}},
+         "spec": {"nodeName": "n1", "containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "12000"}}}]}, "status": {"phase": "Running"}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "half", "namespace": "ml"},
          "spec": {"containers": [{"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem-percentage": "50"}}}]}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "small", "namespace": "ml"},
@@ -128,10 +128,67 @@ fn bad_input_is_reported_clearly() {
         "kind: Node\nmetadata: {name: n, annotations: {hami.io/node-nvidia-register: '[{'}}\n",
     )
     .unwrap();
-    let (ok, _, stderr) = simulate(&[f.to_str().unwrap()]);
+    // As serve does, a node whose GPUs cannot be read is skipped with a warning naming why…
+    let (ok, stdout, stderr) = simulate(&[f.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.ends_with("0 of 0 pending pods placed\n"), "{stdout}");
+    assert!(
+        stderr.contains("node n: its GPUs cannot be read")
+            && stderr.contains("hami.io/node-nvidia-register")
+            && stderr.contains("skipped"),
+        "{stderr}"
+    );
+    // …and --strict stops there instead.
+    let (ok, _, stderr) = simulate(&[f.to_str().unwrap(), "--strict"]);
     assert!(!ok);
     assert!(
         stderr.contains("node n") && stderr.contains("hami.io/node-nvidia-register"),
+        "{stderr}"
+    );
+}
+
+/// `kubectl get nodes,pods -A -o yaml` of a real cluster holds objects simulate cannot use (a
+/// typo in a register entry, a pod that is not a valid Pod): they are skipped with a warning and
+/// the rest is placed, unless --strict.
+#[test]
+fn unreadable_objects_are_skipped_with_a_warning_unless_strict() {
+    let dir = std::env::temp_dir().join(format!("vgpu-sim-skip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("mixed.yaml");
+    std::fs::write(
+        &f,
+        format!(
+            r#"kind: List
+items:
+- kind: Node
+  metadata: {{name: good, annotations: {{hami.io/node-nvidia-register: '[{{"id":"{T4}","count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}}]'}}}}
+- kind: Node
+  metadata: {{name: typo, annotations: {{hami.io/node-nvidia-register: '[{{"id":"GPU-x","count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","helth":true}}]'}}}}
+- kind: Pod
+  metadata: {{name: broken}}
+  spec: {{containers: 7}}
+- kind: Pod
+  metadata: {{name: p}}
+  spec: {{containers: [{{name: c, resources: {{limits: {{nvidia.com/gpu: 1, nvidia.com/gpumem: 1000}}}}}}]}}
+"#
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = simulate(&[f.to_str().unwrap(), "--json"]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v[0]["node"], "good", "{stdout}");
+    assert!(
+        stderr.contains("node typo") && stderr.contains("unknown field \"helth\""),
+        "the real cause, not CardNotHealth: {stderr}"
+    );
+    assert!(
+        stderr.contains("(Pod broken) is not a valid Pod"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = simulate(&[f.to_str().unwrap(), "--strict"]);
+    assert!(
+        !ok && stderr.contains("(Pod broken) is not a valid Pod"),
         "{stderr}"
     );
 }
@@ -147,25 +204,31 @@ fn default_memory_is_configurable() {
         format!("  - {{apiVersion: v1, kind: Pod, metadata: {{name: {name}}}, spec: {{containers: [{{name: c, resources: {{limits: {{nvidia.com/gpu: 1}}}}}}]}}}}\n")
     };
     std::fs::write(&f, format!("{node}{}{}", pod("whole-1"), pod("whole-2"))).unwrap();
-    // With no memory named, HAMi's default takes the whole card: only the first such pod fits.
+    // With no memory named, HAMi's default takes the whole card, and (HAMi ≥ 2.7) all its cores:
+    // only the first such pod fits.
     let (ok, stdout, stderr) = simulate(&[f.to_str().unwrap(), "--json"]);
     assert!(ok, "{stderr}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(
         v[0]["devices"],
-        format!("{T4},NVIDIA,15360,0:;"),
+        format!("{T4},NVIDIA,15360,100:;"),
         "{stdout}"
     );
     assert_eq!(
         v[1]["reason"],
         "no available node, 1 nodes do not meet: 1 nodes CardInsufficientMemory(hami-workshop)"
     );
+    // A smaller default memory does not make the card shareable: the pod asked for a whole card.
     let (_, stdout, _) = simulate(&[f.to_str().unwrap(), "--json", "--default-mem", "256"]);
     let v: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(v[1]["devices"], format!("{T4},NVIDIA,256,0:;"));
+    assert_eq!(v[0]["devices"], format!("{T4},NVIDIA,256,100:;"));
+    assert_eq!(
+        v[1]["reason"],
+        "no available node, 1 nodes do not meet: 1 nodes CardInsufficientCore(hami-workshop)"
+    );
     let (_, stdout, _) = simulate(&[f.to_str().unwrap(), "--json", "--default-mem", "25%"]);
     let v: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(v[1]["devices"], format!("{T4},NVIDIA,3840,0:;"));
+    assert_eq!(v[0]["devices"], format!("{T4},NVIDIA,3840,100:;"));
     let (ok, _, stderr) = simulate(&[f.to_str().unwrap(), "--default-mem", "150%"]);
     assert!(!ok && stderr.contains("percentage of the card"), "{stderr}");
 }
@@ -206,8 +269,8 @@ fn example_pods_are_valid_requests() {
         assert_eq!(v[0]["node"], "n1", "{name}: {stdout}");
         if name == "two-gpu-a100-pod.yaml" {
             assert_eq!(
-                v[0]["devices"],
-                "GPU-a,NVIDIA,8000,25:GPU-b,NVIDIA,8000,25:;"
+                v[0]["devices"], "GPU-b,NVIDIA,8000,25:GPU-a,NVIDIA,8000,25:;",
+                "HAMi takes equal cards highest index first"
             );
         }
         checked += 1;

@@ -1,9 +1,12 @@
 //! Measuring what the device holds for this process beyond its allocations (its CUDA context, module code,
 //! pool reserves), through NVML's per-process used memory, so the charge matches the device.
 //!
-//! NVML reports host pids. Off Kubernetes (and in containers sharing the host pid namespace) that is our pid;
-//! inside a pid namespace NVML's list does not name us and the context goes uncharged by the shim (the agent,
-//! which sees host pids, reports it).
+//! NVML names a process by its pid, and drivers differ on which: some name the pid as the caller's namespace
+//! sees it (driver 580 on the H200), some the host's. Inside a pod (no hostPID) the two differ, so the shim looks
+//! for either: the host pid the agent recorded in the process's cache slot (the agent sees host pids; see
+//! `cache_layout`'s host-pid word), else its own. Until the agent's first sweep after the process claimed its
+//! slot, a driver that names host pids shows the shim no entry of its own and the context is not yet charged
+//! (the agent's host-side measurement still counts it).
 
 use crate::cuda::*;
 use crate::hooks::used;
@@ -71,8 +74,20 @@ fn nvml_handle(dev: usize) -> Option<*mut c_void> {
     Some(h)
 }
 
-/// Bytes NVML says `pid` uses on CUDA device `dev`.
-pub fn nvml_process_used(dev: usize, pid: u32) -> Option<u64> {
+/// The used memory of our entry in NVML's process list: the one named by `host_pid` when the agent has told
+/// us it, else the one named by our own `pid`. The host pid goes first: inside a pid namespace our own pid is a
+/// small number a host process may also have.
+pub fn pick_own_entry(list: &[NvmlProcessInfo], pid: u32, host_pid: Option<u32>) -> Option<u64> {
+    let by = |want: u32| {
+        list.iter()
+            .find(|p| p.pid == want)
+            .map(|p| p.used_gpu_memory)
+    };
+    host_pid.and_then(by).or_else(|| by(pid))
+}
+
+/// Bytes NVML says this process (own `pid`, or `host_pid` as the agent translated it) uses on CUDA device `dev`.
+pub fn nvml_process_used(dev: usize, pid: u32, host_pid: Option<u32>) -> Option<u64> {
     let h = nvml_handle(dev)?;
     let mut buf = [NvmlProcessInfo::default(); 64];
     let mut n: c_uint = buf.len() as c_uint;
@@ -86,10 +101,7 @@ pub fn nvml_process_used(dev: usize, pid: u32) -> Option<u64> {
     if rc != NVML_SUCCESS {
         return None;
     }
-    buf[..(n as usize).min(buf.len())]
-        .iter()
-        .find(|p| p.pid == pid)
-        .map(|p| p.used_gpu_memory)
+    pick_own_entry(&buf[..(n as usize).min(buf.len())], pid, host_pid)
 }
 
 /// Re-measures the context charge of `p` on `dev` when it is due (see [`Process::context_due`]).
@@ -97,7 +109,32 @@ pub fn refresh(p: &Process, dev: usize, upcoming: u64) {
     if dev >= MAX_DEVICES || p.limit(dev).is_none() || !p.context_due(dev, upcoming, now_ns()) {
         return;
     }
-    if let Some(used) = nvml_process_used(dev, p.pid) {
+    if let Some(used) = nvml_process_used(dev, p.pid, p.host_pid()) {
         p.set_context_from(dev, used);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pid: u32, mib: u64) -> NvmlProcessInfo {
+        NvmlProcessInfo {
+            pid,
+            used_gpu_memory: mib,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn own_entry_by_either_pid() {
+        let host_naming = [entry(1, 9999), entry(40321, 520)];
+        // Inside a pid namespace we are pid 1; the host's pid 1 is someone else's entry.
+        assert_eq!(pick_own_entry(&host_naming, 1, Some(40321)), Some(520));
+        assert_eq!(pick_own_entry(&host_naming, 7, None), None);
+        // A driver naming namespaced pids: our own pid, whatever the agent recorded.
+        let ns_naming = [entry(7, 520)];
+        assert_eq!(pick_own_entry(&ns_naming, 7, Some(40321)), Some(520));
+        assert_eq!(pick_own_entry(&ns_naming, 7, None), Some(520));
     }
 }

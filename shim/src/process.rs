@@ -15,6 +15,14 @@ pub enum Kind {
     VmmHandle,
     Array,
     Mipmapped,
+    /// What a context's `cuCtxSetLimit` (CU_LIMIT_* code) holds beyond the driver's default; key: the context.
+    CtxLimit(u8),
+    /// An instantiated graph's memory nodes on one device; key: the graph exec.
+    GraphExec(u8),
+    /// A loaded module or library; key: its handle.
+    Module,
+    /// Freed memory a pool keeps reserved; key: the pool.
+    PoolKeep,
 }
 
 pub struct Process {
@@ -47,6 +55,12 @@ pub fn get() -> Option<&'static Process> {
         return None;
     }
     init()
+}
+
+/// Whether kernel launches are refused: the agent revoked this container's slice. A launch needs a context,
+/// and creating one goes through a hook, so this never is the call that reads the config.
+pub fn launches_refused() -> bool {
+    get().is_some_and(|p| p.cfg.revoked.is_some())
 }
 
 /// This process's state only if something already created it (frees and queries of untouched processes).
@@ -157,6 +171,11 @@ impl Process {
         }
     }
 
+    /// This process's pid on the host, when the agent has recorded it in our slot.
+    pub fn host_pid(&self) -> Option<u32> {
+        self.region.host_pid(self.slot)
+    }
+
     pub fn limit(&self, dev: usize) -> Option<u64> {
         self.cfg.memory.get(dev).and_then(|l| l.bytes())
     }
@@ -210,6 +229,71 @@ impl Process {
         if let Some((dev, bytes)) = entry {
             self.tracked[dev].fetch_sub(bytes, Relaxed);
             self.region.uncharge(self.slot, dev, bytes);
+        }
+    }
+
+    /// Bytes recorded under `(kind, key)` (0 if none).
+    pub fn held(&self, kind: Kind, key: u64) -> u64 {
+        self.allocs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(kind, key))
+            .map_or(0, |(_, b)| *b)
+    }
+
+    /// Makes `(kind, key)` hold `bytes` on `dev`: growth is charged against the limit (refused past it),
+    /// shrinking is uncharged. Returns the bytes held before, to undo with [`Process::set_held_unchecked`].
+    pub fn set_held(&self, kind: Kind, key: u64, dev: usize, bytes: u64) -> Result<u64, OverLimit> {
+        let old = self.held(kind, key);
+        if bytes > old {
+            self.charge(dev, bytes - old)?;
+        }
+        self.set_record(kind, key, dev, old, bytes);
+        Ok(old)
+    }
+
+    /// As [`Process::set_held`] for memory the device already holds: charged whatever the limit says (it
+    /// can only be reported; the next allocation then finds the container full).
+    pub fn set_held_unchecked(&self, kind: Kind, key: u64, dev: usize, bytes: u64) {
+        let old = self.held(kind, key);
+        if bytes > old {
+            let _ = self.region.try_charge(self.slot, dev, bytes - old, None);
+        }
+        self.set_record(kind, key, dev, old, bytes);
+    }
+
+    /// Updates the record of `(kind, key)` from `old` to `new` bytes; a shrink is uncharged here, growth was
+    /// charged by the caller.
+    fn set_record(&self, kind: Kind, key: u64, dev: usize, old: u64, new: u64) {
+        if new < old {
+            self.region.uncharge(self.slot, dev, old - new);
+        }
+        self.tracked[dev].fetch_add(new, Relaxed);
+        self.tracked[dev].fetch_sub(old, Relaxed);
+        let mut allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
+        if new == 0 {
+            allocs.remove(&(kind, key));
+        } else {
+            allocs.insert((kind, key), (dev, new));
+        }
+    }
+
+    /// Every key recorded under `kind` (to release what belongs to a destroyed context or pool).
+    pub fn keys_of(&self, kind: Kind) -> Vec<u64> {
+        self.allocs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, key)| *key)
+            .collect()
+    }
+
+    /// Makes the next allocation on `dev` measure the context again (after a call that may have given device
+    /// memory back outside any allocation, such as a graph-pool trim).
+    pub fn remeasure(&self, dev: usize) {
+        if let Some(m) = self.measured_at.get(dev) {
+            m.store(0, Relaxed);
         }
     }
 
@@ -290,7 +374,7 @@ mod tests {
     fn proc_with(limit_mib: u64) -> Process {
         let (cfg, _) = config::resolve(
             &|k| (k == "CUDA_DEVICE_MEMORY_LIMIT_0").then(|| format!("{limit_mib}m")),
-            None,
+            config::LimitsFile::Absent,
         );
         Process::new(cfg)
     }

@@ -1,13 +1,17 @@
 //! Where a slice's compute window lies in each pacing period (pure, no I/O).
 //!
-//! Time on a card is cut into periods (the card's, see `CardFile::period_ns`) aligned to CLOCK_MONOTONIC, which every container on
-//! the host shares. Each paced slice that is active gets its share of every period as one window, the windows
-//! laid end to end in card-entry order, so competing slices never hold the GPU at the same time and each gets
-//! its share of real GPU time (time-sharing between contexts would otherwise split overlaps and short both).
-//! Shares summing past 100 are scaled down to fit. A `default` slice with no other active slice on the card
-//! runs free.
+//! Time on a card is cut into periods aligned to CLOCK_MONOTONIC, which every container on the host shares.
+//! Each paced slice that is active gets one window per period, its own share long (from its own limits, never
+//! from the card), the windows laid end to end in card-entry order, so competing slices never hold the GPU at
+//! the same time and each gets its share of real GPU time (time-sharing between contexts would otherwise split
+//! overlaps and short both). A `default` slice with no other active slice on the card runs free.
+//!
+//! What others claim only places the window: the shares before this slice count up to `100 - own share` and no
+//! further, so however much the card's other entries claim, the window fits in the period at full length.
+//! Honest slices never claim more than the card has (the scheduler books at most 100% of it), so the cap
+//! only bites on lies, or on shares overbooked by hand, where late windows then overlap instead of shrinking.
 
-use vgpu_contract::card_layout::Entry;
+use crate::pacing::peers::Peer;
 use vgpu_contract::limits::CorePolicy;
 
 /// A slice that launched or waited within this long wants the card.
@@ -21,37 +25,34 @@ pub enum Plan {
     Window { offset_ns: u64, len_ns: u64 },
 }
 
-/// The plan of the slice in entry `me` given every entry of the card at `now_ns`.
-pub fn plan(entries: &[Entry], me: usize, policy: CorePolicy, now_ns: u64, period_ns: u64) -> Plan {
-    let active = |e: &&Entry| e.index == me || now_ns.saturating_sub(e.last_active_ns) <= ACTIVE_NS;
-    let paced: Vec<&Entry> = entries
+/// The plan of a slice of `share` percent in entry `me` (None: not in the card's table, so after everyone)
+/// given the believable `peers` at `now_ns`.
+pub fn plan(
+    peers: &[Peer],
+    me: Option<usize>,
+    share: u32,
+    policy: CorePolicy,
+    now_ns: u64,
+    period_ns: u64,
+) -> Plan {
+    let share = share.clamp(1, 99) as u64;
+    let active: Vec<&Peer> = peers
         .iter()
-        .filter(active)
-        .filter(|e| e.share > 0 && e.share < 100 && e.policy != CorePolicy::Disable.code())
+        .filter(|p| now_ns.saturating_sub(p.last_active_ns) <= ACTIVE_NS)
         .collect();
-    let others_active = entries.iter().filter(active).any(|e| e.index != me);
-    if policy == CorePolicy::Default && !others_active {
+    if policy == CorePolicy::Default && active.is_empty() {
         return Plan::Free;
     }
-    let Some(mine) = paced.iter().find(|e| e.index == me) else {
-        return Plan::Free;
-    };
-    let total: u64 = paced.iter().map(|e| e.share as u64).sum();
-    let scale = |share: u64| {
-        if total > 100 {
-            period_ns * share / total
-        } else {
-            period_ns * share / 100
-        }
-    };
-    let offset_ns = paced
+    let me = me.unwrap_or(usize::MAX);
+    let before: u64 = active
         .iter()
-        .filter(|e| e.index < me)
-        .map(|e| scale(e.share as u64))
+        .filter(|p| p.index < me)
+        .map(|p| p.share.clamp(1, 99) as u64)
         .sum();
+    let offset_pct = before.min(100 - share);
     Plan::Window {
-        offset_ns,
-        len_ns: scale(mine.share as u64),
+        offset_ns: period_ns * offset_pct / 100,
+        len_ns: period_ns * share / 100,
     }
 }
 
@@ -59,54 +60,64 @@ pub fn plan(entries: &[Entry], me: usize, policy: CorePolicy, now_ns: u64, perio
 mod tests {
     use super::*;
 
-    fn e(index: usize, share: u32, policy: CorePolicy, last_active_ns: u64) -> Entry {
-        Entry {
+    fn p(index: usize, share: u32, policy: CorePolicy, last_active_ns: u64) -> Peer {
+        Peer {
             index,
-            key: index as u64 + 1,
             share,
-            policy: policy.code(),
+            policy,
             last_active_ns,
-            launches: 0,
-            throttled_ns: 0,
+            period_ns: PERIOD_NS,
         }
     }
     const MS: u64 = 1_000_000;
     const PERIOD_NS: u64 = 50 * MS;
+    use CorePolicy::{Default, Force};
 
     #[test]
     fn force_alone_gets_its_share() {
-        let es = [e(0, 30, CorePolicy::Force, 0)];
         assert_eq!(
-            plan(&es, 0, CorePolicy::Force, 0, PERIOD_NS),
+            plan(&[], Some(0), 30, Force, 0, PERIOD_NS),
             Plan::Window {
                 offset_ns: 0,
                 len_ns: 15 * MS
             }
+        );
+        assert_eq!(
+            plan(&[], None, 30, Force, 0, PERIOD_NS),
+            Plan::Window {
+                offset_ns: 0,
+                len_ns: 15 * MS
+            },
+            "outside the table too"
         );
     }
 
     #[test]
     fn default_alone_runs_free_until_someone_wants_the_card() {
         let now = 10_000 * MS;
-        let mut es = vec![
-            e(0, 30, CorePolicy::Default, now),
-            e(1, 50, CorePolicy::Force, now - 5_000 * MS),
-        ];
+        let mut others = vec![p(1, 50, Force, now - 5_000 * MS)];
         assert_eq!(
-            plan(&es, 0, CorePolicy::Default, now, PERIOD_NS),
+            plan(&others, Some(0), 30, Default, now, PERIOD_NS),
             Plan::Free,
             "the other slice is idle"
         );
-        es[1].last_active_ns = now - MS;
+        others[0].last_active_ns = now - MS;
         assert_eq!(
-            plan(&es, 0, CorePolicy::Default, now, PERIOD_NS),
+            plan(&others, Some(0), 30, Default, now, PERIOD_NS),
             Plan::Window {
                 offset_ns: 0,
                 len_ns: 15 * MS
             }
         );
         assert_eq!(
-            plan(&es, 1, CorePolicy::Force, now, PERIOD_NS),
+            plan(
+                &[p(0, 30, Default, now)],
+                Some(1),
+                50,
+                Force,
+                now,
+                PERIOD_NS
+            ),
             Plan::Window {
                 offset_ns: 15 * MS,
                 len_ns: 25 * MS
@@ -116,32 +127,47 @@ mod tests {
 
     #[test]
     fn windows_never_overlap_and_fit_the_period() {
-        let es: Vec<Entry> = [40, 50, 30]
-            .iter()
-            .enumerate()
-            .map(|(i, s)| e(i, *s, CorePolicy::Force, 0))
-            .collect();
+        let shares = [40, 50, 10];
         let ws: Vec<(u64, u64)> = (0..3)
-            .map(|i| match plan(&es, i, CorePolicy::Force, 0, PERIOD_NS) {
-                Plan::Window { offset_ns, len_ns } => (offset_ns, len_ns),
-                Plan::Free => panic!("paced"),
+            .map(|me| {
+                let others: Vec<Peer> = (0..3)
+                    .filter(|&i| i != me)
+                    .map(|i| p(i, shares[i], Force, 0))
+                    .collect();
+                match plan(&others, Some(me), shares[me], Force, 0, PERIOD_NS) {
+                    Plan::Window { offset_ns, len_ns } => (offset_ns, len_ns),
+                    Plan::Free => panic!("paced"),
+                }
             })
             .collect();
         for w in ws.windows(2) {
-            assert!(w[0].0 + w[0].1 <= w[1].0);
+            assert!(w[0].0 + w[0].1 <= w[1].0, "{ws:?}");
         }
-        let last = ws[2];
-        assert!(last.0 + last.1 <= PERIOD_NS);
+        assert_eq!(ws[2].0 + ws[2].1, PERIOD_NS);
     }
 
+    /// Claims before this slice can move its window but never shorten it: 30% is 30% whatever the table says.
     #[test]
-    fn uncapped_neighbours_take_no_window() {
-        let es = [
-            e(0, 0, CorePolicy::Default, 0),
-            e(1, 30, CorePolicy::Force, 0),
-        ];
+    fn others_claims_never_shorten_the_window() {
+        let liars: Vec<Peer> = (0..63).map(|i| p(i, 99, Force, 0)).collect();
         assert_eq!(
-            plan(&es, 1, CorePolicy::Force, 0, PERIOD_NS),
+            plan(&liars, Some(63), 30, Force, 0, PERIOD_NS),
+            Plan::Window {
+                offset_ns: 35 * MS,
+                len_ns: 15 * MS
+            }
+        );
+        assert_eq!(
+            plan(&liars, None, 30, Force, 0, PERIOD_NS),
+            Plan::Window {
+                offset_ns: 35 * MS,
+                len_ns: 15 * MS
+            }
+        );
+        // Liars after this slice do not move it at all.
+        let after: Vec<Peer> = (1..64).map(|i| p(i, 99, Force, 0)).collect();
+        assert_eq!(
+            plan(&after, Some(0), 30, Force, 0, PERIOD_NS),
             Plan::Window {
                 offset_ns: 0,
                 len_ns: 15 * MS

@@ -2,6 +2,7 @@
 //! the process table the events are attributed through.
 
 pub mod decode;
+pub mod libcuda_id;
 pub mod pins;
 pub mod probes;
 pub mod procs;

@@ -350,22 +350,6 @@ pub fn parse_event(bytes: &[u8]) -> Option<CallEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const CallEvent) })
 }
 
-/// libcuda files of the host driver, in the places drivers and container toolkits install them.
-pub fn host_libcuda_candidates() -> Vec<PathBuf> {
-    [
-        "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
-        "/usr/lib64/libcuda.so.1",
-        "/usr/lib/libcuda.so.1",
-        "/usr/local/nvidia/lib64/libcuda.so.1",
-        "/usr/local/cuda/compat/libcuda.so.1",
-        "/usr/lib/aarch64-linux-gnu/libcuda.so.1",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .filter(|p| p.exists())
-    .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

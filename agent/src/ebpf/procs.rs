@@ -1,8 +1,9 @@
 //! The host's processes as the agent needs them: start time (to tell a reused pid), pid namespace and the
-//! pid inside it (cache-file slots hold container pids), cgroup, and which libcuda files each one maps.
+//! pid inside it (cache-file slots hold container pids) and cgroup. Which libcuda a process maps is
+//! [`crate::ebpf::libcuda_id`]'s.
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 
 use vgpu_contract::cache_layout::process_start_time;
 
@@ -106,26 +107,6 @@ impl ProcTable {
     }
 }
 
-/// Every file a process maps whose name starts with "libcuda.so", as a path that reaches it from the host
-/// (through /proc/PID/root, so a container's own copy is found in its mount namespace).
-pub fn mapped_libcuda(proc_root: &Path, pid: u32) -> Vec<PathBuf> {
-    let Ok(maps) = std::fs::read_to_string(proc_root.join(format!("{pid}/maps"))) else {
-        return vec![];
-    };
-    let mut seen = HashSet::new();
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| {
-            Path::new(p)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libcuda.so"))
-        })
-        .filter(|p| seen.insert(p.to_string()))
-        .map(|p| proc_root.join(format!("{pid}/root{p}")))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,23 +138,5 @@ mod tests {
             None,
             "another namespace's pid is another process"
         );
-    }
-
-    #[test]
-    fn maps_find_libcuda_through_proc_root() {
-        let d = std::env::temp_dir().join(format!("vgpu-maps-{}", std::process::id()));
-        std::fs::create_dir_all(d.join("42")).unwrap();
-        std::fs::write(
-            d.join("42/maps"),
-            "7f00-7f10 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libcuda.so.580.1\n\
-             7f10-7f20 r--p 00010000 08:01 123 /usr/lib/x86_64-linux-gnu/libcuda.so.580.1\n\
-             7f20-7f30 r-xp 00000000 08:01 124 /usr/lib/libc.so.6\n",
-        )
-        .unwrap();
-        assert_eq!(
-            mapped_libcuda(&d, 42),
-            vec![d.join("42/root/usr/lib/x86_64-linux-gnu/libcuda.so.580.1")]
-        );
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }

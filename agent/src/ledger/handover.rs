@@ -31,6 +31,9 @@ pub struct Saved {
     /// The agent kept a journal (so after a crash, this plus the journal is everything it applied).
     #[serde(default)]
     journal: bool,
+    /// The containers' bindings (Allocate's and exec's): a restarted agent enforces the same limits.
+    #[serde(default)]
+    bindings: crate::ledger::bindings::Bindings,
 }
 
 /// What the previous agent left, read before this one loads its probes.
@@ -87,6 +90,7 @@ impl Predecessor {
                     !self.seamless(),
                 );
                 state.seq = saved.seq;
+                state.bindings = saved.bindings.clone();
                 let journaled = crate::ledger::journal::read(&journal_path, saved.seq);
                 for e in &journaled {
                     state.replay(e);
@@ -248,6 +252,7 @@ pub fn save(state: &mut State, path: &Path, holder: Option<(u32, u64)>, clean: b
         clean,
         seq: state.seq,
         journal: state.journal.is_some(),
+        bindings: state.bindings.clone(),
     })
     .unwrap_or_default();
     if let Some(d) = path.parent() {
@@ -299,6 +304,7 @@ mod tests {
             clean: true,
             seq: 5,
             journal: true,
+            bindings: Default::default(),
         })
         .unwrap();
         let back: Saved = serde_json::from_str(&text).unwrap();

@@ -1,5 +1,6 @@
-//! The agent's view of the node: per-process memory from the uprobes, the mirrored cache files, NVML; the
-//! checks (over the limit, disagreeing with the cache file) and what the policy does about them.
+//! The agent's view of the node: per-process memory from the uprobes, the containers' bindings (their limits),
+//! the cache files as read, NVML; the checks (over the limit, disagreeing with the cache file) and what the
+//! policy does about them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -10,8 +11,10 @@ use vgpu_agent_ebpf_common::CallEvent;
 use crate::ebpf::decode::{decode, Call};
 use crate::ebpf::procs::ProcTable;
 use crate::gpus::GpuSample;
+use crate::ledger::bind_socket::Op;
+use crate::ledger::bindings::{Binding, Bindings};
 use crate::ledger::book::Ledger;
-use crate::ledger::caches::{CacheFile, Mirror};
+use crate::ledger::caches::{CacheFile, Mirror, Slot, Snapshot};
 use crate::ledger::cgroups::{container_of, CgroupIds};
 use crate::observe::report::{ContainerReport, KillRecord, PidReport, Report};
 
@@ -33,6 +36,9 @@ pub struct State {
     pub policy: Policy,
     pub ledger: Ledger,
     pub cgroups: CgroupIds,
+    pub cgroup_root: PathBuf,
+    /// The only source of a container's limits and of its cache file (see [`crate::ledger::bindings`]).
+    pub bindings: Bindings,
     pub mirror: Mirror,
     pub procs: ProcTable,
     pub gpus: Vec<GpuSample>,
@@ -42,6 +48,9 @@ pub struct State {
     pub violations: u64,
     pub kills: Vec<KillRecord>,
     pub libcuda_files: Vec<String>,
+    /// Processes mapping a libcuda that is not the host driver's file (its path as they see it): their calls
+    /// are not probed, so their memory is taken from NVML.
+    pub private_libcuda: HashMap<u32, String>,
     pub launch_probes: bool,
     pub dirty: bool,
     /// Number of the last call applied (the journal numbers its entries with it).
@@ -73,7 +82,9 @@ impl State {
         Self {
             policy,
             ledger: Ledger::default(),
-            cgroups: CgroupIds::new(cgroup_root),
+            cgroups: CgroupIds::new(cgroup_root.clone()),
+            cgroup_root,
+            bindings: Bindings::default(),
             mirror: Mirror::new(cache_dir),
             procs: ProcTable::default(),
             gpus: vec![],
@@ -83,6 +94,7 @@ impl State {
             violations: 0,
             kills: vec![],
             libcuda_files: vec![],
+            private_libcuda: HashMap::new(),
             launch_probes: false,
             dirty: false,
             seq: 0,
@@ -194,46 +206,147 @@ impl State {
         self.journal_pending.clear();
     }
 
-    fn file_for(&self, cgroup: &str) -> Option<&CacheFile> {
-        let pod = container_of(cgroup).pod_uid;
-        self.mirror.for_cgroup(cgroup, pod.as_deref())
+    /// Binds a container (the node side, after the kubelet's record confirmed it; root's word). Its limit
+    /// applies from now on, also to what its processes already hold.
+    pub fn bind_container(&mut self, b: Binding) -> Result<(), String> {
+        let cgroup = b.cgroup.clone();
+        self.bindings.bind(b)?;
+        self.dirty = true;
+        self.check_limit(&cgroup, None);
+        Ok(())
     }
 
-    /// (tgid, bytes the uprobes saw, bytes its cache slot charges minus its context) per process of `cgroup`.
+    /// Forgets the binding of `cgroup` (the node side: the container is gone).
+    #[allow(dead_code)] // the node side (agent/src/node/) calls it; standalone has only the bind socket
+    pub fn unbind(&mut self, cgroup: &str) -> Result<Option<Binding>, String> {
+        let b = self.bindings.unbind(cgroup, 0)?;
+        self.dirty = true;
+        Ok(b)
+    }
+
+    /// A request from the bind socket, its peer already authorized for the paths it names.
+    pub fn apply_bind_op(&mut self, op: Op) -> Result<(), String> {
+        match op {
+            Op::Bind(b) => self.bind_container(b),
+            Op::Unbind { cgroup, uid } => {
+                self.bindings.unbind(&cgroup, uid)?;
+                self.over.remove(&cgroup);
+                self.dirty = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// The cache files to read besides those under the cache directory: the bound ones.
+    pub fn bound_cache_files(&self) -> Vec<PathBuf> {
+        self.bindings.iter().map(|b| b.cache_path.clone()).collect()
+    }
+
+    /// The cache file of the container in `cgroup`: only the one its binding names.
+    /// The host pid of a slot, only when the file is bound and that process is in the bound cgroup: a slot
+    /// in a tenant's file naming another container's process says nothing about it.
+    fn slot_pid(&self, f: &CacheFile, s: &Slot) -> Option<u32> {
+        let pid = s.host_pid?;
+        let cgroup = f.cgroup.as_deref()?;
+        (self.procs.by_pid.get(&pid)?.cgroup == cgroup).then_some(pid)
+    }
+
+    fn file_for(&self, cgroup: &str) -> Option<&CacheFile> {
+        self.mirror.get(&self.bindings.get(cgroup)?.cache_path)
+    }
+
+    fn bound_map(&self) -> BTreeMap<PathBuf, String> {
+        self.bindings
+            .iter()
+            .map(|b| (b.cache_path.clone(), b.cgroup.clone()))
+            .collect()
+    }
+
+    /// Takes in the cache files read (outside the lock) by [`crate::ledger::caches::collect`].
+    pub fn take_cache_reads(&mut self, reads: Vec<(PathBuf, Result<Snapshot, String>)>) {
+        let bound = self.bound_map();
+        self.mirror.apply(reads, &self.procs, &bound);
+    }
+
+    /// Records which processes map a private libcuda, flagging each newcomer once.
+    pub fn set_private_libcuda(&mut self, private: HashMap<u32, String>) {
+        for (pid, path) in &private {
+            if !self.private_libcuda.contains_key(pid) {
+                tracing::warn!(
+                    "pid {pid} maps {path}, a libcuda that is not the host driver's: its calls are not probed; \
+                     its memory is taken from NVML"
+                );
+            }
+        }
+        self.private_libcuda = private;
+    }
+
+    /// The start time the agent knows `pid` by (the ledger's, else the process table's), 0 if neither.
+    fn start_of(&self, pid: u32) -> u64 {
+        self.ledger
+            .procs
+            .get(&pid)
+            .map(|p| p.start_time)
+            .or_else(|| self.procs.by_pid.get(&pid).map(|p| p.start_time))
+            .unwrap_or(0)
+    }
+
+    fn nvml_bytes(&self, pid: u32) -> u64 {
+        self.gpus
+            .iter()
+            .flat_map(|g| g.processes.iter())
+            .filter(|(p, _)| *p == pid)
+            .fold(0u64, |a, (_, b)| a.saturating_add(*b))
+    }
+
+    /// (tgid, bytes held, bytes its cache slot charges minus its context) per process of `cgroup`: held is
+    /// what the uprobes saw, or for a process on a private libcuda (whose calls are not probed) what NVML
+    /// says it holds, whichever is more.
     fn members(&self, cgroup: &str) -> Vec<(u32, u64, u64)> {
         let file = self.file_for(cgroup);
-        self.ledger
+        let charged_of = |t: u32| {
+            file.and_then(|f| f.slots.iter().find(|s| self.slot_pid(f, s) == Some(t)))
+                .map_or(0, |s| s.charged.saturating_sub(s.view.context_bytes))
+        };
+        let mut out: Vec<(u32, u64, u64)> = self
+            .ledger
             .procs
             .iter()
             .filter(|(t, _)| self.pid_cgroup.get(t).map(String::as_str) == Some(cgroup))
             .map(|(t, p)| {
-                let charged = file
-                    .and_then(|f| f.slots.iter().find(|s| s.host_pid == Some(*t)))
-                    .map_or(0, |s| s.charged.saturating_sub(s.view.context_bytes));
+                let charged = charged_of(*t);
                 // Older than the probes: what its cache slot charges is the better floor.
-                let seen = if p.partial {
+                let mut seen = if p.partial {
                     p.total.max(charged)
                 } else {
                     p.total
                 };
+                if self.private_libcuda.contains_key(t) {
+                    seen = seen.max(self.nvml_bytes(*t));
+                }
                 (*t, seen, charged)
             })
-            .collect()
+            .collect();
+        for pid in self.private_libcuda.keys() {
+            let in_cgroup = self.procs.by_pid.get(pid).map(|p| p.cgroup.as_str()) == Some(cgroup);
+            if in_cgroup && !self.ledger.procs.contains_key(pid) {
+                out.push((*pid, self.nvml_bytes(*pid), charged_of(*pid)));
+            }
+        }
+        out
     }
 
     /// Over the limit: log and count once per crossing; under enforce, kill the processes that account for
     /// the excess, those the cache file does not know about first.
     pub fn check_limit(&mut self, cgroup: &str, event_ts: Option<u64>) {
-        let Some(limit) = self
-            .file_for(cgroup)
-            .map(CacheFile::limit)
-            .filter(|l| *l > 0)
-        else {
+        // A container without a binding has no limit the agent trusts: shown, never killed.
+        let Some(limit) = self.bindings.get(cgroup).and_then(Binding::memory_limit) else {
+            self.over.remove(cgroup);
             return;
         };
         let mut members = self.members(cgroup);
         members.retain(|(t, _, _)| {
-            let start = self.ledger.procs.get(t).map_or(0, |p| p.start_time);
+            let start = self.start_of(*t);
             !self.killed.contains(&(*t, start))
         });
         let mut total: u64 = members.iter().map(|m| m.1).sum();
@@ -261,7 +374,7 @@ impl State {
             if total <= limit {
                 break;
             }
-            let start = self.ledger.procs.get(&tgid).map_or(0, |p| p.start_time);
+            let start = self.start_of(tgid);
             // Never signal a pid that now names another process.
             if vgpu_contract::cache_layout::process_start_time(tgid) != Some(start) {
                 continue;
@@ -289,8 +402,13 @@ impl State {
         }
     }
 
-    /// The periodic pass: drop exited processes, reclaim dead slots, check every container.
-    pub fn sweep(&mut self, procs: ProcTable, launches: Option<HashMap<u32, u64>>) -> Vec<u32> {
+    /// The periodic pass: drop exited processes, take in the cache files read, check every container.
+    pub fn sweep(
+        &mut self,
+        procs: ProcTable,
+        launches: Option<HashMap<u32, u64>>,
+        reads: Vec<(PathBuf, Result<Snapshot, String>)>,
+    ) -> Vec<u32> {
         self.procs = procs;
         let dead = self.ledger.drop_dead(|t, s| self.procs.alive(t, s));
         for t in &dead {
@@ -302,8 +420,12 @@ impl State {
         if !dead.is_empty() {
             self.dirty = true;
         }
-        self.mirror.rescan();
-        self.mirror.sweep(&self.procs);
+        for c in self.bindings.drop_vanished(&self.cgroup_root) {
+            tracing::info!("unbound {c}: its cgroup is gone");
+            self.over.remove(&c);
+            self.dirty = true;
+        }
+        self.take_cache_reads(reads);
         self.note_kernels(launches.as_ref(), unix_us());
         if let Some(counts) = launches {
             let now = Instant::now();
@@ -319,7 +441,8 @@ impl State {
             }
             self.last_launch_sample = Some(now);
         }
-        let cgroups: HashSet<String> = self.pid_cgroup.values().cloned().collect();
+        let mut cgroups: HashSet<String> = self.pid_cgroup.values().cloned().collect();
+        cgroups.extend(self.bindings.iter().map(|b| b.cgroup.clone()));
         for c in &cgroups {
             self.check_limit(c, None);
         }
@@ -344,10 +467,16 @@ impl State {
                 }
             }
         }
-        for s in self.mirror.files.values().flat_map(|f| f.slots.iter()) {
-            let Some(pid) = s.host_pid else { continue };
-            let prev = self.slot_launches.insert(pid, s.view.launches);
-            if prev.is_some_and(|p| s.view.launches > p) {
+        let slots: Vec<(u32, u64)> = self
+            .mirror
+            .files
+            .values()
+            .flat_map(|f| f.slots.iter().map(move |s| (f, s)))
+            .filter_map(|(f, s)| Some((self.slot_pid(f, s)?, s.view.launches)))
+            .collect();
+        for (pid, launches) in slots {
+            let prev = self.slot_launches.insert(pid, launches);
+            if prev.is_some_and(|p| launches > p) {
                 seen.push((pid, now_us));
             }
         }
@@ -381,18 +510,32 @@ impl State {
         let mut warnings: HashMap<String, Vec<String>> = HashMap::new();
         let mut streaks = HashMap::new();
         for c in cgroups {
-            let Some(file) = self.file_for(c) else {
+            let mut w = vec![];
+            let file = self.file_for(c);
+            if let (Some(b), Some(f)) = (self.bindings.get(c), file) {
+                if let Some(e) = &f.error {
+                    w.push(format!(
+                        "cache file {}: {e}; the binding's limit ({}) still holds",
+                        f.path.display(),
+                        b.memory_limit()
+                            .map_or("none".into(), |l| format!("{} MiB", l >> 20))
+                    ));
+                }
+                if f.error.is_none() && !header_agrees(&f.header_now.memory_limits, b) {
+                    w.push(format!(
+                        "cache file {} header says limits {}, the binding {}; the binding's hold",
+                        f.path.display(),
+                        limits_text(&f.header_now.memory_limits),
+                        binding_limits_text(b)
+                    ));
+                }
+            }
+            let Some(file) = file else {
+                if !w.is_empty() {
+                    warnings.insert(c.clone(), w);
+                }
                 continue;
             };
-            let mut w = vec![];
-            if file.header_tampered() {
-                w.push(format!(
-                    "cache file {} header changed since first seen (limits {} -> {}); holding the first",
-                    file.path.display(),
-                    limits_text(&file.first_header.memory_limits),
-                    limits_text(&file.header_now.memory_limits)
-                ));
-            }
             let file_pids: HashMap<u32, (u64, u64)> = file
                 .slots
                 .iter()
@@ -508,14 +651,24 @@ impl State {
                 .unwrap_or_else(|| f.path.display().to_string());
             let c = get(&mut reports, &key);
             c.cache_file = Some(f.path.display().to_string());
-            c.limit_bytes = f.limit();
-            c.sm_limit = f.first_header.sm_limit;
+            c.header_limit_bytes = f.limit();
             c.container_name = f.container_name.clone();
             c.pod_uid = c.pod_uid.clone().or(f.pod_uid.clone());
+            if f.cgroup.is_none() {
+                c.warnings.push(
+                    "no binding: shown only; nothing in this file is enforced or causes a kill"
+                        .into(),
+                );
+            }
             for s in &f.slots {
-                c.charged_bytes += s.charged;
-                c.throttled_ms += s.view.throttled_ns / 1_000_000;
-                let Some(hp) = s.host_pid else { continue };
+                // Tenant-written numbers: saturate, never overflow.
+                c.charged_bytes = c.charged_bytes.saturating_add(s.charged);
+                c.throttled_ms = c
+                    .throttled_ms
+                    .saturating_add(s.view.throttled_ns / 1_000_000);
+                let Some(hp) = self.slot_pid(f, s) else {
+                    continue;
+                };
                 pid_container.insert(hp, key.clone());
                 let p = by_pid.entry(hp).or_insert_with(|| PidReport {
                     pid: hp,
@@ -526,9 +679,18 @@ impl State {
                 p.charged_bytes = Some(s.charged);
                 p.context_bytes = s.view.context_bytes;
             }
-            if f.header_tampered() && f.cgroup.is_none() {
-                c.warnings
-                    .push("cache file header changed since first seen".into());
+        }
+        for b in self.bindings.iter() {
+            let c = get(&mut reports, &b.cgroup);
+            c.bound = true;
+            c.limit_bytes = b.memory_limit().unwrap_or(0);
+            c.sm_limit = b.sm_limit;
+            c.cache_file = Some(b.cache_path.display().to_string());
+            if let Some(p) = &b.pod {
+                c.namespace = Some(p.namespace.clone());
+                c.pod_name = Some(p.name.clone());
+                c.pod_uid = Some(p.uid.clone());
+                c.container_name = Some(p.container.clone());
             }
         }
         // NVML-only processes (neither probed nor in a cache file) still belong to their container.
@@ -547,6 +709,34 @@ impl State {
                     );
                 }
             }
+        }
+        let mut private_warnings: Vec<(String, String)> = vec![];
+        for (pid, path) in &self.private_libcuda {
+            let Some(proc_) = self.procs.by_pid.get(pid) else {
+                continue;
+            };
+            let key = pid_container
+                .entry(*pid)
+                .or_insert_with(|| proc_.cgroup.clone())
+                .clone();
+            by_pid
+                .entry(*pid)
+                .or_insert_with(|| PidReport {
+                    pid: *pid,
+                    nvml_bytes: nvml_of.get(pid).copied().unwrap_or(0),
+                    ..Default::default()
+                })
+                .private_libcuda = true;
+            private_warnings.push((
+                key,
+                format!(
+                    "pid {pid} maps {path}, not the host driver's libcuda: its calls are not probed, its memory \
+                     is counted from NVML"
+                ),
+            ));
+        }
+        for (key, w) in private_warnings {
+            get(&mut reports, &key).warnings.push(w);
         }
         for (pid, p) in by_pid {
             let key = pid_container.get(&pid).cloned().unwrap_or_default();
@@ -596,6 +786,23 @@ pub fn unix_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Whether a header's limits say what the binding says for every device the binding limits.
+fn header_agrees(header: &[u64], b: &Binding) -> bool {
+    b.memory_limits
+        .iter()
+        .all(|(d, l)| header.get(*d as usize).is_some_and(|h| h == l))
+}
+
+fn binding_limits_text(b: &Binding) -> String {
+    let mut l = [0u64; vgpu_contract::cache_layout::MAX_DEVICES];
+    for (d, v) in &b.memory_limits {
+        if let Some(x) = l.get_mut(*d as usize) {
+            *x = *v;
+        }
+    }
+    limits_text(&l)
 }
 
 /// The non-zero per-device limits, in MiB, for messages.
@@ -686,5 +893,107 @@ mod tests {
         s.note_kernels(None, 9_000);
         assert!(!s.last_kernel.contains_key(&10));
         assert_eq!(s.gone_last_kernel.get("/a"), Some(&1_000));
+    }
+    fn my_cgroup() -> String {
+        ProcTable::scan().by_pid[&std::process::id()].cgroup.clone()
+    }
+
+    /// Makes the ledger hold `bytes` for this test process, as the uprobes would.
+    fn holds(s: &mut State, bytes: u64) {
+        let me = std::process::id();
+        s.replay(&crate::ledger::journal::Entry {
+            seq: 1,
+            tgid: me,
+            start: vgpu_contract::cache_layout::process_start_time(me).unwrap(),
+            cgroup_id: 0,
+            call: Call::Alloc {
+                space: crate::ebpf::decode::Space::DevicePtr,
+                handle: 0x1000,
+                bytes,
+            },
+        });
+    }
+
+    #[test]
+    fn only_a_binding_sets_a_limit_and_a_deleted_file_keeps_it() {
+        use vgpu_contract::cache_layout::{CacheRegion, HeaderInfo};
+        let dir = std::env::temp_dir().join(format!("vgpu-state-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("planted")).unwrap();
+        let cg = my_cgroup();
+        // A tenant plants a cache file claiming 1 MiB, and a `cgroup` file naming this process's cgroup.
+        let mut info = HeaderInfo::default();
+        info.memory_limits[0] = 1 << 20;
+        let planted = dir.join("planted/x.cache");
+        let r = CacheRegion::open_or_create(&planted, &info).unwrap();
+        // Its slot names this (other container's) process and charges u64::MAX twice.
+        let me = std::process::id();
+        let slot = r
+            .claim(
+                me,
+                vgpu_contract::cache_layout::process_start_time(me).unwrap(),
+                vgpu_contract::cache_layout::own_pid_namespace(),
+            )
+            .unwrap();
+        r.try_charge(slot, 0, u64::MAX, None).unwrap();
+        r.try_charge(slot, 1, u64::MAX, None).unwrap();
+        drop(r);
+        std::fs::write(dir.join("planted/cgroup"), &cg).unwrap();
+        let mut s = State::new(Policy::Report, dir.clone(), "/sys/fs/cgroup".into());
+        s.procs = ProcTable::scan();
+        holds(&mut s, 64 << 20);
+        let sweep = |s: &mut State| {
+            let reads = crate::ledger::caches::collect(&dir, &s.bound_cache_files());
+            s.sweep(ProcTable::scan(), None, reads);
+        };
+        sweep(&mut s);
+        assert_eq!(s.violations, 0, "the planted file sets no limit");
+        let r = s.report();
+        let shown = r
+            .containers
+            .iter()
+            .find(|c| c.cache_file.as_deref() == Some(planted.to_str().unwrap()))
+            .unwrap();
+        assert!(!shown.bound && shown.header_limit_bytes == 1 << 20);
+        assert!(shown.warnings[0].starts_with("no binding"), "{shown:?}");
+        assert_eq!(shown.charged_bytes, u64::MAX, "saturated, not wrapped");
+        assert!(
+            shown.pids.is_empty(),
+            "a planted slot does not move another container's process: {shown:?}"
+        );
+        let mine = r.containers.iter().find(|c| c.key == cg).unwrap();
+        assert!(mine
+            .pids
+            .iter()
+            .any(|p| p.pid == me && p.charged_bytes.is_none()));
+
+        let own = dir.join("own.cache");
+        info.memory_limits[0] = 32 << 20;
+        drop(CacheRegion::open_or_create(&own, &info).unwrap());
+        s.bind_container(Binding {
+            cgroup: cg.clone(),
+            cache_path: own.clone(),
+            memory_limits: [(0, 32 << 20)].into(),
+            sm_limit: 0,
+            policy: "default".into(),
+            source: crate::ledger::bindings::Source::Allocate,
+            pod: None,
+        })
+        .unwrap();
+        assert_eq!(s.violations, 1, "bound at 32 MiB while holding 64 MiB");
+        // The tenant deletes its cache file: the binding and its limit stay.
+        std::fs::remove_file(&own).unwrap();
+        sweep(&mut s);
+        sweep(&mut s);
+        let r = s.report();
+        let c = r.containers.iter().find(|c| c.key == cg).unwrap();
+        assert!(c.over_limit && c.limit_bytes == 32 << 20, "{c:?}");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("deleted; the binding's limit (32 MiB) still holds")),
+            "{c:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,5 +1,9 @@
 //! Prometheus text exposition from a status snapshot: HAMi's names (legacy and current node-monitor ones) so
 //! existing dashboards keep working, and vgpu's own beside them. Documented in docs/agent.md.
+//!
+//! By default nothing per-tenant-sensitive is served: containers are named by HAMi's labels (namespace, pod,
+//! container, vdevice_index, device_uuid), and a container without Kubernetes names by an opaque hash of its
+//! cgroup. Pids, cgroup paths and cache file paths only with `--metrics-detail` (docs/security.md).
 
 use std::fmt::Write;
 
@@ -48,38 +52,64 @@ enum Labels {
     Legacy,
     /// HAMi's current node-monitor labels.
     Current,
-    /// vgpu's own: what the agent knows off Kubernetes too.
+    /// vgpu's own: HAMi's current labels, plus (with detail) the cgroup and cache file.
     Ours,
 }
 
-fn container_labels(set: Labels, c: &ContainerReport, uuid: &str) -> Vec<(&'static str, String)> {
-    let pod = c.pod_uid.clone().unwrap_or_default();
-    let name = c.container_name.clone().unwrap_or_else(|| c.key.clone());
+/// A stable name for a container that reveals nothing of its cgroup or files (FNV-1a of the key).
+fn opaque(key: &str) -> String {
+    let h = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    format!("ctr-{:012x}", h >> 16)
+}
+
+fn container_labels(
+    set: Labels,
+    c: &ContainerReport,
+    uuid: &str,
+    detail: bool,
+) -> Vec<(&'static str, String)> {
+    let ns = c.namespace.clone().unwrap_or_default();
+    let pod = c
+        .pod_name
+        .clone()
+        .or_else(|| c.pod_uid.clone())
+        .unwrap_or_default();
+    let name = c.container_name.clone().unwrap_or_else(|| {
+        if detail {
+            c.key.clone()
+        } else {
+            opaque(&c.key)
+        }
+    });
     match set {
         Labels::Legacy => vec![
-            ("podnamespace", String::new()),
+            ("podnamespace", ns),
             ("podname", pod),
             ("ctrname", name),
             ("vdeviceid", "0".into()),
             ("deviceuuid", uuid.into()),
         ],
-        Labels::Current => vec![
-            ("namespace", String::new()),
-            ("pod", pod),
-            ("container", name),
-            ("vdevice_index", "0".into()),
-            ("device_uuid", uuid.into()),
-        ],
-        Labels::Ours => vec![
-            ("cgroup", c.cgroup.clone().unwrap_or_default()),
-            ("pod_uid", pod),
-            ("container", c.container_name.clone().unwrap_or_default()),
-            ("cache_file", c.cache_file.clone().unwrap_or_default()),
-        ],
+        Labels::Current | Labels::Ours => {
+            let mut l = vec![
+                ("namespace", ns),
+                ("pod", pod),
+                ("container", name),
+                ("vdevice_index", "0".into()),
+                ("device_uuid", uuid.into()),
+            ];
+            if detail && matches!(set, Labels::Ours) {
+                l.push(("cgroup", c.cgroup.clone().unwrap_or_default()));
+                l.push(("cache_file", c.cache_file.clone().unwrap_or_default()));
+            }
+            l
+        }
     }
 }
 
-pub fn render(r: &Report) -> String {
+/// The exposition; `detail` adds per-tenant detail (pids, cgroup paths, cache file paths).
+pub fn render(r: &Report, detail: bool) -> String {
     let mut o = Out(String::new());
     let gpu_families: [GpuFamily; 5] = [
         (
@@ -230,17 +260,19 @@ pub fn render(r: &Report) -> String {
         o.family(name, "gauge", help);
         for c in &r.containers {
             let Some(v) = value(c) else { continue };
-            let l = container_labels(set, c, &uuid);
+            let l = container_labels(set, c, &uuid, detail);
             let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
             o.sample(name, &l, v);
         }
     }
-    o.family(
-        "vgpu_process_ebpf_memory_bytes",
-        "gauge",
-        "device memory the uprobes saw a process hold (bytes)",
-    );
-    for c in &r.containers {
+    if detail {
+        o.family(
+            "vgpu_process_ebpf_memory_bytes",
+            "gauge",
+            "device memory the uprobes saw a process hold (bytes)",
+        );
+    }
+    for c in r.containers.iter().filter(|_| detail) {
         for p in &c.pids {
             let pid = p.pid.to_string();
             o.sample(
@@ -273,9 +305,9 @@ pub fn render(r: &Report) -> String {
                 a.kills.len() as f64,
             ),
             (
-                "vgpu_agent_reclaimed_bytes_total",
-                "bytes reclaimed from dead processes' cache slots",
-                a.reclaimed_bytes as f64,
+                "vgpu_agent_dead_slot_bytes_total",
+                "bytes found charged in cache slots of exited processes (the shim reclaims them)",
+                a.dead_slot_bytes as f64,
             ),
         ];
         for (n, h, v) in counters {
@@ -308,7 +340,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let text = render(&r);
+        let text = render(&r, true);
         let line = text
             .lines()
             .find(|l| l.starts_with("hami_container_device_utilization_ratio{"))
@@ -334,7 +366,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let text = render(&r);
+        let text = render(&r, true);
         let lines: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("hami_container_last_kernel_elapsed_seconds{"))
@@ -343,5 +375,50 @@ mod tests {
         assert!(lines[0].contains("container=\"/ran\""), "{}", lines[0]);
         let v: f64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
         assert!((2.4..3.5).contains(&v), "{v}");
+    }
+
+    #[test]
+    fn without_detail_no_pid_cgroup_or_path_is_served() {
+        let r = Report {
+            containers: vec![
+                ContainerReport {
+                    key: "/vgpu-exec/1000/secret-slice".into(),
+                    cgroup: Some("/vgpu-exec/1000/secret-slice".into()),
+                    cache_file: Some("/run/user/1000/vgpu/secret.cache".into()),
+                    limit_bytes: 4000 << 20,
+                    pids: vec![crate::observe::report::PidReport {
+                        pid: 4242,
+                        ebpf_bytes: 1 << 20,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                ContainerReport {
+                    key: "/kubepods/x".into(),
+                    namespace: Some("team-a".into()),
+                    pod_name: Some("trainer-0".into()),
+                    container_name: Some("main".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let plain = render(&r, false);
+        for secret in ["secret", "4242", "/vgpu-exec", "/run/user", "/kubepods"] {
+            assert!(
+                !plain.contains(secret),
+                "{secret} served without detail:\n{plain}"
+            );
+        }
+        assert!(
+            plain.contains("hami_vgpu_memory_limit_bytes{namespace=\"\",pod=\"\",container=\"ctr-")
+        );
+        assert!(plain.contains("namespace=\"team-a\",pod=\"trainer-0\",container=\"main\""));
+        let detail = render(&r, true);
+        assert!(
+            detail.contains("vgpu_process_ebpf_memory_bytes{pid=\"4242\""),
+            "{detail}"
+        );
+        assert!(detail.contains("cache_file=\"/run/user/1000/vgpu/secret.cache\""));
     }
 }

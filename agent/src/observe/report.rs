@@ -23,7 +23,10 @@ pub struct AgentInfo {
     pub dropped_events: u64,
     pub violations: u64,
     pub kills: Vec<KillRecord>,
-    pub reclaimed_bytes: u64,
+    /// Bytes found charged in cache slots of processes that had exited (each slot once). The agent does not
+    /// write tenant files: the container's shim reclaims such slots on its next refused charge.
+    #[serde(default, alias = "reclaimed_bytes")]
+    pub dead_slot_bytes: u64,
     pub nvml: String,
 }
 
@@ -58,7 +61,19 @@ pub struct ContainerReport {
     pub container_id: Option<String>,
     pub container_name: Option<String>,
     pub cache_file: Option<String>,
+    /// Kubernetes namespace and pod name, when the node side bound the container.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub pod_name: Option<String>,
+    /// Bound by the node side or `exec`: only then is `limit_bytes` enforced.
+    #[serde(default)]
+    pub bound: bool,
+    /// The limit the binding sets (0: none, or no binding).
     pub limit_bytes: u64,
+    /// What the cache file's header claims (informational: the tenant can write it).
+    #[serde(default)]
+    pub header_limit_bytes: u64,
     pub sm_limit: u32,
     pub charged_bytes: u64,
     pub ebpf_bytes: u64,
@@ -87,6 +102,10 @@ pub struct PidReport {
     pub last_kernel_unix_us: Option<u64>,
     /// Older than the agent's probes: allocations made before may be missing from ebpf_bytes.
     pub partial: bool,
+    /// Maps a libcuda that is not the host driver's file: its calls are not probed, so its memory is taken
+    /// from NVML (docs/security.md).
+    #[serde(default)]
+    pub private_libcuda: bool,
 }
 
 pub fn mib(b: u64) -> String {
@@ -141,24 +160,31 @@ pub fn render_text(r: &Report) -> String {
             .iter()
             .map(|p| {
                 format!(
-                    "{}{}{}",
+                    "{}{}{}{}",
                     p.pid,
                     if p.charged_bytes.is_none() {
                         "(no shim)"
                     } else {
                         ""
                     },
-                    if p.partial { "(partial)" } else { "" }
+                    if p.partial { "(partial)" } else { "" },
+                    if p.private_libcuda {
+                        "(private libcuda)"
+                    } else {
+                        ""
+                    }
                 )
             })
             .collect();
         s += &format!(
             "{:<50} {:>9}  {:>7}  {:>7}  {:>7}  {:>5}  {:>3}  {:>8.1}s  {:>11}  {:>8.0}  {}\n",
             name,
-            if c.limit_bytes == 0 {
-                "-".into()
-            } else {
-                mib(c.limit_bytes)
+            match (c.bound, c.limit_bytes, c.header_limit_bytes) {
+                (true, 0, _) => "-".into(),
+                (true, l, _) => mib(l),
+                // Unbound: what the file claims, in parentheses, since nothing enforces it.
+                (false, _, 0) => "(unbound)".into(),
+                (false, _, h) => format!("({})", mib(h)),
             },
             mib(c.charged_bytes),
             mib(c.ebpf_bytes),

@@ -6,6 +6,7 @@ use crate::events;
 use crate::kubeapi::{ClusterApi, PodRef};
 use std::collections::BTreeMap;
 use vgpu_contract::annotations as ann;
+use vgpu_contract::placement_seal;
 
 impl<A: ClusterApi> Extender<A> {
     pub async fn bind(&self, args: ExtenderBindingArgs) -> ExtenderBindingResult {
@@ -44,16 +45,35 @@ impl<A: ClusterApi> Extender<A> {
             (placement.devices.encode(), vgpu_time)
         };
 
-        let annotations = BTreeMap::from([
+        let bind_time = unix_now().to_string();
+        let mut annotations = BTreeMap::from([
             (ann::VGPU_NODE.to_string(), args.node.clone()),
             (ann::VGPU_TIME.to_string(), vgpu_time.to_string()),
-            (ann::DEVICES_TO_ALLOCATE.to_string(), devices),
             (
                 ann::BIND_PHASE.to_string(),
                 ann::BindPhase::Allocating.as_str().to_string(),
             ),
-            (ann::BIND_TIME.to_string(), unix_now().to_string()),
         ]);
+        if let Some(key) = &self.seal_key {
+            let seal = placement_seal::seal(
+                key,
+                &placement_seal::Placement {
+                    pod_uid: &pod.uid,
+                    namespace: &pod.namespace,
+                    name: &pod.name,
+                    node: &args.node,
+                    devices: &devices,
+                    bind_time: &bind_time,
+                },
+            );
+            annotations.insert(placement_seal::SEAL_ANNOTATION.to_string(), seal);
+            annotations.insert(
+                placement_seal::SEALED_DEVICES_ANNOTATION.to_string(),
+                devices.clone(),
+            );
+        }
+        annotations.insert(ann::DEVICES_TO_ALLOCATE.to_string(), devices);
+        annotations.insert(ann::BIND_TIME.to_string(), bind_time);
         let result = match self
             .api
             .annotate_pod(&pod, annotations, Some(&args.node))

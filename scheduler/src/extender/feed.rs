@@ -12,7 +12,10 @@ impl<A: ClusterApi> Extender<A> {
         let name = node.metadata.name.clone().unwrap_or_default();
         let mut st = self.state.lock().unwrap();
         match podspec::node_devices(node) {
-            Ok(Some(devices)) => st.ledger.upsert_node(&name, devices),
+            Ok(Some(devices)) => {
+                st.ledger
+                    .upsert_node_cordoned(&name, devices, podspec::node_cordoned(node))
+            }
             Ok(None) => st.ledger.remove_node(&name),
             Err(e) => {
                 tracing::warn!(node = %name, "ignoring the node's GPUs: {e}");
@@ -44,10 +47,10 @@ impl<A: ClusterApi> Extender<A> {
     /// may still be on its way.
     pub fn pod_applied(&self, pod: &Pod) {
         let uid = podspec::pod_uid(pod);
-        let placement = match podspec::pod_placement(pod) {
+        let placement = match podspec::pod_placement(pod, self.cfg.default_memory) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(pod = %podspec::pod_key(pod), "ignoring unreadable device annotation: {e}");
+                tracing::warn!(pod = %podspec::pod_key(pod), "ignoring the pod's device annotation: {e}");
                 None
             }
         };

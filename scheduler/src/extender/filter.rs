@@ -6,6 +6,7 @@ use crate::events;
 use crate::kubeapi::ClusterApi;
 use crate::placement::ledger::Ledger;
 use crate::placement::reason::{FitReason, NodeMiss};
+use crate::placement::request::CardFilter;
 use crate::podspec;
 use std::time::{Duration, Instant};
 use vgpu_contract::annotations as ann;
@@ -17,6 +18,7 @@ fn unresolvable(miss: &NodeMiss) -> bool {
         matches!(
             r,
             FitReason::CardNotHealth
+                | FitReason::CardCordoned
                 | FitReason::CardTypeMismatch
                 | FitReason::CardUuidMismatch
                 | FitReason::NodeInsufficientDevice
@@ -193,15 +195,20 @@ fn refresh_nodes(ledger: &mut Ledger, list: &NodeList) {
         let Some(name) = n.pointer("/metadata/name").and_then(|v| v.as_str()) else {
             continue;
         };
-        let Some(text) = n
-            .pointer("/metadata/annotations")
-            .and_then(|a| a.get(ann::NODE_REGISTER))
-            .and_then(|v| v.as_str())
-        else {
+        let annotations = n.pointer("/metadata/annotations");
+        let get = |key: &str| {
+            annotations
+                .and_then(|a| a.get(key))
+                .and_then(|v| v.as_str())
+        };
+        let Some(text) = get(ann::NODE_REGISTER) else {
             continue;
         };
+        let cordoned = get(ann::DEVICE_CORDON)
+            .map(|v| CardFilter::list(v, false))
+            .unwrap_or_default();
         match register::decode(text) {
-            Ok(devices) => ledger.upsert_node(name, devices),
+            Ok(devices) => ledger.upsert_node_cordoned(name, devices, cordoned),
             Err(e) => tracing::warn!(node = %name, "ignoring the node's GPUs: {e}"),
         }
     }

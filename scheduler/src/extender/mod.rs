@@ -54,6 +54,9 @@ pub struct Extender<A> {
     /// How long a reservation waits for its bind before it is given back (kube-scheduler may
     /// drop a pod between filter and bind, e.g. when a later plugin rejects it).
     pub reservation_ttl: Duration,
+    /// The key bind seals each placement with, so the node agent's Allocate serves only what
+    /// this scheduler decided. `serve` requires it; without one (tests, simulate) bind writes no seal.
+    seal_key: Option<Arc<[u8]>>,
 }
 
 fn unix_now() -> u64 {
@@ -85,7 +88,13 @@ impl<A: ClusterApi> Extender<A> {
             events,
             readiness: None,
             reservation_ttl: Duration::from_secs(120),
+            seal_key: None,
         }
+    }
+
+    pub fn with_seal_key(mut self, key: Vec<u8>) -> Self {
+        self.seal_key = Some(key.into());
+        self
     }
 
     pub fn with_readiness(mut self, r: Arc<Readiness>) -> Self {

@@ -408,7 +408,7 @@ async fn concurrent_filter_and_bind_never_double_book() {
     let nodes: Vec<String> = (0..3).map(|i| format!("n{i}")).collect();
     for (i, n) in nodes.iter().enumerate() {
         let reg = format!(
-            r#"[{{"id":"GPU-{i}a","count":6,"devmem":16000,"devcore":100,"type":"T4","health":true}},{{"id":"GPU-{i}b","count":6,"devmem":16000,"devcore":100,"type":"T4","health":true}}]"#
+            r#"[{{"id":"GPU-{i}a","count":6,"devmem":16000,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}},{{"id":"GPU-{i}b","count":6,"devmem":16000,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}}]"#
         );
         ext.node_applied(&serde_json::from_value(node_json(n, &reg)).unwrap());
     }
@@ -565,4 +565,157 @@ async fn a_relist_racing_a_bind_keeps_the_new_placement() {
         ext.placement("uid-p").is_none(),
         "once shown, the API's word decides"
     );
+}
+
+#[tokio::test]
+async fn bind_seals_the_placement_in_the_same_patch_and_the_seal_verifies() {
+    use vgpu_contract::placement_seal::{self as ps, Placement};
+    let api = FakeApi::default();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let key = b"0123456789abcdef-test-key".to_vec();
+    let ext = Extender::new(Config::default(), api.clone(), tx).with_seal_key(key.clone());
+    with_lab_node(&ext);
+    filter(
+        &ext,
+        json!({"pod": pod_json("p", "uid-p", mib(4000)), "nodenames": ["hami-workshop"]}),
+    );
+    assert_eq!(
+        bind(&ext, "p", "uid-p", "hami-workshop").await,
+        json!({"Error": ""})
+    );
+    let calls = api.calls.lock().unwrap().clone();
+    let Call::Annotate(_, a, _) = &calls[0] else {
+        panic!("{calls:?}")
+    };
+    let devices = format!("{T4},NVIDIA,4000,0:;");
+    assert_eq!(a[ann::DEVICES_TO_ALLOCATE], devices);
+    assert_eq!(a[ps::SEALED_DEVICES_ANNOTATION], devices);
+    let seal = &a[ps::SEAL_ANNOTATION];
+    let sealed = Placement {
+        pod_uid: "uid-p",
+        namespace: "default",
+        name: "p",
+        node: "hami-workshop",
+        devices: &devices,
+        bind_time: &a[ann::BIND_TIME],
+    };
+    assert!(ps::verify(&key, &sealed, seal));
+    let copied = Placement {
+        pod_uid: "uid-other",
+        ..sealed
+    };
+    assert!(!ps::verify(&key, &copied, seal), "copied to another pod");
+    assert!(
+        !ps::verify(b"another-key-of-16+", &sealed, seal),
+        "other key"
+    );
+}
+
+#[tokio::test]
+async fn without_a_key_bind_writes_no_seal() {
+    let api = FakeApi::default();
+    let (ext, _rx) = new_ext(api.clone());
+    with_lab_node(&ext);
+    filter(
+        &ext,
+        json!({"pod": pod_json("p", "uid-p", mib(4000)), "nodenames": ["hami-workshop"]}),
+    );
+    bind(&ext, "p", "uid-p", "hami-workshop").await;
+    let calls = api.calls.lock().unwrap().clone();
+    let Call::Annotate(_, a, _) = &calls[0] else {
+        panic!("{calls:?}")
+    };
+    assert!(!a.contains_key(vgpu_contract::placement_seal::SEAL_ANNOTATION));
+}
+
+// ---- forged annotations (issue 16 item 6): the book trusts a pod's spec, not its annotations ----
+
+/// A pod on the node, as the watcher reports it: `limits` from its spec, `allocated` as its
+/// `hami.io/vgpu-devices-allocated` says.
+fn running_pod(name: &str, limits: Value, allocated: &str) -> Pod {
+    let mut pod = pod_json(name, &format!("uid-{name}"), limits);
+    pod["metadata"]["annotations"] = json!({
+        "hami.io/vgpu-node": "hami-workshop",
+        "hami.io/bind-phase": "success",
+        "hami.io/vgpu-devices-allocated": allocated,
+    });
+    pod["spec"]["nodeName"] = json!("hami-workshop");
+    pod["status"]["phase"] = json!("Running");
+    serde_json::from_value(pod).unwrap()
+}
+
+fn fits(ext: &Extender<FakeApi>, uid: &str, mem: u64) -> bool {
+    let r = filter(
+        ext,
+        json!({"pod": pod_json(uid, uid, mib(mem)), "nodenames": ["hami-workshop"]}),
+    );
+    let placed = r["nodenames"] == json!(["hami-workshop"]);
+    ext.pod_deleted(uid);
+    placed
+}
+
+#[test]
+fn a_pod_that_asks_for_no_gpu_books_nothing_whatever_its_annotations_say() {
+    let (ext, _rx) = new_ext(FakeApi::default());
+    with_lab_node(&ext);
+    ext.pod_applied(&running_pod(
+        "forger",
+        json!({"cpu": "1"}),
+        &format!("{T4},NVIDIA,15360,100:;"),
+    ));
+    assert_eq!(
+        ext.with_ledger(|l| l.node("hami-workshop").unwrap().usage[0]),
+        Default::default()
+    );
+    assert!(
+        fits(&ext, "real", 4000),
+        "a real 4000 MiB pod fits on the empty card"
+    );
+}
+
+#[test]
+fn a_memory_value_near_2_pow_64_cannot_wrap_a_card_into_free_space() {
+    let (ext, _rx) = new_ext(FakeApi::default());
+    with_lab_node(&ext);
+    // Asks 1000 MiB, claims 2^64 - 8000: booked as what it asked.
+    ext.pod_applied(&running_pod(
+        "wrapper",
+        mib(1000),
+        &format!("{T4},NVIDIA,{},0:;", u64::MAX - 7999),
+    ));
+    ext.pod_applied(&running_pod(
+        "honest",
+        mib(12000),
+        &format!("{T4},NVIDIA,12000,0:;"),
+    ));
+    assert_eq!(
+        ext.with_ledger(|l| l.node("hami-workshop").unwrap().usage[0].mem_mib),
+        13000
+    );
+    assert!(
+        !fits(&ext, "big", 4000),
+        "13000 + 4000 MiB do not fit in 15360"
+    );
+    assert!(fits(&ext, "small", 2000));
+}
+
+#[test]
+fn a_device_list_claiming_more_than_the_spec_asks_books_only_the_ask() {
+    let (ext, _rx) = new_ext(FakeApi::default());
+    let two = format!(
+        r#"[{{"id":"GPU-a","count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}},{{"id":"GPU-b","index":1,"count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}}]"#
+    );
+    ext.node_applied(&serde_json::from_value(node_json("hami-workshop", &two)).unwrap());
+    // One vGPU of 2000 MiB and 10 cores asked; two whole cards claimed, and a second container.
+    ext.pod_applied(&running_pod(
+        "greedy",
+        json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "2000", "nvidia.com/gpucores": "10"}),
+        "GPU-a,NVIDIA,15360,100:GPU-b,NVIDIA,15360,100:;GPU-b,NVIDIA,15360,100:;",
+    ));
+    let usage = ext.with_ledger(|l| l.node("hami-workshop").unwrap().usage.clone());
+    let booked: Vec<(u32, u64, u32)> = usage
+        .iter()
+        .map(|u| (u.slots, u.mem_mib, u.cores))
+        .collect();
+    assert_eq!(booked, vec![(1, 2000, 10), (0, 0, 0)]);
 }

@@ -11,7 +11,7 @@ pub mod score;
 
 use fit::{check_pod, fit_pod, NodeFit};
 use node::NodeState;
-use policy::Policy;
+use policy::{GpuPolicy, Policy};
 use reason::{FitReason, NodeMiss};
 use request::{DefaultMemory, PodRequest};
 use score::{better, node_score};
@@ -23,7 +23,7 @@ pub struct Config {
     /// HAMi's node default is binpack.
     pub node_policy: Policy,
     /// HAMi's card default is spread.
-    pub gpu_policy: Policy,
+    pub gpu_policy: GpuPolicy,
 }
 
 impl Default for Config {
@@ -31,7 +31,7 @@ impl Default for Config {
         Config {
             default_memory: DefaultMemory::default(),
             node_policy: Policy::Binpack,
-            gpu_policy: Policy::Spread,
+            gpu_policy: GpuPolicy::SPREAD,
         }
     }
 }
@@ -46,11 +46,12 @@ pub struct Decision {
     pub misses: Vec<(usize, NodeMiss)>,
 }
 
-/// Places `req` over `candidates` (nodes absent from `lookup` miss as unregistered). The node
-/// policy picks among fitting nodes by score; ties keep the earlier candidate.
-pub fn choose<'a, S: AsRef<str>>(
-    candidates: &[S],
-    lookup: impl Fn(&str) -> Option<&'a NodeState>,
+/// Places `req` over `n` candidates, `lookup(i)` giving candidate `i`'s node (absent ones miss
+/// as unregistered). The node policy picks among fitting nodes by score; ties keep the earlier
+/// candidate.
+pub fn choose<'a>(
+    n: usize,
+    lookup: impl Fn(usize) -> Option<&'a NodeState>,
     req: &PodRequest,
     cfg: &Config,
 ) -> Decision {
@@ -59,8 +60,8 @@ pub fn choose<'a, S: AsRef<str>>(
     let mut fits = Vec::new();
     let mut misses = Vec::new();
     let mut best: Option<(usize, &NodeState, f64)> = None;
-    for (i, name) in candidates.iter().enumerate() {
-        let Some(node) = lookup(name.as_ref()) else {
+    for i in 0..n {
+        let Some(node) = lookup(i) else {
             misses.push((i, NodeMiss::node_level(FitReason::NodeUnregistered)));
             continue;
         };

@@ -12,7 +12,10 @@ pub struct Card {
     pub slots: u32,
     pub mem_mib: u64,
     pub cores: u32,
+    pub numa: u32,
     pub healthy: bool,
+    /// Named in the node's `hami.io/device-cordon`: running pods stay, new ones go elsewhere.
+    pub cordoned: bool,
 }
 
 impl From<&DeviceInfo> for Card {
@@ -25,7 +28,9 @@ impl From<&DeviceInfo> for Card {
             slots: d.count,
             mem_mib: d.devmem,
             cores: d.devcore,
+            numa: d.numa,
             healthy: d.health,
+            cordoned: false,
         }
     }
 }
@@ -39,17 +44,35 @@ pub struct CardUsage {
 }
 
 impl CardUsage {
+    /// Saturating: a forged or corrupt figure can pin a card as full, never wrap it to free.
     pub fn add(&mut self, mem_mib: u64, cores: u32) {
-        self.slots += 1;
-        self.mem_mib += mem_mib;
-        self.cores += cores;
+        self.add_usage(CardUsage {
+            slots: 1,
+            mem_mib,
+            cores,
+        });
+    }
+
+    pub fn add_usage(&mut self, u: CardUsage) {
+        self.slots = self.slots.saturating_add(u.slots);
+        self.mem_mib = self.mem_mib.saturating_add(u.mem_mib);
+        self.cores = self.cores.saturating_add(u.cores);
     }
 
     /// Saturating so that a pod recorded twice by mistake can never wrap usage into "free".
-    pub fn sub(&mut self, mem_mib: u64, cores: u32) {
-        self.slots = self.slots.saturating_sub(1);
-        self.mem_mib = self.mem_mib.saturating_sub(mem_mib);
-        self.cores = self.cores.saturating_sub(cores);
+    pub fn sub_usage(&mut self, u: CardUsage) {
+        self.slots = self.slots.saturating_sub(u.slots);
+        self.mem_mib = self.mem_mib.saturating_sub(u.mem_mib);
+        self.cores = self.cores.saturating_sub(u.cores);
+    }
+
+    /// Field by field, the larger of the two (an init container's peak against the app's sum).
+    pub fn max(self, o: CardUsage) -> CardUsage {
+        CardUsage {
+            slots: self.slots.max(o.slots),
+            mem_mib: self.mem_mib.max(o.mem_mib),
+            cores: self.cores.max(o.cores),
+        }
     }
 }
 
@@ -60,9 +83,31 @@ pub struct NodeState {
     pub usage: Vec<CardUsage>,
 }
 
+/// HAMi schedules NVIDIA pods only on entries whose type names the vendor; others (another
+/// vendor's devices in the same annotation) are not cards for us.
+pub fn is_nvidia(d: &DeviceInfo) -> bool {
+    d.kind.to_ascii_lowercase().contains("nvidia")
+}
+
 impl NodeState {
     pub fn new(name: impl Into<String>, devices: &[DeviceInfo]) -> Self {
-        let cards: Vec<Card> = devices.iter().map(Card::from).collect();
+        Self::with_cordon(name, devices, &[])
+    }
+
+    /// `cordoned`: UUIDs from the node's `hami.io/device-cordon`.
+    pub fn with_cordon(
+        name: impl Into<String>,
+        devices: &[DeviceInfo],
+        cordoned: &[String],
+    ) -> Self {
+        let cards: Vec<Card> = devices
+            .iter()
+            .filter(|d| is_nvidia(d))
+            .map(|d| Card {
+                cordoned: cordoned.contains(&d.id),
+                ..Card::from(d)
+            })
+            .collect();
         let usage = vec![CardUsage::default(); cards.len()];
         NodeState {
             name: name.into(),

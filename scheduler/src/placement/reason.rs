@@ -6,6 +6,7 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FitReason {
     CardNotHealth,
+    CardCordoned,
     CardTypeMismatch,
     CardUuidMismatch,
     CardTimeSlicingExhausted,
@@ -13,16 +14,19 @@ pub enum FitReason {
     CardInsufficientCore,
     ExclusiveDeviceAllocateConflict,
     CardComputeUnitsExhausted,
+    /// Some cards fit but fewer than the container asked for; counts the ones that fit.
+    AllocatedCardsInsufficientRequest,
     NodeInsufficientDevice,
     /// The node carries no usable register annotation: no agent has reported its GPUs.
     NodeUnregistered,
 }
 
 impl FitReason {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 12;
     /// Every reason in check order.
     pub const ALL: [FitReason; FitReason::COUNT] = [
         FitReason::CardNotHealth,
+        FitReason::CardCordoned,
         FitReason::CardTypeMismatch,
         FitReason::CardUuidMismatch,
         FitReason::CardTimeSlicingExhausted,
@@ -30,6 +34,7 @@ impl FitReason {
         FitReason::CardInsufficientCore,
         FitReason::ExclusiveDeviceAllocateConflict,
         FitReason::CardComputeUnitsExhausted,
+        FitReason::AllocatedCardsInsufficientRequest,
         FitReason::NodeInsufficientDevice,
         FitReason::NodeUnregistered,
     ];
@@ -37,6 +42,7 @@ impl FitReason {
     pub fn as_str(self) -> &'static str {
         match self {
             FitReason::CardNotHealth => "CardNotHealth",
+            FitReason::CardCordoned => "CardCordoned",
             FitReason::CardTypeMismatch => "CardTypeMismatch",
             FitReason::CardUuidMismatch => "CardUuidMismatch",
             FitReason::CardTimeSlicingExhausted => "CardTimeSlicingExhausted",
@@ -44,6 +50,7 @@ impl FitReason {
             FitReason::CardInsufficientCore => "CardInsufficientCore",
             FitReason::ExclusiveDeviceAllocateConflict => "ExclusiveDeviceAllocateConflict",
             FitReason::CardComputeUnitsExhausted => "CardComputeUnitsExhausted",
+            FitReason::AllocatedCardsInsufficientRequest => "AllocatedCardsInsufficientRequest",
             FitReason::NodeInsufficientDevice => "NodeInsufficientDevice",
             FitReason::NodeUnregistered => "NodeUnregistered",
         }
@@ -89,20 +96,19 @@ impl NodeMiss {
 }
 
 impl fmt::Display for NodeMiss {
-    /// HAMi's pod-level text: `1/4 CardInsufficientMemory, 3/4 CardNotHealth`; node-level reasons
-    /// stand alone.
+    /// HAMi's pod-level text: `1/4 CardInsufficientMemory, 3/4 CardNotHealth`, the parts sorted
+    /// as strings as HAMi's `GenReason` sorts them; node-level reasons stand alone.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, reason) in self.reasons().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            match reason {
+        let mut parts: Vec<String> = self
+            .reasons()
+            .map(|reason| match reason {
                 FitReason::NodeInsufficientDevice | FitReason::NodeUnregistered => {
-                    write!(f, "{reason}")?
+                    reason.to_string()
                 }
-                _ => write!(f, "{}/{} {reason}", self.count(reason), self.total)?,
-            }
-        }
-        Ok(())
+                _ => format!("{}/{} {reason}", self.count(reason), self.total),
+            })
+            .collect();
+        parts.sort_unstable();
+        f.write_str(&parts.join(", "))
     }
 }

@@ -1,6 +1,6 @@
 //! What a pod asks for, already parsed from its spec and annotations (see `podspec` for that).
 
-use super::policy::Policy;
+use super::policy::{GpuPolicy, Policy};
 use std::cell::RefCell;
 
 /// Memory per vGPU.
@@ -34,13 +34,18 @@ impl MemRequest {
     pub fn resolve(self, card_mem: u64, default: DefaultMemory) -> u64 {
         match self {
             MemRequest::MiB(m) => m,
-            MemRequest::Percent(p) => card_mem * u64::from(p) / 100,
+            MemRequest::Percent(p) => percent_of(card_mem, p),
             MemRequest::Default => match default {
                 DefaultMemory::MiB(m) => m,
-                DefaultMemory::Percent(p) => card_mem * u64::from(p) / 100,
+                DefaultMemory::Percent(p) => percent_of(card_mem, p),
             },
         }
     }
+}
+
+/// `p`% of `mem`, without overflow whatever a node registered.
+fn percent_of(mem: u64, p: u32) -> u64 {
+    (u128::from(mem) * u128::from(p) / 100) as u64
 }
 
 /// One container's vGPU request. `gpus == 0` marks a container without GPUs, kept so device
@@ -137,9 +142,12 @@ impl CardFilter {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodRequest {
     pub containers: Vec<ContainerRequest>,
+    /// How many of `containers` are init containers. They run one at a time before the app
+    /// containers, so the pod books the larger of their peak and the app containers' sum.
+    pub init: usize,
     pub filter: CardFilter,
     pub node_policy: Option<Policy>,
-    pub gpu_policy: Option<Policy>,
+    pub gpu_policy: Option<GpuPolicy>,
 }
 
 impl PodRequest {

@@ -20,23 +20,29 @@ pub fn node_score(node: &NodeState) -> f64 {
 }
 
 pub fn node_score_with(cards: &[Card], usage: &[CardUsage]) -> f64 {
-    let (mut us, mut ts, mut uc, mut tc, mut um, mut tm) = (0f64, 0f64, 0f64, 0f64, 0f64, 0f64);
+    // Integer sums, three divisions: this runs for every fitting candidate node.
+    let (mut us, mut ts, mut uc, mut tc, mut um, mut tm) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for (c, u) in cards.iter().zip(usage) {
-        us += f64::from(u.slots);
-        ts += f64::from(c.slots);
-        uc += f64::from(u.cores);
-        tc += f64::from(c.cores);
-        um += u.mem_mib as f64;
-        tm += c.mem_mib as f64;
+        us += u64::from(u.slots);
+        ts += u64::from(c.slots);
+        uc += u64::from(u.cores);
+        tc += u64::from(c.cores);
+        um = um.saturating_add(u.mem_mib);
+        tm = tm.saturating_add(c.mem_mib);
     }
-    10.0 * (ratio(us, ts) + ratio(uc, tc) + ratio(um, tm))
+    10.0 * (ratio(us as f64, ts as f64) + ratio(uc as f64, tc as f64) + ratio(um as f64, tm as f64))
 }
 
-/// The same measure for one card.
-pub fn card_score(card: &Card, usage: &CardUsage) -> f64 {
-    10.0 * (ratio(f64::from(usage.slots), f64::from(card.slots))
-        + ratio(f64::from(usage.cores), f64::from(card.cores))
-        + ratio(usage.mem_mib as f64, card.mem_mib as f64))
+/// A card's score with one vGPU of `mem_mib` and `cores` added, in HAMi's float32 so cards that
+/// tie in HAMi tie here (the tie then goes to the higher index, as in HAMi).
+pub fn card_score_with(card: &Card, usage: &CardUsage, mem_mib: u64, cores: u32) -> f32 {
+    if card.slots == 0 || card.cores == 0 || card.mem_mib == 0 {
+        return 0.0;
+    }
+    let slots = usage.slots.saturating_add(1) as f32 / card.slots as f32;
+    let cores = usage.cores.saturating_add(cores) as f32 / card.cores as f32;
+    let mem = usage.mem_mib.saturating_add(mem_mib) as f32 / card.mem_mib as f32;
+    10.0 * (slots + cores + mem)
 }
 
 /// Whether score `a` beats `b` under `policy`; ties keep the earlier candidate.

@@ -1,6 +1,6 @@
 use super::fit::fit_pod;
 use super::ledger::{Ledger, Placement};
-use super::policy::Policy;
+use super::policy::{GpuPolicy, Policy};
 use super::reason::FitReason;
 use super::request::{CardFilter, ContainerRequest, DefaultMemory, MemRequest, PodRequest};
 use super::*;
@@ -137,7 +137,7 @@ fn reasons_come_in_hami_order() {
 
 #[test]
 fn every_card_reason_is_reachable() {
-    let mut node = NodeState::new("n", &[card("GPU-a", 0, 2, 1000, "T4")]);
+    let mut node = NodeState::new("n", &[card("GPU-a", 0, 2, 1000, "NVIDIA-Tesla T4")]);
     let r = |node: &NodeState, req: PodRequest| {
         fit_pod(node, &req, DefaultMemory::default(), Policy::Spread)
             .map(|_| ())
@@ -162,13 +162,13 @@ fn every_card_reason_is_reachable() {
         r(&node, one(1, MemRequest::MiB(100), 0)),
         "1/1 CardTimeSlicingExhausted"
     );
-    let mut full = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "T4")]);
+    let mut full = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "NVIDIA-Tesla T4")]);
     full.usage[0].add(100, 100);
     assert_eq!(
         r(&full, one(1, MemRequest::MiB(100), 0)),
         "1/1 CardComputeUnitsExhausted"
     );
-    let mut busy = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "T4")]);
+    let mut busy = NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "NVIDIA-Tesla T4")]);
     busy.usage[0].add(100, 0);
     assert_eq!(
         r(&busy, one(1, MemRequest::MiB(100), 100)),
@@ -178,7 +178,7 @@ fn every_card_reason_is_reachable() {
     req.filter.nouse_uuids = vec!["GPU-a".into()];
     assert_eq!(
         r(
-            &NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "T4")]),
+            &NodeState::new("n", &[card("GPU-a", 0, 3, 1000, "NVIDIA-Tesla T4")]),
             req
         ),
         "1/1 CardUuidMismatch"
@@ -188,8 +188,8 @@ fn every_card_reason_is_reachable() {
 #[test]
 fn a_container_gets_distinct_cards_or_node_insufficient_device() {
     let devs = [
-        card("GPU-a", 0, 10, 16000, "T4"),
-        card("GPU-b", 1, 10, 16000, "T4"),
+        card("GPU-a", 0, 10, 16000, "NVIDIA-Tesla T4"),
+        card("GPU-b", 1, 10, 16000, "NVIDIA-Tesla T4"),
     ];
     let node = NodeState::new("n", &devs);
     let fit = fit_pod(
@@ -199,9 +199,10 @@ fn a_container_gets_distinct_cards_or_node_insufficient_device() {
         Policy::Spread,
     )
     .unwrap();
+    // HAMi walks its sorted list from the end: among equal cards the higher index comes first.
     assert_eq!(
         fit.devices(&node).encode(),
-        "GPU-a,NVIDIA,4000,30:GPU-b,NVIDIA,4000,30:;"
+        "GPU-b,NVIDIA,4000,30:GPU-a,NVIDIA,4000,30:;"
     );
     let miss = fit_pod(
         &node,
@@ -211,7 +212,8 @@ fn a_container_gets_distinct_cards_or_node_insufficient_device() {
     )
     .unwrap_err();
     assert_eq!(miss.to_string(), "NodeInsufficientDevice");
-    // Two cards exist but one is too full: the card reason is reported with its count.
+    // Two cards exist but one is too full: the card reason is reported with its count, and (as
+    // HAMi does) how many cards did fit.
     let mut half = node.clone();
     half.usage[1].add(15000, 0);
     let miss = fit_pod(
@@ -221,12 +223,15 @@ fn a_container_gets_distinct_cards_or_node_insufficient_device() {
         Policy::Spread,
     )
     .unwrap_err();
-    assert_eq!(miss.to_string(), "1/2 CardInsufficientMemory");
+    assert_eq!(
+        miss.to_string(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 CardInsufficientMemory"
+    );
 }
 
 #[test]
 fn containers_without_gpus_keep_their_place_and_later_containers_see_earlier_ones() {
-    let node = NodeState::new("n", &[card("GPU-a", 0, 2, 10000, "T4")]);
+    let node = NodeState::new("n", &[card("GPU-a", 0, 2, 10000, "NVIDIA-Tesla T4")]);
     let req = PodRequest {
         containers: vec![
             ContainerRequest::NONE,
@@ -262,7 +267,7 @@ fn containers_without_gpus_keep_their_place_and_later_containers_see_earlier_one
 #[test]
 fn default_memory_is_the_whole_card_unless_configured() {
     let mut l = Ledger::default();
-    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "T4")]);
+    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "NVIDIA-Tesla T4")]);
     let d = place(&mut l, "p1", &["n"], &one(1, MemRequest::Default, 0));
     assert_eq!(d.chosen.unwrap().1.picks[0][0].mem_mib, 15360);
     let d = place(&mut l, "p2", &["n"], &one(1, MemRequest::Default, 0));
@@ -272,7 +277,7 @@ fn default_memory_is_the_whole_card_unless_configured() {
         ..Config::default()
     };
     let mut l = Ledger::default();
-    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "T4")]);
+    l.upsert_node("n", vec![card("GPU-a", 0, 10, 15360, "NVIDIA-Tesla T4")]);
     let d = l.place(
         "p1",
         "default/p1",
@@ -290,18 +295,21 @@ fn default_memory_is_the_whole_card_unless_configured() {
 fn node_policy_picks_the_node_it_names() {
     let mut l = Ledger::default();
     for n in ["empty", "busy"] {
-        l.upsert_node(n, vec![card(&format!("GPU-{n}"), 0, 10, 16000, "T4")]);
+        l.upsert_node(
+            n,
+            vec![card(&format!("GPU-{n}"), 0, 10, 16000, "NVIDIA-Tesla T4")],
+        );
     }
     let nodes = ["empty", "busy"];
     let mut seed = one(1, MemRequest::MiB(8000), 0);
     seed.node_policy = Some(Policy::Binpack);
     l.record(
         "seed",
-        Placement {
-            pod: "default/seed".into(),
-            node: "busy".into(),
-            devices: PodDevices::decode("GPU-busy,NVIDIA,8000,0:;").unwrap(),
-        },
+        Placement::as_asked(
+            "default/seed",
+            "busy",
+            PodDevices::decode("GPU-busy,NVIDIA,8000,0:;").unwrap(),
+        ),
     );
     let mut req = one(1, MemRequest::MiB(1000), 0);
     assert_eq!(
@@ -331,22 +339,22 @@ fn node_policy_picks_the_node_it_names() {
     );
 }
 
-/// Four cards, card 2 partly used: binpack puts the pod on card 2, spread on card 0 (the first
-/// of the idle ones).
+/// Four cards, card 2 partly used: binpack puts the pod on card 2, spread on card 3 (HAMi takes
+/// the highest index among the equally idle ones).
 #[test]
 fn gpu_policy_picks_the_card_it_names() {
     let devs: Vec<DeviceInfo> = (0..4)
-        .map(|i| card(&format!("GPU-{i}"), i, 10, 16000, "A100"))
+        .map(|i| card(&format!("GPU-{i}"), i, 10, 16000, "NVIDIA A100"))
         .collect();
     let mut l = Ledger::default();
     l.upsert_node("n", devs);
     l.record(
         "seed",
-        Placement {
-            pod: "default/seed".into(),
-            node: "n".into(),
-            devices: PodDevices::decode("GPU-2,NVIDIA,2000,10:;").unwrap(),
-        },
+        Placement::as_asked(
+            "default/seed",
+            "n",
+            PodDevices::decode("GPU-2,NVIDIA,2000,10:;").unwrap(),
+        ),
     );
     let mut req = one(1, MemRequest::MiB(1000), 0);
     let uuid = |l: &Ledger, req: &PodRequest, cfg: &Config| {
@@ -357,19 +365,19 @@ fn gpu_policy_picks_the_card_it_names() {
     };
     assert_eq!(
         uuid(&l, &req, &Config::default()),
-        "GPU-0",
+        "GPU-3",
         "spread is the card default"
     );
-    req.gpu_policy = Some(Policy::Binpack);
+    req.gpu_policy = Some(GpuPolicy::BINPACK);
     assert_eq!(uuid(&l, &req, &Config::default()), "GPU-2");
     let binpack_cfg = Config {
-        gpu_policy: Policy::Binpack,
+        gpu_policy: GpuPolicy::BINPACK,
         ..Config::default()
     };
     req.gpu_policy = None;
     assert_eq!(uuid(&l, &req, &binpack_cfg), "GPU-2");
-    req.gpu_policy = Some(Policy::Spread);
-    assert_eq!(uuid(&l, &req, &binpack_cfg), "GPU-0");
+    req.gpu_policy = Some(GpuPolicy::SPREAD);
+    assert_eq!(uuid(&l, &req, &binpack_cfg), "GPU-3");
 }
 
 #[test]
@@ -465,9 +473,16 @@ fn arb_pod() -> impl Strategy<Value = PodRequest> {
     (
         prop::collection::vec(arb_container(), 1..4),
         prop::option::of(prop_oneof![Just(Policy::Binpack), Just(Policy::Spread)]),
-        prop::option::of(prop_oneof![Just(Policy::Binpack), Just(Policy::Spread)]),
+        prop::option::of(prop_oneof![
+            Just(GpuPolicy::BINPACK),
+            Just(GpuPolicy::SPREAD),
+            Just("mutex".parse().unwrap()),
+            Just("binpack,numa".parse().unwrap()),
+        ]),
+        0usize..3,
     )
-        .prop_map(|(containers, node_policy, gpu_policy)| PodRequest {
+        .prop_map(|(containers, node_policy, gpu_policy, init)| PodRequest {
+            init: init.min(containers.len()),
             containers,
             filter: Default::default(),
             node_policy,
@@ -528,12 +543,15 @@ fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
     )
 }
 
-/// Sums every recorded placement per card straight from the placements, independently of the
-/// ledger's running usage.
+/// What every recorded placement books per card, straight from the placements and independently
+/// of the ledger's running usage: per pod and card, the larger of any one init container and the
+/// app containers' sum, field by field.
 fn sums(l: &Ledger) -> HashMap<(String, String), (u32, u64, u32)> {
     let mut out: HashMap<(String, String), (u32, u64, u32)> = HashMap::new();
     for (_, p) in l.placements() {
-        for c in &p.devices.0 {
+        let mut init: HashMap<String, (u32, u64, u32)> = HashMap::new();
+        let mut app: HashMap<String, (u32, u64, u32)> = HashMap::new();
+        for (ci, c) in p.devices.0.iter().enumerate() {
             let mut seen = std::collections::HashSet::new();
             for d in c {
                 assert!(
@@ -541,11 +559,22 @@ fn sums(l: &Ledger) -> HashMap<(String, String), (u32, u64, u32)> {
                     "a container got card {} twice",
                     d.uuid
                 );
-                let e = out.entry((p.node.clone(), d.uuid.clone())).or_default();
-                e.0 += 1;
-                e.1 += d.mem_mib;
-                e.2 += d.cores;
+                if ci < p.init {
+                    let e = init.entry(d.uuid.clone()).or_default();
+                    *e = (e.0.max(1), e.1.max(d.mem_mib), e.2.max(d.cores));
+                } else {
+                    let e = app.entry(d.uuid.clone()).or_default();
+                    *e = (e.0 + 1, e.1 + d.mem_mib, e.2 + d.cores);
+                }
             }
+        }
+        for (uuid, i) in init {
+            let a = app.entry(uuid).or_default();
+            *a = (a.0.max(i.0), a.1.max(i.1), a.2.max(i.2));
+        }
+        for (uuid, a) in app {
+            let e = out.entry((p.node.clone(), uuid)).or_default();
+            *e = (e.0 + a.0, e.1 + a.1, e.2 + a.2);
         }
     }
     out
@@ -673,4 +702,312 @@ proptest! {
             check_invariants(&l);
         }
     }
+}
+
+// ---- HAMi v2.10 parity (issue 17), each case as HAMi behaves ----
+
+fn ledger_with(devs: Vec<DeviceInfo>) -> Ledger {
+    let mut l = Ledger::default();
+    l.upsert_node("n", devs);
+    l
+}
+
+fn devices_on(l: &Ledger, req: &PodRequest) -> Result<String, String> {
+    let d = l.decide(&["n"], req, &Config::default());
+    match d.chosen {
+        Some((_, fit, _)) => Ok(fit.devices(l.node("n").unwrap()).encode()),
+        None => Err(d.misses[0].1.to_string()),
+    }
+}
+
+#[test]
+fn hami_takes_the_highest_index_among_equal_cards() {
+    let l = ledger_with(vec![
+        card("uuid1", 0, 10, 16000, "NVIDIA A100"),
+        card("uuid2", 1, 10, 16000, "NVIDIA A100"),
+    ]);
+    assert_eq!(
+        devices_on(&l, &one(1, MemRequest::MiB(1000), 0)).unwrap(),
+        "uuid2,NVIDIA,1000,0:;"
+    );
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap(),
+        "uuid2,NVIDIA,1000,0:uuid1,NVIDIA,1000,0:;"
+    );
+    let mut binpack = one(1, MemRequest::MiB(1000), 0);
+    binpack.gpu_policy = Some(GpuPolicy::BINPACK);
+    assert_eq!(devices_on(&l, &binpack).unwrap(), "uuid2,NVIDIA,1000,0:;");
+}
+
+/// HAMi's one-word order breaks score ties by NUMA node, higher first.
+#[test]
+fn equal_scores_go_to_the_higher_numa_node() {
+    let mut a = card("GPU-n1", 0, 10, 16000, "NVIDIA A100");
+    a.numa = 1;
+    let b = card("GPU-n0", 1, 10, 16000, "NVIDIA A100");
+    let l = ledger_with(vec![a, b]);
+    assert_eq!(
+        devices_on(&l, &one(1, MemRequest::MiB(1000), 0)).unwrap(),
+        "GPU-n1,NVIDIA,1000,0:;"
+    );
+}
+
+/// `numa,binpack` sorts by NUMA first (higher first), then binpack within it; `binpack,numa` the
+/// other way round.
+#[test]
+fn policy_chains_sort_by_their_keys_in_order() {
+    let mut busy0 = card("GPU-busy-numa0", 0, 10, 16000, "NVIDIA A100");
+    busy0.numa = 0;
+    let mut idle1 = card("GPU-idle-numa1", 1, 10, 16000, "NVIDIA A100");
+    idle1.numa = 1;
+    let mut l = ledger_with(vec![busy0, idle1]);
+    l.record(
+        "seed",
+        Placement::as_asked(
+            "default/seed",
+            "n",
+            PodDevices::decode("GPU-busy-numa0,NVIDIA,4000,0:;").unwrap(),
+        ),
+    );
+    let with = |p: &str| {
+        let mut r = one(1, MemRequest::MiB(1000), 0);
+        r.gpu_policy = Some(p.parse().unwrap());
+        devices_on(&l, &r).unwrap()
+    };
+    assert_eq!(with("binpack,numa"), "GPU-busy-numa0,NVIDIA,1000,0:;");
+    assert_eq!(with("numa,binpack"), "GPU-idle-numa1,NVIDIA,1000,0:;");
+    assert_eq!(with("spread,numa"), "GPU-idle-numa1,NVIDIA,1000,0:;");
+}
+
+#[test]
+fn mutex_takes_only_cards_nobody_uses() {
+    let mut l = ledger_with(vec![
+        card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+        card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+    ]);
+    l.record(
+        "seed",
+        Placement::as_asked(
+            "default/seed",
+            "n",
+            PodDevices::decode("GPU-1,NVIDIA,1000,0:;").unwrap(),
+        ),
+    );
+    let mut req = one(1, MemRequest::MiB(1000), 0);
+    req.gpu_policy = Some("mutex".parse().unwrap());
+    assert_eq!(devices_on(&l, &req).unwrap(), "GPU-0,NVIDIA,1000,0:;");
+    req.containers[0].gpus = 2;
+    assert_eq!(
+        devices_on(&l, &req).unwrap_err(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 ExclusiveDeviceAllocateConflict"
+    );
+    // In a chain too: binpack would pick the used card, mutex forbids it.
+    req.containers[0].gpus = 1;
+    req.gpu_policy = Some("binpack,mutex".parse().unwrap());
+    assert_eq!(devices_on(&l, &req).unwrap(), "GPU-0,NVIDIA,1000,0:;");
+}
+
+/// Without link scores (the node has no `hami.io/node-nvidia-score`), HAMi's topology-aware pick
+/// is the sort's; the policy is accepted, not refused as unknown.
+#[test]
+fn topology_aware_is_accepted_and_places_as_the_sort_without_link_scores() {
+    let l = ledger_with(vec![
+        card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+        card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+        card("GPU-2", 2, 10, 16000, "NVIDIA A100"),
+    ]);
+    let mut req = one(2, MemRequest::MiB(1000), 0);
+    req.gpu_policy = Some("topology-aware".parse().unwrap());
+    assert_eq!(
+        devices_on(&l, &req).unwrap(),
+        "GPU-2,NVIDIA,1000,0:GPU-1,NVIDIA,1000,0:;"
+    );
+}
+
+#[test]
+fn a_cordoned_card_answers_card_cordoned() {
+    let mut l = Ledger::default();
+    l.upsert_node_cordoned(
+        "n",
+        vec![
+            card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+            card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+        ],
+        vec!["GPU-1".into()],
+    );
+    assert_eq!(
+        devices_on(&l, &one(1, MemRequest::MiB(1000), 0)).unwrap(),
+        "GPU-0,NVIDIA,1000,0:;"
+    );
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap_err(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 CardCordoned"
+    );
+    // Lifting the cordon gives the card back, and the book keeps what it held.
+    l.upsert_node_cordoned(
+        "n",
+        vec![
+            card("GPU-0", 0, 10, 16000, "NVIDIA A100"),
+            card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+        ],
+        vec![],
+    );
+    assert!(devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).is_ok());
+}
+
+/// HAMi's "fit fail: CardNotHealth" beside a healthy card with two asked.
+#[test]
+fn two_cards_one_unhealthy_two_asked_is_allocated_cards_insufficient_request() {
+    let mut sick = card("GPU-0", 0, 10, 16000, "NVIDIA A100");
+    sick.health = false;
+    let l = ledger_with(vec![sick, card("GPU-1", 1, 10, 16000, "NVIDIA A100")]);
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap_err(),
+        "1/2 AllocatedCardsInsufficientRequest, 1/2 CardNotHealth"
+    );
+}
+
+/// With `deviceCoreScaling` 2 a card registers 200 cores: 100 is half of it, not "exclusive".
+#[test]
+fn exclusivity_applies_only_to_cards_that_register_100_cores() {
+    let mut scaled = card("GPU-0", 0, 10, 16000, "NVIDIA A100");
+    scaled.devcore = 200;
+    let mut l = ledger_with(vec![scaled]);
+    let whole = one(1, MemRequest::MiB(1000), 100);
+    assert!(place(&mut l, "a", &["n"], &whole).chosen.is_some());
+    assert!(
+        place(&mut l, "b", &["n"], &whole).chosen.is_some(),
+        "two 100-core pods share a 200-core card"
+    );
+    assert_eq!(
+        place(&mut l, "c", &["n"], &whole).misses[0].1.to_string(),
+        "1/1 CardInsufficientCore"
+    );
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 16000, "NVIDIA A100")]);
+    assert!(
+        place(&mut l, "a", &["n"], &one(1, MemRequest::MiB(1000), 0))
+            .chosen
+            .is_some()
+    );
+    assert_eq!(
+        place(&mut l, "b", &["n"], &whole).misses[0].1.to_string(),
+        "1/1 ExclusiveDeviceAllocateConflict"
+    );
+}
+
+#[test]
+fn register_entries_whose_type_lacks_nvidia_are_not_cards() {
+    let l = ledger_with(vec![
+        card("MLU-0", 0, 10, 16000, "MLU370"),
+        card("GPU-1", 1, 10, 16000, "NVIDIA A100"),
+    ]);
+    assert_eq!(l.node("n").unwrap().cards.len(), 1);
+    assert_eq!(
+        devices_on(&l, &one(2, MemRequest::MiB(1000), 0)).unwrap_err(),
+        "NodeInsufficientDevice"
+    );
+}
+
+/// A running pod with a 20000 MiB init container and a 10000 MiB app container holds 20000 MiB
+/// (the init container has finished), so an 82400 MiB pod fits beside it on a 102400 MiB card.
+#[test]
+fn init_containers_book_the_larger_of_their_peak_and_the_app_sum() {
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 102400, "NVIDIA H200")]);
+    let pod = PodRequest {
+        containers: vec![
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(20000),
+                cores: 0,
+            },
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(10000),
+                cores: 0,
+            },
+        ],
+        init: 1,
+        ..Default::default()
+    };
+    let d = place(&mut l, "with-init", &["n"], &pod);
+    assert!(d.chosen.is_some());
+    assert_eq!(
+        l.placement("with-init").unwrap().devices.encode(),
+        "GPU-0,NVIDIA,20000,0:;GPU-0,NVIDIA,10000,0:;"
+    );
+    assert_eq!(
+        l.node("n").unwrap().usage[0],
+        node::CardUsage {
+            slots: 1,
+            mem_mib: 20000,
+            cores: 0
+        }
+    );
+    assert!(
+        place(&mut l, "big", &["n"], &one(1, MemRequest::MiB(82400), 0))
+            .chosen
+            .is_some()
+    );
+    // Two init containers run one after the other: each fits alone, their sum need not.
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 16000, "NVIDIA A100")]);
+    let two_inits = PodRequest {
+        containers: vec![
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(12000),
+                cores: 0,
+            },
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(12000),
+                cores: 0,
+            },
+            ContainerRequest {
+                gpus: 1,
+                mem: MemRequest::MiB(4000),
+                cores: 0,
+            },
+        ],
+        init: 2,
+        ..Default::default()
+    };
+    assert!(place(&mut l, "p", &["n"], &two_inits).chosen.is_some());
+    assert_eq!(l.node("n").unwrap().usage[0].mem_mib, 12000);
+    // App containers still add up.
+    let mut l = ledger_with(vec![card("GPU-0", 0, 10, 16000, "NVIDIA A100")]);
+    let two_apps = PodRequest {
+        init: 0,
+        ..two_inits.clone()
+    };
+    assert_eq!(
+        place(&mut l, "p", &["n"], &two_apps).misses[0]
+            .1
+            .to_string(),
+        "1/1 CardInsufficientMemory"
+    );
+}
+
+/// The ledger reuses the slots a candidate list resolved to while the list repeats: a node that
+/// leaves, and another that takes its slot, must not be mistaken for each other.
+#[test]
+fn a_repeated_candidate_list_follows_nodes_coming_and_going() {
+    let mut l = Ledger::default();
+    l.upsert_node("a", vec![card("GPU-a", 0, 10, 16000, "NVIDIA A100")]);
+    l.upsert_node("b", vec![card("GPU-b", 0, 10, 8000, "NVIDIA A100")]);
+    let nodes = ["a", "b"];
+    let req = one(1, MemRequest::MiB(10000), 0);
+    assert_eq!(
+        chosen_node(&l.decide(&nodes, &req, &Config::default()), &nodes),
+        Some("a")
+    );
+    l.remove_node("a");
+    l.upsert_node("c", vec![card("GPU-c", 0, 10, 16000, "NVIDIA A100")]);
+    let d = l.decide(&nodes, &req, &Config::default());
+    assert_eq!(chosen_node(&d, &nodes), None);
+    assert_eq!(d.misses[0].1.to_string(), "NodeUnregistered");
+    l.upsert_node("a", vec![card("GPU-a", 0, 10, 16000, "NVIDIA A100")]);
+    assert_eq!(
+        chosen_node(&l.decide(&nodes, &req, &Config::default()), &nodes),
+        Some("a")
+    );
 }

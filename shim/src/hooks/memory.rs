@@ -2,13 +2,14 @@
 #![allow(non_snake_case)]
 
 use super::real_fns as r;
+use super::reserves;
 use super::used;
 use crate::cuda::*;
-use crate::process::{self, Kind};
+use crate::process::{self, Kind, Process};
 use crate::real::{call_real, CU_MISSING};
 use crate::{context, log};
 use std::ffi::{c_uint, c_ulonglong, c_void};
-use vgpu_contract::cache_layout::MAX_DEVICES;
+use vgpu_contract::cache_layout::{OverLimit, MAX_DEVICES};
 
 /// The device of the calling thread's current context.
 pub fn current_device() -> Option<usize> {
@@ -20,6 +21,23 @@ pub fn current_device() -> Option<usize> {
         (&mut dev)
     );
     (rc == CUDA_SUCCESS && dev >= 0 && (dev as usize) < MAX_DEVICES).then_some(dev as usize)
+}
+
+/// The refusal line: HAMi's `Device <i> OOM <total> / <limit>`, then what was asked and what holds the room.
+pub(crate) fn log_refusal(p: &Process, dev: usize, e: &OverLimit, bytes: u64, what: &str) {
+    let why = p
+        .cfg
+        .refuse_reason
+        .as_deref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    log::error(&format!(
+        "Device {dev} OOM {} / {}: {what} of {bytes} bytes refused; the container holds {} bytes on it, {} of them this process's CUDA context{why}",
+        e.requested_total,
+        e.limit,
+        e.requested_total.saturating_sub(bytes),
+        p.context_bytes(dev),
+    ));
 }
 
 /// Charges `bytes` on `dev` (current device if None), makes the allocation with `call`, and records it under
@@ -40,19 +58,7 @@ fn guarded_alloc(
     };
     context::refresh(p, dev, bytes);
     if let Err(e) = p.charge(dev, bytes) {
-        let why = p
-            .cfg
-            .refuse_reason
-            .as_deref()
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default();
-        log::error(&format!(
-            "Device {dev} OOM {} / {}: {what} of {bytes} bytes refused; the container holds {} bytes on it, {} of them this process's CUDA context{why}",
-            e.requested_total,
-            e.limit,
-            e.requested_total - bytes,
-            p.context_bytes(dev),
-        ));
+        log_refusal(p, dev, &e, bytes, what);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     let rc = call();
@@ -65,7 +71,7 @@ fn guarded_alloc(
 }
 
 /// Frees with `call`, then uncharges what the allocation `key` held.
-fn guarded_free(kind: Kind, key: u64, call: impl FnOnce() -> CUresult) -> CUresult {
+pub(crate) fn guarded_free(kind: Kind, key: u64, call: impl FnOnce() -> CUresult) -> CUresult {
     let rc = call();
     if rc == CUDA_SUCCESS {
         if let Some(p) = process::existing() {
@@ -146,7 +152,8 @@ hook_pair!(cuMemAllocAsync / cuMemAllocAsync_ptsz(
     dptr: *mut CUdeviceptr, size: usize, stream: CUstream,
 ) -> CUresult, |real| {
     type F = unsafe extern "C" fn(*mut CUdeviceptr, usize, CUstream) -> CUresult;
-    guarded_alloc(
+    let pool = reserves::device_pool_for_alloc();
+    let rc = guarded_alloc(
         Kind::DevicePtr,
         None,
         size as u64,
@@ -154,14 +161,17 @@ hook_pair!(cuMemAllocAsync / cuMemAllocAsync_ptsz(
         || call_real!(real, F, CU_MISSING, (dptr, size, stream)),
         // SAFETY: read only after the driver reported success, so it wrote the pointer.
         || unsafe { *dptr },
-    )
+    );
+    reserves::after_pool_alloc(pool);
+    rc
 });
 
 hook_pair!(cuMemAllocFromPoolAsync / cuMemAllocFromPoolAsync_ptsz(
     dptr: *mut CUdeviceptr, size: usize, pool: *mut c_void, stream: CUstream,
 ) -> CUresult, |real| {
     type F = unsafe extern "C" fn(*mut CUdeviceptr, usize, *mut c_void, CUstream) -> CUresult;
-    guarded_alloc(
+    reserves::before_pool_alloc(pool);
+    let rc = guarded_alloc(
         Kind::DevicePtr,
         None,
         size as u64,
@@ -169,7 +179,9 @@ hook_pair!(cuMemAllocFromPoolAsync / cuMemAllocFromPoolAsync_ptsz(
         || call_real!(real, F, CU_MISSING, (dptr, size, pool, stream)),
         // SAFETY: read only after the driver reported success, so it wrote the pointer.
         || unsafe { *dptr },
-    )
+    );
+    reserves::after_pool_alloc(Some(pool));
+    rc
 });
 
 /// # Safety
@@ -184,7 +196,10 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
 
 hook_pair!(cuMemFreeAsync / cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream) -> CUresult, |real| {
     type F = unsafe extern "C" fn(CUdeviceptr, CUstream) -> CUresult;
-    guarded_free(Kind::DevicePtr, dptr, || call_real!(real, F, CU_MISSING, (dptr, stream)))
+    let rc = guarded_free(Kind::DevicePtr, dptr, || call_real!(real, F, CU_MISSING, (dptr, stream)));
+    // What the free gave back may stay in a pool that keeps memory: charged as that pool's reserve.
+    reserves::refresh_kept_pools();
+    rc
 });
 
 /// # Safety
@@ -373,6 +388,10 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
 /// whole context (about 500 MiB for PyTorch on an H100) before its first allocation.
 fn context_admitted(dev: CUdevice, what: &str) -> bool {
     let Some(p) = process::get() else { return true };
+    if let Some(why) = &p.cfg.revoked {
+        log::error(&format!("{what} refused: {why}"));
+        return false;
+    }
     let Some(dev) = usize::try_from(dev).ok().filter(|d| *d < MAX_DEVICES) else {
         return true;
     };

@@ -36,6 +36,7 @@ macro_rules! hook_pair {
 pub mod launch;
 pub mod memory;
 pub mod nvml;
+pub mod reserves;
 pub mod resolve;
 
 /// Declares the `Real` for each listed symbol in a module `real_fns`, and the table [`HOOKS`] pairing it with
@@ -85,6 +86,29 @@ hook_table! {
     Cuda: memory::cuCtxCreate_v2,
     Cuda: memory::cuCtxCreate_v3,
     Cuda: memory::cuCtxCreate_v4,
+    Cuda: reserves::cuCtxSetLimit,
+    Cuda: reserves::cuCtxDestroy_v2,
+    Cuda: reserves::cuGraphAddMemAllocNode,
+    Cuda: reserves::cuGraphDestroy,
+    Cuda: reserves::cuGraphInstantiateWithFlags,
+    Cuda: reserves::cuGraphInstantiate,
+    Cuda: reserves::cuGraphInstantiate_v2,
+    Cuda: reserves::cuGraphInstantiateWithParams,
+    Cuda: reserves::cuGraphInstantiateWithParams_ptsz,
+    Cuda: reserves::cuGraphExecDestroy,
+    Cuda: reserves::cuDeviceGraphMemTrim,
+    Cuda: reserves::cuModuleLoad,
+    Cuda: reserves::cuModuleLoadData,
+    Cuda: reserves::cuModuleLoadDataEx,
+    Cuda: reserves::cuModuleLoadFatBinary,
+    Cuda: reserves::cuModuleUnload,
+    Cuda: reserves::cuLibraryLoadData,
+    Cuda: reserves::cuLibraryLoadFromFile,
+    Cuda: reserves::cuLibraryUnload,
+    Cuda: reserves::cuMemPoolCreate,
+    Cuda: reserves::cuMemPoolSetAttribute,
+    Cuda: reserves::cuMemPoolTrimTo,
+    Cuda: reserves::cuMemPoolDestroy,
     Cuda: launch::cuLaunchKernel,
     Cuda: launch::cuLaunchKernel_ptsz,
     Cuda: launch::cuLaunchKernelEx,
@@ -113,6 +137,10 @@ pub mod used {
     pub static cuCtxGetCurrent: Real = Real::new(c"cuCtxGetCurrent", Lib::Cuda);
     pub static cuCtxSetCurrent: Real = Real::new(c"cuCtxSetCurrent", Lib::Cuda);
     pub static cuStreamIsCapturing: Real = Real::new(c"cuStreamIsCapturing", Lib::Cuda);
+    pub static cuCtxGetLimit: Real = Real::new(c"cuCtxGetLimit", Lib::Cuda);
+    pub static cuDeviceGetAttribute: Real = Real::new(c"cuDeviceGetAttribute", Lib::Cuda);
+    pub static cuDeviceGetMemPool: Real = Real::new(c"cuDeviceGetMemPool", Lib::Cuda);
+    pub static cuMemPoolGetAttribute: Real = Real::new(c"cuMemPoolGetAttribute", Lib::Cuda);
     pub static nvmlInit_v2: Real = Real::new(c"nvmlInit_v2", Lib::Nvml);
     pub static nvmlDeviceGetHandleByUUID: Real = Real::new(c"nvmlDeviceGetHandleByUUID", Lib::Nvml);
     pub static nvmlDeviceGetIndex: Real = Real::new(c"nvmlDeviceGetIndex", Lib::Nvml);

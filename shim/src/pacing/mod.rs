@@ -1,30 +1,55 @@
 //! Compute slices: holds kernel launches outside the container's window (see [`crate::window`]).
 //!
 //! The control loop: a monitor thread (started on the first launch of a process whose slice has an SM limit)
-//! keeps the container's card entry alive, reads the card every [`TICK_NS`] and publishes for each device a
-//! plan word ("free", or the card's period and the window's offset and length in it). Between ticks it wakes at each
-//! window edge and opens or closes the device's gate. A launch reads the gate: open, it goes straight to the
-//! driver; closed, it sleeps until the window opens.
+//! keeps the container's card entry alive, reads the card every [`TICK_NS`] ([`peers`]: a copy, and only what
+//! cannot hurt this slice) and publishes for each device a plan word ("free", or the period and the window's
+//! offset and length in it). Between ticks it wakes at each window edge and opens or closes the device's gate. A
+//! launch reads the gate: open, it goes straight to the driver; closed, it sleeps until the window opens. When no
+//! thread can be started, launches are still held: each reads the clock, and the launching threads take turns
+//! doing the monitor's work.
 //!
 //! Work still running when a window closes is measured, not guessed: the first launch held back after a
 //! window synchronizes the context (or, when nothing was launched since the program's own last synchronize,
 //! takes the end of the work from that one), and the time the GPU kept running past the window end becomes debt
 //! that shortens the container's next windows. So the share is GPU time actually used, whatever the kernel sizes.
+//! The debt is the container's, kept in its own cache file (shared by its processes, out of other tenants'
+//! reach), never in the card file.
+//!
+//! The core reaches the driver only through [`Driver`], which the launch hooks implement and hand in.
 //!
 //! Cost: with no SM limit a launch pays one relaxed load. Under a limit, with the gate open: three relaxed
 //! atomics, no clock read, no syscall, no lock, no allocation, whatever the clock costs on the machine (on a
 //! host whose clocksource has no vDSO path, `clock_gettime` is a system call). A program's synchronize reads
 //! the clock only while its window is closed.
 
-use crate::hooks::used;
 use crate::process::{self, now_ns};
-use crate::real::call_real;
 use crate::window::{self, Plan};
 use crate::{cuda::*, log};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::Mutex;
 use vgpu_contract::cache_layout::MAX_DEVICES;
-use vgpu_contract::card_layout::CardFile;
-use vgpu_contract::limits::{valid_pacing_period, CorePolicy};
+use vgpu_contract::card_layout::Entry;
+use vgpu_contract::limits::CorePolicy;
+
+pub mod peers;
+use peers::Membership;
+
+/// What the pacing core needs from the driver. The launch hooks implement it over the real functions and
+/// hand it in: the core never reaches into `hooks/`.
+pub trait Driver: Sync {
+    /// The device of the calling thread's current context (0 when unknown).
+    fn current_device(&self) -> usize;
+    /// How many devices the process sees, if the driver says.
+    fn device_count(&self) -> Option<usize>;
+    /// Waits for the current context's work; false if the driver refused.
+    fn synchronize(&self) -> bool;
+    /// Whether `stream` is being captured into a graph (then nothing may be held or synchronized).
+    fn capturing(&self, stream: usize) -> bool;
+    fn current_context(&self) -> usize;
+    fn set_current_context(&self, ctx: usize);
+    /// The UUID string (`GPU-...`) of CUDA device `dev`.
+    fn uuid(&self, dev: usize) -> Option<String>;
+}
 
 /// How often the monitor re-reads the card and refreshes activity.
 pub const TICK_NS: u64 = 5_000_000;
@@ -32,8 +57,12 @@ pub const TICK_NS: u64 = 5_000_000;
 const UNDECIDED: u8 = 0;
 const OFF: u8 = 1;
 const ON: u8 = 2;
+/// Paced with no monitor thread (it could not start): each launch reads the clock, and launching threads take
+/// turns doing the monitor's periodic work.
+const INLINE: u8 = 3;
+/// One thread is deciding; the others wait for it.
+const DECIDING: u8 = 4;
 static STATE: AtomicU8 = AtomicU8::new(UNDECIDED);
-static MONITOR_STARTED: AtomicBool = AtomicBool::new(false);
 /// 1 when the process sees one device, so the launch path needs no driver call to know it.
 static SINGLE_DEVICE: AtomicU8 = AtomicU8::new(0);
 
@@ -54,8 +83,9 @@ struct DevicePace {
     launches: AtomicU64,
     waiting: AtomicU32,
     throttled_ns: AtomicU64,
-    /// The last overrun measured by a held launch, and the end of the window it follows.
-    debt_ns: AtomicU64,
+    /// The last overrun measured by a held launch (handed to the monitor, which reports it into the
+    /// container's cache file), and the end of the window it follows (0 once taken).
+    overrun_ns: AtomicU64,
     overrun_end: AtomicU64,
     /// Launches held back, and the overrun they measured in total (for the exit report).
     holds: AtomicU64,
@@ -76,7 +106,7 @@ const DP: DevicePace = DevicePace {
     launches: AtomicU64::new(0),
     waiting: AtomicU32::new(0),
     throttled_ns: AtomicU64::new(0),
-    debt_ns: AtomicU64::new(0),
+    overrun_ns: AtomicU64::new(0),
     overrun_end: AtomicU64::new(0),
     holds: AtomicU64::new(0),
     overrun_total_ns: AtomicU64::new(0),
@@ -118,6 +148,20 @@ fn wait_needed(plan: u64, now: u64) -> Result<(), u64> {
     }
 }
 
+/// The end of the latest window of a windowed `plan` that is over at `now`: this period's, or the previous
+/// period's while this one's has not begun. A window that ends with its period is followed by holds at the
+/// start of the next one, before its own window: its overrun is measured then (once read only after the window,
+/// within its period, it never was, and a slice placed last in the period ran half again over its share).
+fn latest_window_end(plan: u64, now: u64) -> u64 {
+    let (period, off, len) = decode(plan);
+    let period_start = now - now % period;
+    if now - period_start >= off + len {
+        period_start + off + len
+    } else {
+        (period_start + off + len).saturating_sub(period)
+    }
+}
+
 /// Whether the gate should be open at `now`, and when it next changes (None: never, as things stand).
 fn gate_at(plan: u64, now: u64) -> (bool, Option<u64>) {
     if plan == FREE {
@@ -136,31 +180,37 @@ fn gate_at(plan: u64, now: u64) -> (bool, Option<u64>) {
 
 /// The pacing state of the device the calling thread works on.
 #[inline]
-fn current_pace() -> &'static DevicePace {
+fn current_pace(drv: &dyn Driver) -> &'static DevicePace {
     let dev = if SINGLE_DEVICE.load(Relaxed) == 1 {
         0
     } else {
-        crate::hooks::memory::current_device().unwrap_or(0)
+        drv.current_device()
     };
     &DEVICES[dev.min(MAX_DEVICES - 1)]
 }
 
 /// Called by every launch hook before the real launch.
 #[inline]
-pub fn before_launch(stream: CUstream) {
-    match STATE.load(Relaxed) {
-        OFF => return,
-        ON => {}
-        _ => {
-            if !decide() {
-                return;
-            }
+pub fn before_launch(drv: &'static dyn Driver, stream: usize) {
+    let mut state = STATE.load(Relaxed);
+    if state == OFF {
+        return;
+    }
+    if state != ON && state != INLINE {
+        state = decide(drv);
+        if state == OFF {
+            return;
         }
     }
-    let d = current_pace();
+    let d = current_pace(drv);
     d.launches.fetch_add(1, Relaxed);
-    if d.gate.load(Relaxed) == CLOSED && !capturing(stream) {
-        hold(d);
+    if state == INLINE {
+        inline_tick(now_ns());
+        let open = wait_needed(d.plan.load(Relaxed), now_ns()).is_ok();
+        d.gate.store(if open { OPEN } else { CLOSED }, Relaxed);
+    }
+    if d.gate.load(Relaxed) == CLOSED && !drv.capturing(stream) {
+        hold(drv, d);
     }
 }
 
@@ -173,13 +223,22 @@ static SYNC_WAITED_UNTIL: AtomicU64 = AtomicU64::new(0);
 
 /// Wraps a synchronize call of the program to note when the GPU finished, if that was after its window.
 /// Inside the window (gate open before and after) there is nothing to note and no clock is read.
-pub fn observe_sync(call: impl FnOnce() -> CUresult) -> CUresult {
-    if STATE.load(Relaxed) != ON {
+pub fn observe_sync(drv: &dyn Driver, call: impl FnOnce() -> CUresult) -> CUresult {
+    let state = STATE.load(Relaxed);
+    if state != ON && state != INLINE {
         return call();
     }
-    let d = current_pace();
+    let d = current_pace(drv);
     let launched = d.launches.load(Relaxed);
-    let rc = if d.gate.load(Relaxed) == CLOSED {
+    // Without a monitor thread no one moves the gate at the window's edges: read the clock instead.
+    let closed = || {
+        if state == INLINE {
+            wait_needed(d.plan.load(Relaxed), now_ns()).is_err()
+        } else {
+            d.gate.load(Relaxed) == CLOSED
+        }
+    };
+    let rc = if closed() {
         let t0 = now_ns();
         let rc = call();
         let t1 = now_ns();
@@ -189,7 +248,7 @@ pub fn observe_sync(call: impl FnOnce() -> CUresult) -> CUresult {
         rc
     } else {
         let rc = call();
-        if d.gate.load(Relaxed) == CLOSED {
+        if closed() {
             // Began inside the window and returned after it closed: the GPU was busy until about now.
             SYNC_WAITED_UNTIL.fetch_max(now_ns(), Relaxed);
         }
@@ -204,16 +263,11 @@ pub fn observe_sync(call: impl FnOnce() -> CUresult) -> CUresult {
 /// further launch). Either our own synchronize waits (the GPU was still busy: it finished when it returns),
 /// or the program's own synchronize already waited after `end`, or the GPU was idle and nothing is owed.
 /// Capped at one period (`cap`), so a long stall never starves a slice for long.
-fn overrun_since(end: u64, cap: u64) -> u64 {
+fn overrun_since(drv: &dyn Driver, end: u64, cap: u64) -> u64 {
     let t0 = now_ns();
-    let rc = call_real!(
-        crate::hooks::real_fns::cuCtxSynchronize,
-        unsafe extern "C" fn() -> CUresult,
-        CUDA_ERROR_NOT_FOUND,
-        ()
-    );
+    let ok = drv.synchronize();
     let t1 = now_ns();
-    if rc != CUDA_SUCCESS {
+    if !ok {
         return 0;
     }
     let finished = if t1 - t0 >= WAITED_NS {
@@ -225,7 +279,7 @@ fn overrun_since(end: u64, cap: u64) -> u64 {
 }
 
 #[cold]
-fn hold(d: &DevicePace) {
+fn hold(drv: &dyn Driver, d: &DevicePace) {
     let start = now_ns();
     let plan = d.plan.load(Relaxed);
     if wait_needed(plan, start).is_ok() {
@@ -234,10 +288,9 @@ fn hold(d: &DevicePace) {
     d.waiting.fetch_add(1, SeqCst);
     // Right after our window closed: measure the overrun once per window, to pay it from the next ones.
     if plan != FREE {
-        let (period, off, len) = decode(plan);
-        let pos = start % period;
-        let end = start - pos + off + len;
-        if pos >= off + len && d.drained_for.swap(end, SeqCst) != end {
+        let (period, _, _) = decode(plan);
+        let end = latest_window_end(plan, start);
+        if end > 0 && d.drained_for.swap(end, SeqCst) != end {
             // A process that ran free until its first plan (its start, or a neighbour's arrival under
             // `default`) owes only what ran past that moment, not everything since the window it never had.
             let since = end.max(d.windowed_since.load(SeqCst));
@@ -250,16 +303,21 @@ fn hold(d: &DevicePace) {
                     .saturating_sub(since)
                     .min(period)
             } else {
-                overrun_since(since, period)
+                overrun_since(drv, since, period)
             };
-            // Handed to the monitor, which reports it on the container's card entry.
+            // Handed to the monitor, which reports it as the container's debt (its cache file, never the card).
+            d.overrun_ns.store(owed, SeqCst);
             d.overrun_end.store(end, SeqCst);
-            d.debt_ns.store(owed, SeqCst);
             d.overrun_total_ns.fetch_add(owed, Relaxed);
         }
     }
+    let inline = STATE.load(Relaxed) == INLINE;
     loop {
         let now = now_ns();
+        if inline {
+            // No monitor thread: the held thread keeps the plan current itself while it waits.
+            inline_tick(now);
+        }
         match wait_needed(d.plan.load(Relaxed), now) {
             Ok(()) => break,
             Err(ns) => sleep_until(now + ns.min(TICK_NS)),
@@ -268,19 +326,6 @@ fn hold(d: &DevicePace) {
     d.throttled_ns.fetch_add(now_ns() - start, Relaxed);
     d.holds.fetch_add(1, Relaxed);
     d.waiting.fetch_sub(1, SeqCst);
-}
-
-/// Launches into a stream being captured into a graph do not run now: they are not held, and nothing may
-/// synchronize while a capture is open.
-fn capturing(stream: CUstream) -> bool {
-    let mut status: std::ffi::c_int = 0;
-    let rc = call_real!(
-        used::cuStreamIsCapturing,
-        unsafe extern "C" fn(CUstream, *mut std::ffi::c_int) -> CUresult,
-        CUDA_ERROR_NOT_FOUND,
-        (stream, &mut status)
-    );
-    rc == CUDA_SUCCESS && status != 0
 }
 
 fn sleep_until(t: u64) {
@@ -299,48 +344,68 @@ fn sleep_until(t: u64) {
     };
 }
 
-/// First launch of the process: pace or not, and start the monitor if so.
+/// First launch of the process: pace or not; with a thread that keeps the gates if it can start, else inline.
 #[cold]
-fn decide() -> bool {
+fn decide(drv: &'static dyn Driver) -> u8 {
     let on = process::get()
         .is_some_and(|p| p.cfg.sm_limit.is_some() && p.cfg.policy != CorePolicy::Disable);
     if !on {
         STATE.store(OFF, Relaxed);
-        return false;
+        return OFF;
     }
-    let mut n: std::ffi::c_int = 0;
-    let rc = call_real!(
-        used::cuDeviceGetCount,
-        unsafe extern "C" fn(*mut std::ffi::c_int) -> CUresult,
-        CUDA_ERROR_NOT_FOUND,
-        (&mut n)
-    );
-    SINGLE_DEVICE.store((rc == CUDA_SUCCESS && n == 1) as u8, Relaxed);
-    if !MONITOR_STARTED.swap(true, SeqCst) {
-        let ctx = current_context();
-        if std::thread::Builder::new()
-            .name("vgpu-pacer".into())
-            .spawn(move || monitor(ctx))
-            .is_err()
-        {
-            log::error("cannot start the pacing thread: compute limit not enforced");
-            STATE.store(OFF, Relaxed);
-            return false;
+    if let Err(mut state) = STATE.compare_exchange(UNDECIDED, DECIDING, SeqCst, SeqCst) {
+        // Another thread is deciding: wait for its answer (one thread starts the monitor).
+        while state == DECIDING {
+            std::thread::yield_now();
+            state = STATE.load(SeqCst);
         }
+        return state;
     }
-    STATE.store(ON, Relaxed);
-    true
+    SINGLE_DEVICE.store((drv.device_count() == Some(1)) as u8, Relaxed);
+    let ctx = drv.current_context();
+    let state = if start_thread(move || monitor_thread(drv, ctx)) {
+        ON
+    } else {
+        // Launches must not run free because a thread could not start (RLIMIT_NPROC, a cgroup's pids.max):
+        // the launching threads do the monitor's work themselves.
+        log::warn(
+            "cannot start the pacing thread; launches are paced on the threads that make them (each reads the clock)",
+        );
+        INLINE_MONITOR.store(
+            Box::into_raw(Box::new(Mutex::new(Monitor::new(drv)))),
+            SeqCst,
+        );
+        INLINE
+    };
+    STATE.store(state, SeqCst);
+    state
 }
 
-fn current_context() -> usize {
-    let mut ctx: CUcontext = std::ptr::null_mut();
-    call_real!(
-        used::cuCtxGetCurrent,
-        unsafe extern "C" fn(*mut CUcontext) -> CUresult,
-        CUDA_ERROR_NOT_FOUND,
-        (&mut ctx)
-    );
-    ctx as usize
+fn start_thread(f: impl FnOnce() + Send + 'static) -> bool {
+    std::thread::Builder::new()
+        .name("vgpu-pacer".into())
+        .spawn(f)
+        .is_ok()
+}
+
+/// The monitor's state when no thread could start (leaked on purpose: a forked child starts over with a new
+/// one, so a lock its parent's thread held at fork never blocks it).
+static INLINE_MONITOR: AtomicPtr<Mutex<Monitor>> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The monitor's periodic work done by a launching thread, if it is due and no other thread is doing it.
+fn inline_tick(now: u64) {
+    let m = INLINE_MONITOR.load(Acquire);
+    if m.is_null() {
+        return;
+    }
+    // SAFETY: a published inline monitor is never freed.
+    let m = unsafe { &*m };
+    if let Ok(mut m) = m.try_lock() {
+        if now >= m.next_tick {
+            m.tick(now);
+            m.next_tick = now + TICK_NS;
+        }
+    }
 }
 
 /// Identity of this container on the card: its cache file (device, inode), or this process alone.
@@ -361,98 +426,131 @@ fn container_key(p: &process::Process) -> u64 {
     h.finish() | 1
 }
 
-struct Joined {
-    card: CardFile,
-    entry: usize,
+/// What the monitor keeps per paced device, all in this process's memory.
+struct Device {
+    card: Membership,
     last_launches: u64,
     last_throttled: u64,
+    last_period: u64,
+    /// When a process of this container last launched or waited here (what its entry announces).
+    last_active: u64,
 }
 
-fn join(dev: usize, p: &process::Process, key: u64, share: u32) -> Option<Joined> {
-    let uuid = crate::context::cuda_uuid(dev)
-        .map(|u| format_uuid(&u))
-        .unwrap_or_else(|| format!("dev{dev}"));
-    let card = CardFile::open(&p.cfg.card_dir, &uuid).unwrap_or_else(|e| {
-        log::warn(&format!(
-            "card directory {}: {e}; pacing this container without coordinating with other slices",
-            p.cfg.card_dir.display()
-        ));
-        CardFile::private()
-    });
-    let entry = card.join(key, share, p.cfg.policy.code(), now_ns());
-    if entry.is_none() {
-        log::error("the card's slice table is full; pacing this container alone");
-    }
-    let (card, entry) = match entry {
-        Some(e) => (card, e),
-        None => {
-            let c = CardFile::private();
-            let e = c.join(key, share, p.cfg.policy.code(), now_ns())?;
-            (c, e)
+/// The control loop's state: one per process, owned by the monitor thread (or shared by launching threads).
+struct Monitor {
+    drv: &'static dyn Driver,
+    devices: Vec<Option<Device>>,
+    next_tick: u64,
+    /// This container's identity on the cards, found once.
+    key: Option<u64>,
+}
+
+impl Monitor {
+    fn new(drv: &'static dyn Driver) -> Self {
+        Monitor {
+            drv,
+            devices: (0..MAX_DEVICES).map(|_| None).collect(),
+            next_tick: 0,
+            key: None,
         }
-    };
-    let period_ns = card_period(
-        card.settle_period(entry, p.cfg.pacing_period_ns, now_ns()),
-        p,
-    );
-    if period_ns != p.cfg.pacing_period_ns {
-        log::info(&format!(
-            "card {uuid} paces in periods of {} ms, set by a slice already on it (this process asked for {} ms)",
-            period_ns / 1_000_000,
-            p.cfg.pacing_period_ns / 1_000_000
-        ));
     }
-    Some(Joined {
-        card,
-        entry,
-        last_launches: 0,
-        last_throttled: 0,
-    })
+
+    /// Entries kept alive, statistics published, plans recomputed.
+    fn tick(&mut self, now: u64) {
+        let Some(p) = process::get() else { return };
+        let Some(share) = p.cfg.sm_limit else { return };
+        let own_period = p.cfg.pacing_period_ns;
+        let key = *self.key.get_or_insert_with(|| container_key(p));
+        for (dev, d) in DEVICES.iter().enumerate() {
+            let launches = d.launches.load(Relaxed);
+            let waiting = d.waiting.load(Relaxed) > 0;
+            if launches == 0 && !waiting {
+                continue;
+            }
+            let entry = |last_active_ns: u64| Entry {
+                index: 0,
+                key,
+                share,
+                policy: p.cfg.policy.code(),
+                last_active_ns,
+                launches: 0,
+                throttled_ns: 0,
+                period_ns: own_period,
+            };
+            let dv = self.devices[dev].get_or_insert_with(|| {
+                let uuid = self.drv.uuid(dev).unwrap_or_else(|| format!("dev{dev}"));
+                Device {
+                    card: Membership::join(&p.cfg.card_dir, &uuid, entry(now), now),
+                    last_launches: 0,
+                    last_throttled: 0,
+                    last_period: own_period,
+                    last_active: now,
+                }
+            });
+            let throttled = d.throttled_ns.load(Relaxed);
+            p.region.add_launches(p.slot, launches - dv.last_launches);
+            p.region
+                .add_throttled_ns(p.slot, throttled - dv.last_throttled);
+            if launches != dv.last_launches || waiting {
+                dv.last_active = now;
+            }
+            dv.last_launches = launches;
+            dv.last_throttled = throttled;
+            let view = dv.card.refresh(
+                Entry {
+                    launches,
+                    throttled_ns: throttled,
+                    ..entry(dv.last_active)
+                },
+                now,
+            );
+            let period = peers::period(own_period, &view.peers);
+            if period != dv.last_period {
+                log::info(&format!(
+                    "device {dev}: pacing in periods of {} ms, the shortest a slice on the card asks for (this process asked for {} ms)",
+                    period / 1_000_000,
+                    own_period / 1_000_000
+                ));
+                dv.last_period = period;
+            }
+            let plan = match window::plan(&view.peers, view.me, share, p.cfg.policy, now, period) {
+                Plan::Free => FREE,
+                Plan::Window { offset_ns, len_ns } => {
+                    // The debt is the container's, in its own cache file (which no other tenant can reach),
+                    // never in the card.
+                    let end = d.overrun_end.swap(0, SeqCst);
+                    if end != 0 {
+                        p.region
+                            .report_overrun(dev, end, d.overrun_ns.load(SeqCst), period);
+                    }
+                    let paid = p.region.pay_debt(dev, now / period, len_ns);
+                    encode(period, offset_ns, len_ns.saturating_sub(paid))
+                }
+            };
+            if plan != FREE && d.plan.load(Relaxed) == FREE {
+                d.windowed_since.store(now, SeqCst);
+            }
+            d.plan.store(plan, Relaxed);
+        }
+    }
 }
 
-/// The period to pace by, given what the card records: this process's own when the card holds none or one no
-/// vgpu slice could have written (a bad value there must not stall or crash every launch on the card).
-fn card_period(recorded: u64, p: &process::Process) -> u64 {
-    if valid_pacing_period(recorded) {
-        return recorded;
-    }
-    if recorded != 0 && !BAD_PERIOD_REPORTED.swap(true, Relaxed) {
-        log::warn(&format!(
-            "the card file holds an invalid pacing period ({recorded} ns); using {} ms",
-            p.cfg.pacing_period_ns / 1_000_000
-        ));
-    }
-    p.cfg.pacing_period_ns
-}
-static BAD_PERIOD_REPORTED: AtomicBool = AtomicBool::new(false);
-
-fn monitor(ctx: usize) {
+fn monitor_thread(drv: &'static dyn Driver, ctx: usize) {
     // Make the launching thread's context current here too, so driver calls made on its behalf resolve.
     if ctx != 0 {
-        call_real!(
-            used::cuCtxSetCurrent,
-            unsafe extern "C" fn(CUcontext) -> CUresult,
-            CUDA_ERROR_NOT_FOUND,
-            (ctx as CUcontext)
-        );
+        drv.set_current_context(ctx);
     }
-    let Some(p) = process::get() else { return };
-    if p.cfg.sm_limit.is_none() {
-        return;
-    }
-    let key = container_key(p);
     // Window edges are kept to within the timer's wake-up latency instead of the default 50 µs slack.
     // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
-    let mut joined: Vec<Option<Joined>> = (0..MAX_DEVICES).map(|_| None).collect();
-    let mut next_tick = 0;
+    let mut m = Monitor::new(drv);
     loop {
         let now = now_ns();
-        if now >= next_tick {
-            tick(&mut joined, p, key, now);
-            next_tick = now + TICK_NS;
+        if now >= m.next_tick {
+            m.tick(now);
+            m.next_tick = now + TICK_NS;
         }
-        let mut wake = next_tick;
+        let mut wake = m.next_tick;
         for d in &DEVICES {
             let (open, edge) = gate_at(d.plan.load(Relaxed), now);
             d.gate.store(if open { OPEN } else { CLOSED }, Relaxed);
@@ -464,58 +562,10 @@ fn monitor(ctx: usize) {
     }
 }
 
-/// The monitor's periodic work: card entries kept alive, statistics published, plans recomputed.
-fn tick(joined: &mut [Option<Joined>], p: &process::Process, key: u64, now: u64) {
-    let Some(share) = p.cfg.sm_limit else { return };
-    for (dev, d) in DEVICES.iter().enumerate() {
-        let launches = d.launches.load(Relaxed);
-        if launches == 0 && d.waiting.load(Relaxed) == 0 {
-            continue;
-        }
-        if joined[dev].is_none() {
-            joined[dev] = join(dev, p, key, share);
-        }
-        let Some(j) = joined[dev].as_mut() else {
-            continue;
-        };
-        let throttled = d.throttled_ns.load(Relaxed);
-        if launches != j.last_launches || d.waiting.load(Relaxed) > 0 {
-            j.card.touch(j.entry, now);
-        }
-        j.card.add_stats(
-            j.entry,
-            launches - j.last_launches,
-            throttled - j.last_throttled,
-        );
-        p.region.add_launches(p.slot, launches - j.last_launches);
-        p.region
-            .add_throttled_ns(p.slot, throttled - j.last_throttled);
-        j.last_launches = launches;
-        j.last_throttled = throttled;
-        // Re-read each tick: the card's period may have been settled by another slice joining at the same time.
-        let period = card_period(j.card.period_ns(), p);
-        let plan = match window::plan(&j.card.entries(), j.entry, p.cfg.policy, now, period) {
-            Plan::Free => FREE,
-            Plan::Window { offset_ns, len_ns } => {
-                let end = d.overrun_end.swap(0, SeqCst);
-                if end != 0 {
-                    j.card
-                        .report_overrun(j.entry, end, d.debt_ns.load(SeqCst), period);
-                }
-                let paid = j.card.pay_debt(j.entry, now / period, len_ns);
-                encode(period, offset_ns, len_ns.saturating_sub(paid))
-            }
-        };
-        if plan != FREE && d.plan.load(Relaxed) == FREE {
-            d.windowed_since.store(now, SeqCst);
-        }
-        d.plan.store(plan, Relaxed);
-    }
-}
-
 /// One line per paced device at exit (info level): what pacing did to this process.
 pub fn report() {
-    if STATE.load(Relaxed) != ON {
+    let state = STATE.load(Relaxed);
+    if state != ON && state != INLINE {
         return;
     }
     for (dev, d) in DEVICES.iter().enumerate() {
@@ -534,13 +584,13 @@ pub fn report() {
 /// In a forked child: no monitor thread exists; start over on its first launch.
 pub fn forked_child() {
     STATE.store(UNDECIDED, Relaxed);
-    MONITOR_STARTED.store(false, Relaxed);
+    INLINE_MONITOR.store(std::ptr::null_mut(), SeqCst);
     for d in &DEVICES {
         d.plan.store(FREE, Relaxed);
         d.gate.store(OPEN, Relaxed);
         d.launches.store(0, Relaxed);
         d.waiting.store(0, Relaxed);
-        d.debt_ns.store(0, Relaxed);
+        d.overrun_end.store(0, Relaxed);
         d.synced_launches.store(0, Relaxed);
     }
 }
@@ -581,6 +631,31 @@ mod tests {
         );
         assert_eq!(gate_at(FREE, p0), (true, None));
         assert_eq!(gate_at(encode(PERIOD_NS, 0, 0), p0), (false, None));
+    }
+
+    #[test]
+    fn the_latest_window_end_is_found_across_the_period_boundary() {
+        let p0 = 7 * PERIOD_NS;
+        let first = encode(PERIOD_NS, 0, 15 * MS);
+        assert_eq!(latest_window_end(first, p0 + 20 * MS), p0 + 15 * MS);
+        let last = encode(PERIOD_NS, 35 * MS, 15 * MS);
+        assert_eq!(
+            latest_window_end(last, p0 + 2 * MS),
+            p0,
+            "held at the start of the next period: the window that just ended"
+        );
+        let middle = encode(PERIOD_NS, 10 * MS, 15 * MS);
+        assert_eq!(
+            latest_window_end(middle, p0 + 5 * MS),
+            p0 - PERIOD_NS + 25 * MS
+        );
+        assert_eq!(latest_window_end(middle, p0 + 30 * MS), p0 + 25 * MS);
+        let empty = encode(PERIOD_NS, 10 * MS, 0);
+        assert_eq!(
+            latest_window_end(empty, p0 + 12 * MS),
+            p0 + 10 * MS,
+            "an empty window too"
+        );
     }
 
     #[test]

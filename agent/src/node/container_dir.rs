@@ -1,0 +1,148 @@
+//! The per-container host directory (`contract::container_dir`): created at Allocate with an empty limits file,
+//! the preload line and the cache file; the limits file filled in place once the kubelet confirms the container.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use vgpu_contract::cache_layout::{CacheRegion, HeaderInfo, MAX_DEVICES};
+use vgpu_contract::container_dir as cd;
+
+/// The settings of one container, written as `NAME=value` lines (the environment's keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings(pub Vec<(String, String)>);
+
+#[derive(Debug, Clone)]
+pub struct ContainerDir {
+    pub dir: PathBuf,
+}
+
+impl ContainerDir {
+    pub fn path(root: &Path, pod_uid: &str, container: &str) -> io::Result<Self> {
+        let name = cd::host_dir_name(pod_uid, container).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("pod UID {pod_uid:?} or container {container:?} is not a plain name"),
+            )
+        })?;
+        Ok(Self {
+            dir: root.join(name),
+        })
+    }
+
+    pub fn limits(&self) -> PathBuf {
+        self.dir.join(cd::LIMITS_NAME)
+    }
+    pub fn preload(&self) -> PathBuf {
+        self.dir.join(cd::PRELOAD_NAME)
+    }
+    pub fn cache(&self) -> PathBuf {
+        self.dir.join(cd::CACHE_NAME)
+    }
+
+    /// Creates the directory for a container about to be created. The limits file is made empty (pending):
+    /// a file left from an earlier Allocate of the same container is emptied in place, never trusted.
+    pub fn create(&self, cache: &HeaderInfo) -> io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))?;
+        let limits = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(self.limits())?;
+        limits.sync_all()?;
+        std::fs::write(self.preload(), format!("{}\n", cd::CONTAINER_SHIM))?;
+        std::fs::set_permissions(self.preload(), std::fs::Permissions::from_mode(0o644))?;
+        // The shim maps the cache file and needs its header; an existing one keeps what it has charged.
+        CacheRegion::open_or_create(&self.cache(), cache)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Fills the limits file with `VGPU_LIMITS_STATE=ready` and `settings`, in place (same inode: the
+    /// container's read-only bind mount points at it).
+    pub fn ready(&self, settings: &Settings) -> io::Result<()> {
+        let mut text = format!("{}={}\n", cd::LIMITS_STATE, cd::STATE_READY);
+        for (k, v) in &settings.0 {
+            text.push_str(&format!("{k}={v}\n"));
+        }
+        self.write_limits(&text)
+    }
+
+    /// Marks the container revoked: the shim then refuses every allocation and launch, and logs `reason`.
+    pub fn revoke(&self, reason: &str) -> io::Result<()> {
+        let reason = reason.replace(['\n', '\r'], " ");
+        self.write_limits(&format!(
+            "{}={}\n{}={reason}\n",
+            cd::LIMITS_STATE,
+            cd::STATE_REVOKED,
+            cd::LIMITS_REASON
+        ))
+    }
+
+    fn write_limits(&self, text: &str) -> io::Result<()> {
+        // Never create it here: a missing file means the directory was not made by Allocate.
+        let f: File = OpenOptions::new().write(true).open(self.limits())?;
+        // Write the new bytes over the old and only then cut the tail, so a reader never meets an empty
+        // file where a state stood (it may see a longer old tail for an instant; the state line is first).
+        f.write_all_at(text.as_bytes(), 0)?;
+        f.set_len(text.len() as u64)?;
+        f.sync_all()
+    }
+}
+
+/// The cache header for a container's devices: `limits` in bytes per CUDA ordinal.
+pub fn cache_header(limits: &[u64], sm_limit: u32, policy: u32) -> HeaderInfo {
+    let mut memory_limits = [0u64; MAX_DEVICES];
+    for (slot, l) in memory_limits.iter_mut().zip(limits) {
+        *slot = *l;
+    }
+    HeaderInfo {
+        memory_limits,
+        sm_limit,
+        policy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_limits_file_keeps_its_inode_from_pending_to_ready_to_revoked() {
+        let root = std::env::temp_dir().join(format!("vgpu-cd-{}", std::process::id()));
+        let d = ContainerDir::path(&root, "uid-1", "app").unwrap();
+        d.create(&cache_header(&[4000 << 20], 30, 1)).unwrap();
+        assert_eq!(std::fs::read_to_string(d.limits()).unwrap(), "");
+        assert_eq!(
+            std::fs::read_to_string(d.preload()).unwrap(),
+            "/usr/local/vgpu/libvgpu.so\n"
+        );
+        CacheRegion::open_existing(&d.cache()).expect("the shim can map the cache file");
+        let ino = std::fs::metadata(d.limits()).unwrap().ino();
+        d.ready(&Settings(vec![(
+            "CUDA_DEVICE_SM_LIMIT".into(),
+            "30".into(),
+        )]))
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.limits()).unwrap(),
+            "VGPU_LIMITS_STATE=ready\nCUDA_DEVICE_SM_LIMIT=30\n"
+        );
+        d.revoke("on another pod's\ndevices").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.limits()).unwrap(),
+            "VGPU_LIMITS_STATE=revoked\nVGPU_LIMITS_REASON=on another pod's devices\n"
+        );
+        assert_eq!(std::fs::metadata(d.limits()).unwrap().ino(), ino);
+        // A second Allocate of the same container starts pending again, same inode.
+        d.create(&cache_header(&[4000 << 20], 30, 1)).unwrap();
+        assert_eq!(std::fs::read_to_string(d.limits()).unwrap(), "");
+        assert_eq!(std::fs::metadata(d.limits()).unwrap().ino(), ino);
+        assert!(ContainerDir::path(&root, "../x", "app").is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

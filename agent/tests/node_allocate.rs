@@ -1,0 +1,432 @@
+//! Allocate against pods served by an in-test API server, confirmed by an in-test PodResources: HAMI-NOTES
+//! failures 1 (no node lock: two pending pods both allocate), 2 (the wrong pod is caught and revoked) and 5
+//! (forged placements refused, neighbours unchanged), and a two-GPU container.
+
+mod node_support;
+
+use std::time::Duration;
+
+use node_support::*;
+use serde_json::json;
+
+const GPU: &str = "GPU-0fc3eda5-e98b-a25b-5b0d-cf5c855d1448";
+const GPU2: &str = "GPU-859b872c-0ba2-97b0-10b4-8b7185c55039";
+
+fn dev(uuid: &str, mib: u64, cores: u32) -> String {
+    format!("{uuid},NVIDIA,{mib},{cores}:;")
+}
+
+fn env(r: &vgpu_kubelet_api::deviceplugin::ContainerAllocateResponse, k: &str) -> String {
+    r.envs
+        .get(k)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {k} in {:?}", r.envs))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_pending_on_one_node_both_allocate_without_a_lock() {
+    let rig = Rig::start("two-pods", vec![card(GPU, 0)], json!({})).await;
+    let mut a = pod("a", "uid-a", "2026-01-01T00:00:00Z", &[1]);
+    seal_placement(&mut a, &dev(GPU, 4000, 0), "100");
+    let mut b = pod("b", "uid-b", "2026-01-01T00:00:01Z", &[1]);
+    seal_placement(&mut b, &dev(GPU, 3000, 30), "101");
+    // Both bound before either is allocated: HAMi's node lock would hold b until a's Allocate.
+    rig.api.put_pod(b);
+    rig.api.put_pod(a);
+    rig.synced("a").await;
+    rig.synced("b").await;
+
+    let ra = rig
+        .allocate(&[&format!("{GPU}-3")])
+        .await
+        .expect("a allocates");
+    let rb = rig
+        .allocate(&[&format!("{GPU}-7")])
+        .await
+        .expect("b allocates right after");
+    assert_eq!(
+        env(&ra, "CUDA_DEVICE_MEMORY_LIMIT_0"),
+        "4000m",
+        "oldest bind-time first"
+    );
+    assert_eq!(env(&rb, "CUDA_DEVICE_MEMORY_LIMIT_0"), "3000m");
+    assert_eq!(env(&rb, "CUDA_DEVICE_SM_LIMIT"), "30");
+    for (p, d) in [("a", dev(GPU, 4000, 0)), ("b", dev(GPU, 3000, 30))] {
+        assert_eq!(
+            rig.api.annotation(p, "hami.io/bind-phase").as_deref(),
+            Some("success")
+        );
+        assert_eq!(
+            rig.api
+                .annotation(p, "hami.io/vgpu-devices-to-allocate")
+                .as_deref(),
+            Some(";")
+        );
+        assert_eq!(
+            rig.api.annotation(p, "hami.io/vgpu-devices-allocated"),
+            Some(d)
+        );
+    }
+    // No lock anywhere: nothing was written to the node but its inventory and handshake.
+    for (m, path, body) in rig.api.writes() {
+        if path.contains("/nodes/") {
+            let keys: Vec<_> = body["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            assert_eq!(
+                keys,
+                ["hami.io/node-handshake", "hami.io/node-nvidia-register"],
+                "{m} {path}"
+            );
+        }
+    }
+    assert!(rig.api.node(NODE)["metadata"]["annotations"]["hami.io/mutex.lock"].is_null());
+
+    // The kubelet's record confirms both: each limits file turns ready with its own pod's values.
+    rig.record.assign("a", "c0", &[&format!("{GPU}-3")]);
+    rig.record.assign("b", "c0", &[&format!("{GPU}-7")]);
+    let la = rig.limits_state("uid-a", "c0", "ready").await;
+    let lb = rig.limits_state("uid-b", "c0", "ready").await;
+    assert!(la.contains("CUDA_DEVICE_MEMORY_LIMIT_0=4000m\n"), "{la}");
+    assert!(
+        lb.contains("CUDA_DEVICE_MEMORY_LIMIT_0=3000m\n")
+            && lb.contains("CUDA_DEVICE_SM_LIMIT=30\n"),
+        "{lb}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_write_is_retried_not_lost() {
+    let rig = Rig::start("conflict", vec![card(GPU, 0)], json!({})).await;
+    let mut a = pod("a", "uid-a", "2026-01-01T00:00:00Z", &[1]);
+    seal_placement(&mut a, &dev(GPU, 4000, 0), "100");
+    rig.api.put_pod(a);
+    rig.synced("a").await;
+    rig.api.conflict_next_patches("a", 2);
+    rig.allocate(&[&format!("{GPU}-0")])
+        .await
+        .expect("allocates after two conflicts");
+    assert_eq!(
+        rig.api.annotation("a", "hami.io/bind-phase").as_deref(),
+        Some("success")
+    );
+    let preconditioned = rig
+        .api
+        .writes()
+        .iter()
+        .filter(|(_, p, b)| p.ends_with("/pods/a") && b["metadata"]["resourceVersion"].is_string())
+        .count();
+    assert_eq!(preconditioned, 3, "two refused, the third applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_on_another_pods_devices_is_revoked_and_the_placement_given_back() {
+    let rig = Rig::start("wrong-pod", vec![card(GPU, 0)], json!({})).await;
+    let mut a = pod("a", "uid-a", "2026-01-01T00:00:00Z", &[1]);
+    seal_placement(&mut a, &dev(GPU, 4000, 0), "100");
+    let mut b = pod("b", "uid-b", "2026-01-01T00:00:01Z", &[1]);
+    seal_placement(&mut b, &dev(GPU, 8000, 0), "101");
+    rig.api.put_pod(a);
+    rig.api.put_pod(b);
+    rig.synced("a").await;
+    rig.synced("b").await;
+
+    // The kubelet admits b first (as with a kubelet that saw b's binding first): Allocate guesses a, the oldest.
+    let id = format!("{GPU}-1");
+    let r = rig.allocate(&[&id]).await.unwrap();
+    assert_eq!(env(&r, "CUDA_DEVICE_MEMORY_LIMIT_0"), "4000m");
+    rig.record.assign("b", "c0", &[&id]);
+    let l = rig.limits_state("uid-a", "c0", "revoked").await;
+    assert!(
+        l.contains("VGPU_LIMITS_REASON=") && l.contains("default/b container \"c0\""),
+        "{l}"
+    );
+    assert!(
+        !l.contains("CUDA_DEVICE_MEMORY_LIMIT"),
+        "no limits on a revoked container: {l}"
+    );
+    eventually("b failed", Duration::from_secs(5), || {
+        (rig.api.annotation("b", "hami.io/bind-phase").as_deref() == Some("failed")).then_some(())
+    })
+    .await;
+    eventually("a's placement given back", Duration::from_secs(5), || {
+        (rig.api.annotation("a", "hami.io/bind-phase").as_deref() == Some("allocating")
+            && rig.api.annotation("a", "hami.io/vgpu-devices-to-allocate")
+                == Some(dev(GPU, 4000, 0)))
+        .then_some(())
+    })
+    .await;
+    let ev = rig.api.events();
+    assert!(
+        ev.iter().any(|e| e["involvedObject"]["name"] == "b"
+            && e["reason"] == "VgpuAllocateRefused"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("prepared them for default/a")),
+        "{ev:?}"
+    );
+
+    // a's own container comes next and gets its placement; b (failed) is never a candidate again.
+    rig.synced("a").await;
+    let id2 = format!("{GPU}-2");
+    let r = rig.allocate(&[&id2]).await.expect("a allocates");
+    assert_eq!(env(&r, "CUDA_DEVICE_MEMORY_LIMIT_0"), "4000m");
+    rig.record.assign("a", "c0", &[&id2]);
+    rig.limits_state("uid-a", "c0", "ready").await;
+    assert_eq!(
+        rig.api.annotation("a", "hami.io/bind-phase").as_deref(),
+        Some("success")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_pods_are_refused_with_their_reason_and_neighbours_keep_their_state() {
+    let rig = Rig::start("forged", vec![card(GPU, 0)], json!({})).await;
+    // A neighbour, allocated and running.
+    let mut n = pod("n", "uid-n", "2026-01-01T00:00:00Z", &[1]);
+    seal_placement(&mut n, &dev(GPU, 4000, 0), "100");
+    rig.api.put_pod(n);
+    rig.synced("n").await;
+    let id_n = format!("{GPU}-0");
+    rig.allocate(&[&id_n]).await.unwrap();
+    rig.record.assign("n", "c0", &[&id_n]);
+    let n_limits = rig.limits_state("uid-n", "c0", "ready").await;
+    let n_before = rig.api.pod("n")["metadata"]["annotations"].clone();
+
+    // 1: hami.io/* annotations written by hand, no seal.
+    let mut f1 = pod("f1", "uid-f1", "2026-01-01T00:01:00Z", &[1]);
+    f1["metadata"]["annotations"] = json!({
+        "hami.io/vgpu-node": NODE, "hami.io/bind-phase": "allocating", "hami.io/bind-time": "200",
+        "hami.io/vgpu-devices-to-allocate": dev(GPU, 15000, 0)});
+    rig.api.put_pod(f1);
+    let id = format!("{GPU}-5");
+    rig.synced("f1").await;
+    let e = rig.allocate(&[&id]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .contains("default/f1 refused: no placement sealed by the vgpu scheduler"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        rig.api.annotation("f1", "hami.io/bind-phase").as_deref(),
+        Some("failed")
+    );
+
+    // 2: spec.nodeName set directly, nothing else.
+    rig.api
+        .put_pod(pod("f2", "uid-f2", "2026-01-01T00:02:00Z", &[1]));
+    rig.synced("f2").await;
+    let e = rig.allocate(&[&id]).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("default/f2 refused: no placement sealed"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        rig.api.annotation("f2", "hami.io/bind-phase").as_deref(),
+        Some("failed")
+    );
+
+    // 3: the neighbour's whole placement and seal copied onto another pod.
+    let mut f3 = pod("f3", "uid-f3", "2026-01-01T00:03:00Z", &[1]);
+    f3["metadata"]["annotations"] = rig.api.pod("n")["metadata"]["annotations"].clone();
+    f3["metadata"]["annotations"]["hami.io/bind-phase"] = json!("allocating");
+    f3["metadata"]["annotations"]["hami.io/vgpu-devices-to-allocate"] = json!(dev(GPU, 4000, 0));
+    rig.api.put_pod(f3);
+    rig.synced("f3").await;
+    let e = rig.allocate(&[&id]).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("default/f3 refused: the placement seal"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        rig.api.annotation("f3", "hami.io/bind-phase").as_deref(),
+        Some("failed")
+    );
+
+    // 4: a sealed placement whose memory was raised afterwards.
+    let mut f4 = pod("f4", "uid-f4", "2026-01-01T00:04:00Z", &[1]);
+    seal_placement(&mut f4, &dev(GPU, 1000, 0), "400");
+    f4["metadata"]["annotations"]["vgpu.io/devices-sealed"] = json!(dev(GPU, 15000, 0));
+    f4["metadata"]["annotations"]["hami.io/vgpu-devices-to-allocate"] = json!(dev(GPU, 15000, 0));
+    rig.api.put_pod(f4);
+    rig.synced("f4").await;
+    let e = rig.allocate(&[&id]).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("default/f4 refused: the placement seal"),
+        "{}",
+        e.message()
+    );
+
+    for f in ["f1", "f2", "f3", "f4"] {
+        assert!(
+            rig.api
+                .events()
+                .iter()
+                .any(|e| e["involvedObject"]["name"] == f
+                    && e["reason"] == "VgpuAllocateRefused"
+                    && e["type"] == "Warning"),
+            "an event on {f}"
+        );
+        assert!(
+            !rig.containers_dir().join(format!("uid-{f}_c0")).exists(),
+            "no directory made for {f}"
+        );
+    }
+    // Nothing of the neighbour changed: annotations, limits file, and no write touched it after its own.
+    assert_eq!(rig.api.pod("n")["metadata"]["annotations"], n_before);
+    assert_eq!(rig.limits("uid-n", "c0"), n_limits);
+    assert!(rig
+        .api
+        .events()
+        .iter()
+        .all(|e| e["involvedObject"]["name"] != "n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_gpu_container_gets_both_cards_and_is_bound_to_its_cgroup() {
+    let rig = Rig::start("two-gpus", vec![card(GPU, 0), card(GPU2, 1)], json!({})).await;
+    let uid = "5d0b2f5a-6f6e-4b6a-9c3e-0a1b2c3d4e5f";
+    let mut p = pod("m", uid, "2026-01-01T00:00:00Z", &[0, 2]);
+    let devices = format!(";{GPU},NVIDIA,4000,30:{GPU2},NVIDIA,4000,30:;");
+    seal_placement(&mut p, &devices, "100");
+    p["spec"]["containers"][1]["env"] =
+        json!([{"name": "GPU_CORE_UTILIZATION_POLICY", "value": "force"}]);
+    rig.api.put_pod(p);
+    rig.synced("m").await;
+
+    let ids = [format!("{GPU}-4"), format!("{GPU2}-4")];
+    let r = rig.allocate(&[&ids[0], &ids[1]]).await.unwrap();
+    assert_eq!(env(&r, "NVIDIA_VISIBLE_DEVICES"), format!("{GPU},{GPU2}"));
+    assert_eq!(env(&r, "CUDA_DEVICE_MEMORY_LIMIT_0"), "4000m");
+    assert_eq!(env(&r, "CUDA_DEVICE_MEMORY_LIMIT_1"), "4000m");
+    assert_eq!(env(&r, "GPU_CORE_UTILIZATION_POLICY"), "force");
+    assert_eq!(
+        env(&r, "CUDA_DEVICE_MEMORY_SHARED_CACHE"),
+        "/usr/local/vgpu/vgpu.cache"
+    );
+    let dir = rig.containers_dir().join(format!("{uid}_c1"));
+    let mounts: Vec<_> = r
+        .mounts
+        .iter()
+        .map(|m| (m.container_path.as_str(), m.host_path.clone(), m.read_only))
+        .collect();
+    let host = |f: &str| dir.join(f).display().to_string();
+    assert_eq!(
+        mounts,
+        [
+            ("/usr/local/vgpu/limits", host("limits"), true),
+            (
+                "/usr/local/vgpu/libvgpu.so",
+                "/usr/local/vgpu/libvgpu.so".to_string(),
+                true
+            ),
+            ("/etc/ld.so.preload", host("ld.so.preload"), true),
+            ("/usr/local/vgpu/vgpu.cache", host("vgpu.cache"), false),
+            (
+                "/var/run/vgpu/cards",
+                rig.dir.0.join("cards").display().to_string(),
+                false
+            ),
+        ]
+    );
+    assert_eq!(
+        rig.limits(uid, "c1"),
+        "",
+        "pending until the kubelet confirms"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ld.so.preload")).unwrap(),
+        "/usr/local/vgpu/libvgpu.so\n"
+    );
+    assert_eq!(
+        rig.api.annotation("m", "hami.io/vgpu-devices-allocated"),
+        Some(devices.clone())
+    );
+    assert_eq!(
+        rig.api
+            .annotation("m", "hami.io/vgpu-devices-to-allocate")
+            .as_deref(),
+        Some(";;")
+    );
+
+    rig.record.assign("m", "c1", &[&ids[1], &ids[0]]);
+    let l = rig.limits_state(uid, "c1", "ready").await;
+    assert_eq!(
+        l,
+        format!(
+            "VGPU_LIMITS_STATE=ready\nNVIDIA_VISIBLE_DEVICES={GPU},{GPU2}\nCUDA_DEVICE_MEMORY_LIMIT_0=4000m\n\
+             CUDA_DEVICE_MEMORY_LIMIT_1=4000m\nCUDA_DEVICE_SM_LIMIT=30\n\
+             CUDA_DEVICE_MEMORY_SHARED_CACHE=/usr/local/vgpu/vgpu.cache\nGPU_CORE_UTILIZATION_POLICY=force\n\
+             VGPU_CARD_DIR=/var/run/vgpu/cards\n"
+        )
+    );
+
+    // The runtime starts the container; the kubelet reports its ID; the ledger is told its cgroup.
+    let cid = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let cg = format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{cid}.scope",
+        uid.replace('-', "_")
+    );
+    std::fs::create_dir_all(rig.cgroup_root().join(&cg)).unwrap();
+    // A decoy: the same container ID under another pod's cgroup is never taken.
+    std::fs::create_dir_all(rig.cgroup_root().join(format!(
+        "kubepods.slice/kubepods-podffffffff_ffff_ffff_ffff_ffffffffffff.slice/cri-containerd-{cid}.scope"
+    )))
+    .unwrap();
+    rig.api.set_status(
+        "m",
+        json!({"phase": "Running", "containerStatuses": [
+            {"name": "c0", "ready": true, "restartCount": 0, "image": "cuda", "imageID": "",
+             "containerID": "containerd://aaaa"},
+            {"name": "c1", "ready": true, "restartCount": 0, "image": "cuda", "imageID": "",
+             "containerID": format!("containerd://{cid}")}]}),
+    );
+    let b = eventually("the binding", Duration::from_secs(10), || {
+        rig.bindings.0.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(b.cgroup, format!("/{cg}"));
+    assert_eq!(b.cache_path, dir.join("vgpu.cache"));
+    assert_eq!(
+        b.limits,
+        vec![
+            (GPU.to_string(), 4000 << 20),
+            (GPU2.to_string(), 4000 << 20)
+        ]
+    );
+    assert_eq!(
+        (b.sm_limit, b.policy.as_str(), b.source),
+        (30, "force", "kubelet")
+    );
+    assert_eq!((b.pod.name.as_str(), b.pod.container.as_str()), ("m", "c1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_ids_the_plugin_never_offered_are_refused() {
+    let rig = Rig::start("bad-ids", vec![card(GPU, 0)], json!({})).await;
+    for ids in [
+        vec!["GPU-other-1".to_string()],
+        vec![format!("{GPU}-10")],
+        vec![],
+    ] {
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let e = rig.allocate(&refs).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{ids:?}: {}",
+            e.message()
+        );
+    }
+}

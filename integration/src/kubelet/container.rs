@@ -1,0 +1,345 @@
+//! A "container" as a host process: the command from the pod spec (the image is ignored), exactly the
+//! environment the kubelet would give it, Allocate's mounts bind-mounted in a mount namespace of its own, and
+//! its own cgroup, joined before exec so nothing it runs escapes.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{bail, Context};
+
+/// One bind mount, as Allocate's `Mount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub host_path: PathBuf,
+    pub container_path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything needed to start the process.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    pub argv: Vec<String>,
+    /// In order; a later entry replaces an earlier one of the same name.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<PathBuf>,
+    pub mounts: Vec<MountSpec>,
+    /// The container's cgroup directory (created already); None runs it in the harness's cgroup.
+    pub cgroup: Option<PathBuf>,
+    /// Whether to apply the mounts in a new mount namespace (needs root).
+    pub mount_ns: bool,
+    /// stdout and stderr go here (appended).
+    pub log: PathBuf,
+}
+
+/// The environment with later duplicates winning, as the container runtime builds it.
+pub fn effective_env(env: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in env {
+        match out.iter_mut().find(|(ok, _)| ok == k) {
+            Some(e) => e.1 = v.clone(),
+            None => out.push((k.clone(), v.clone())),
+        }
+    }
+    out
+}
+
+fn cstr(p: &Path) -> anyhow::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .with_context(|| format!("path {} contains a NUL byte", p.display()))
+}
+
+/// Creates a missing mount target matching its source (an empty directory or an empty file), as the
+/// container runtime does in a rootfs. Only targets that do not exist are created; nothing existing is
+/// touched.
+fn ensure_target(m: &MountSpec, earlier: &[MountSpec]) -> anyhow::Result<()> {
+    let target = host_view(&m.container_path, earlier);
+    let src = std::fs::metadata(&m.host_path).with_context(|| {
+        format!(
+            "mount source {} (for {}) does not exist on the host: the device plugin's Allocate answer names it",
+            m.host_path.display(),
+            m.container_path.display()
+        )
+    })?;
+    if std::fs::symlink_metadata(&target).is_ok() {
+        return Ok(());
+    }
+    if src.is_dir() {
+        std::fs::create_dir_all(&target)
+    } else {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&target)
+            .map(drop)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+    }
+    .with_context(|| {
+        format!(
+            "creating the mount target {} for {}",
+            target.display(),
+            m.host_path.display()
+        )
+    })
+}
+
+/// Where `path` lies on the host once `earlier` mounts are in place: under the deepest of them that covers
+/// it, else the path itself.
+fn host_view(path: &Path, earlier: &[MountSpec]) -> PathBuf {
+    earlier
+        .iter()
+        .filter_map(|m| Some((m, path.strip_prefix(&m.container_path).ok()?)))
+        .max_by_key(|(m, _)| m.container_path.components().count())
+        .map(|(m, rest)| m.host_path.join(rest))
+        .unwrap_or_else(|| path.to_path_buf())
+}
+
+/// Parents before children, as the runtime orders mounts (a mount of `/a` must not hide one of `/a/b`).
+fn mount_order(mounts: &[MountSpec]) -> Vec<MountSpec> {
+    let mut v = mounts.to_vec();
+    v.sort_by_key(|m| m.container_path.components().count());
+    v
+}
+
+struct PreparedMount {
+    src: CString,
+    dst: CString,
+    read_only: bool,
+}
+
+/// Starts the process. Errors say which step failed; the pre-exec steps report the errno of the step.
+pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
+    let Some((prog, args)) = spec.argv.split_first() else {
+        bail!("the container has no command: the harness ignores images, so the pod must give `command`");
+    };
+    let mounts = if spec.mount_ns {
+        let ordered = mount_order(&spec.mounts);
+        let mut prepared = Vec::with_capacity(ordered.len());
+        for (i, m) in ordered.iter().enumerate() {
+            ensure_target(m, &ordered[..i])?;
+            prepared.push(PreparedMount {
+                src: cstr(&m.host_path)?,
+                dst: cstr(&m.container_path)?,
+                read_only: m.read_only,
+            });
+        }
+        prepared
+    } else {
+        Vec::new()
+    };
+    let procs = spec
+        .cgroup
+        .as_ref()
+        .map(|d| cstr(&d.join("cgroup.procs")))
+        .transpose()?;
+    // Without a workingDir the runtime starts the process in the image's WORKDIR, "/" by default.
+    let workdir = cstr(spec.working_dir.as_deref().unwrap_or(Path::new("/")))?;
+    let mount_ns = spec.mount_ns;
+
+    if let Some(dir) = spec.log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .with_context(|| format!("opening the container log {}", spec.log.display()))?;
+    let log_err = log.try_clone().context("duplicating the log descriptor")?;
+
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(args)
+        .env_clear()
+        .envs(effective_env(&spec.env))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .process_group(0)
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the forked child before exec and only makes system calls on data prepared
+    // above (no allocation, no locks): write to cgroup.procs, unshare, mount, chdir.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                join_cgroup(procs)?;
+            }
+            if mount_ns {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Our mounts must not propagate back to the host.
+                if libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for m in &mounts {
+                    bind(m)?;
+                }
+            }
+            if libc::chdir(workdir.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| {
+        format!(
+            "starting {prog:?}{}{}{}",
+            if spec.cgroup.is_some() {
+                " (joining its cgroup"
+            } else {
+                " ("
+            },
+            if mount_ns {
+                ", its mount namespace and bind mounts"
+            } else {
+                ""
+            },
+            ", working directory; the command must exist on this host)"
+        )
+    })
+}
+
+/// Moves the calling process into the cgroup: writing "0" to cgroup.procs moves the writer.
+///
+/// # Safety
+/// Called in the forked child before exec: system calls only.
+unsafe fn join_cgroup(procs: &CString) -> std::io::Result<()> {
+    // SAFETY: open/write/close on a NUL-terminated path prepared before fork.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if n != 1 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Bind-mounts one entry, read-only through a remount where asked.
+///
+/// # Safety
+/// Called in the forked child before exec: system calls only.
+unsafe fn bind(m: &PreparedMount) -> std::io::Result<()> {
+    // SAFETY: mount(2) on NUL-terminated paths prepared before fork.
+    unsafe {
+        if libc::mount(
+            m.src.as_ptr(),
+            m.dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        if m.read_only
+            && libc::mount(
+                std::ptr::null(),
+                m.dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// 64 random hex digits, like a containerd container ID.
+pub fn new_container_id() -> String {
+    let mut b = [0u8; 32];
+    if let Err(e) = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+    {
+        panic!("reading /dev/urandom for a container ID: {e}");
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_env_wins_in_first_position() {
+        let e = effective_env(&[
+            ("A".into(), "1".into()),
+            ("B".into(), "2".into()),
+            ("A".into(), "3".into()),
+        ]);
+        assert_eq!(e, vec![("A".into(), "3".into()), ("B".into(), "2".into())]);
+    }
+
+    #[test]
+    fn parents_mount_first() {
+        let m = |c: &str| MountSpec {
+            host_path: "/x".into(),
+            container_path: c.into(),
+            read_only: false,
+        };
+        let o = mount_order(&[
+            m("/usr/local/vgpu/libvgpu.so"),
+            m("/usr/local/vgpu"),
+            m("/etc/ld.so.preload"),
+        ]);
+        let paths: Vec<_> = o
+            .iter()
+            .map(|m| m.container_path.to_str().unwrap())
+            .collect();
+        let at = |p: &str| paths.iter().position(|x| *x == p).unwrap();
+        assert!(at("/usr/local/vgpu") < at("/usr/local/vgpu/libvgpu.so"), "{paths:?}");
+        assert_eq!(paths.len(), 3);
+    }
+
+    #[test]
+    fn nested_targets_resolve_through_earlier_mounts() {
+        let dir = MountSpec {
+            host_path: "/var/vgpu/c1".into(),
+            container_path: "/usr/local/vgpu".into(),
+            read_only: false,
+        };
+        assert_eq!(
+            host_view(
+                Path::new("/usr/local/vgpu/libvgpu.so"),
+                std::slice::from_ref(&dir)
+            ),
+            PathBuf::from("/var/vgpu/c1/libvgpu.so")
+        );
+        assert_eq!(
+            host_view(Path::new("/etc/ld.so.preload"), &[dir]),
+            PathBuf::from("/etc/ld.so.preload")
+        );
+    }
+
+    #[test]
+    fn container_ids_are_64_hex_and_differ() {
+        let a = new_container_id();
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, new_container_id());
+    }
+}
