@@ -1081,3 +1081,57 @@ fn the_bootstrap_stops_and_says_why_when_it_cannot_do_its_part() {
     assert!(said.contains("vgpu-seal-key: HTTP 403"), "{said}");
     assert!(b.writes().is_empty(), "{:?}", b.writes());
 }
+
+/// A binary of the workspace, next to the test binary's `deps/` (scripts/test.sh builds the
+/// workspace first); None where it was not built (a lone `cargo test -p vgpu-integration`).
+fn workspace_bin(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent()?.parent()?.join(name);
+    if !p.exists() {
+        assert!(
+            std::env::var("VGPU_REQUIRE_DEPLOY_TOOLS").as_deref() != Ok("1"),
+            "{} is missing: cargo build --workspace first",
+            p.display()
+        );
+        eprintln!("{} not built: skipped", p.display());
+        return None;
+    }
+    Some(p)
+}
+
+/// The flags `--help` of `bin sub` lists.
+fn help_flags(bin: &Path, sub: &str) -> BTreeSet<String> {
+    let out = Command::new(bin).args([sub, "--help"]).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == '=')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(['.', ']']).to_string())
+        .collect()
+}
+
+/// kube-scheduler's flags are its own; vgpu-scheduler's must be ones `serve` has (the agent's are
+/// parsed by its own CLI in agent/src/main.rs).
+#[test]
+fn the_scheduler_runs_with_flags_it_has() {
+    let Some(docs) = rendered() else { return };
+    let Some(bin) = workspace_bin("vgpu-scheduler") else {
+        return;
+    };
+    let known = help_flags(&bin, "serve");
+    assert!(known.contains("--seal-key-file"), "{known:?}");
+    let dep = named(&docs, "Deployment", "vgpu-scheduler");
+    let ext = by_name(
+        &dep["spec"]["template"]["spec"]["containers"],
+        "vgpu-scheduler",
+    );
+    let args = strs(&ext["args"]);
+    assert_eq!(args[0], "serve");
+    for flag in flags(ext).keys() {
+        assert!(
+            known.contains(&format!("--{flag}")),
+            "vgpu-scheduler serve has no --{flag}: {known:?}"
+        );
+    }
+}

@@ -311,7 +311,10 @@ mod tests {
             .map(|m| m.container_path.to_str().unwrap())
             .collect();
         let at = |p: &str| paths.iter().position(|x| *x == p).unwrap();
-        assert!(at("/usr/local/vgpu") < at("/usr/local/vgpu/libvgpu.so"), "{paths:?}");
+        assert!(
+            at("/usr/local/vgpu") < at("/usr/local/vgpu/libvgpu.so"),
+            "{paths:?}"
+        );
         assert_eq!(paths.len(), 3);
     }
 
