@@ -365,10 +365,10 @@ async fn a_two_gpu_container_gets_both_cards_and_is_bound_to_its_cgroup() {
     assert_eq!(
         l,
         format!(
-            "VGPU_LIMITS_STATE=ready\nNVIDIA_VISIBLE_DEVICES={GPU},{GPU2}\nCUDA_DEVICE_MEMORY_LIMIT_0=4000m\n\
+            "# written by vgpu-agent; read by libvgpu.so\nNVIDIA_VISIBLE_DEVICES={GPU},{GPU2}\nCUDA_DEVICE_MEMORY_LIMIT_0=4000m\n\
              CUDA_DEVICE_MEMORY_LIMIT_1=4000m\nCUDA_DEVICE_SM_LIMIT=30\n\
              CUDA_DEVICE_MEMORY_SHARED_CACHE=/usr/local/vgpu/vgpu.cache\nGPU_CORE_UTILIZATION_POLICY=force\n\
-             VGPU_CARD_DIR=/var/run/vgpu/cards\n"
+             VGPU_CARD_DIR=/var/run/vgpu/cards\nVGPU_LIMITS_STATE=ready\n"
         )
     );
 
@@ -427,6 +427,50 @@ async fn device_ids_the_plugin_never_offered_are_refused() {
             tonic::Code::InvalidArgument,
             "{ids:?}: {}",
             e.message()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_pods_bound_at_once_allocate_back_to_back_each_with_its_own_placement() {
+    let rig = Rig::start("burst", vec![card(GPU, 0), card(GPU2, 1)], json!({})).await;
+    for i in 0..20u64 {
+        let name = format!("p{i:02}");
+        let mut p = pod(&name, &format!("uid-{i:02}"), "2026-01-01T00:00:00Z", &[1]);
+        let gpu = if i % 2 == 0 { GPU } else { GPU2 };
+        seal_placement(&mut p, &dev(gpu, 100 + i, 0), &(1000 + i).to_string());
+        rig.api.put_pod(p);
+    }
+    rig.synced("p19").await;
+    let t = std::time::Instant::now();
+    for i in 0..20u64 {
+        let gpu = if i % 2 == 0 { GPU } else { GPU2 };
+        let id = format!("{gpu}-{}", i / 2);
+        let r = rig
+            .allocate(&[&id])
+            .await
+            .unwrap_or_else(|e| panic!("p{i:02}: {}", e.message()));
+        // Admitted in bind order, each gets its own placement.
+        assert_eq!(
+            env(&r, "CUDA_DEVICE_MEMORY_LIMIT_0"),
+            format!("{}m", 100 + i)
+        );
+        assert_eq!(env(&r, "NVIDIA_VISIBLE_DEVICES"), gpu);
+        rig.record.assign(&format!("p{i:02}"), "c0", &[&id]);
+    }
+    eprintln!("20 Allocates in {:?}", t.elapsed());
+    for i in 0..20u64 {
+        let name = format!("p{i:02}");
+        assert_eq!(
+            rig.api.annotation(&name, "hami.io/bind-phase").as_deref(),
+            Some("success")
+        );
+        let l = rig
+            .limits_state(&format!("uid-{i:02}"), "c0", "ready")
+            .await;
+        assert!(
+            l.contains(&format!("CUDA_DEVICE_MEMORY_LIMIT_0={}m\n", 100 + i)),
+            "{name}: {l}"
         );
     }
 }

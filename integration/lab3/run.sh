@@ -32,12 +32,18 @@ NODE=lab3-node
 CG2=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/self/mounts)
 CG=${CG2:-/sys/fs/cgroup}/vgpu-lab3-$$
 PIDS=()
+# Mount targets the kubelet harness may have to create on the host (an empty /etc/ld.so.preload, an empty
+# /usr/local/vgpu): removed at the end if they were not there before.
+HAD_PRELOAD=0; [ -e /etc/ld.so.preload ] && HAD_PRELOAD=1
+HAD_VGPU_DIR=0; [ -e /usr/local/vgpu ] && HAD_VGPU_DIR=1
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     sleep 1
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
     pkill -9 -f "$T/" 2>/dev/null
     if [ -d "$CG" ]; then find "$CG" -depth -type d -exec rmdir {} \; 2>/dev/null; fi
+    [ $HAD_PRELOAD = 0 ] && [ -f /etc/ld.so.preload ] && [ ! -s /etc/ld.so.preload ] && rm -f /etc/ld.so.preload
+    [ $HAD_VGPU_DIR = 0 ] && rmdir /usr/local/vgpu 2>/dev/null
     [ $KEEP = 1 ] && echo "lab3: kept $T" || rm -rf "$T"
 }
 trap cleanup EXIT
@@ -53,14 +59,16 @@ POD_ENV=""
 if [ $GPU = 1 ]; then
     nvidia-smi -L >/dev/null || die "--gpu: no NVIDIA GPU here"
     PY=$(command -v python3)
+    # What an image's environment would carry: its PATH and where the driver's libraries are.
+    POD_ENV="PATH=$PATH${LD_LIBRARY_PATH:+ LD_LIBRARY_PATH=$LD_LIBRARY_PATH} HOME=/root"
     echo "lab3: on the real GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
 else
     SIM=$("$B/sim-dir") || die "sim-dir"
-    export VGPU_SIM_STATE=$T/sim.state VGPU_SIM_MEMORY_MIB=15360
+    export VGPU_SIM_STATE=$T/sim.state VGPU_SIM_MEMORY_MIB=15360 VGPU_SIM_CONTEXT_MIB=520
     export LD_LIBRARY_PATH=$SIM${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} PATH=$SIM:$PATH
     # What an image's environment would carry: where its libcuda and nvidia-smi are (the simulated ones).
-    POD_ENV="LD_LIBRARY_PATH=$SIM VGPU_SIM_STATE=$T/sim.state VGPU_SIM_MEMORY_MIB=15360 PATH=$SIM:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    echo "lab3: no real GPU asked for: on the simulated GPU (integration/simgpu, a 15360 MiB card like the lab's T4)"
+    POD_ENV="LD_LIBRARY_PATH=$SIM VGPU_SIM_STATE=$T/sim.state VGPU_SIM_MEMORY_MIB=15360 VGPU_SIM_CONTEXT_MIB=520 PATH=$SIM:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    echo "lab3: no real GPU asked for: on the simulated GPU (integration/simgpu, a 15360 MiB card like the lab's T4, 520 MiB per CUDA context like PyTorch's on a real card)"
 fi
 
 # --- identities, keys, certificates ---------------------------------------------------------------------------
@@ -168,7 +176,7 @@ POD
 }
 if [ $GPU = 1 ]; then
     OOM_CMD="$PY $R/bench/gpu/oom_test.py"
-    BURN_CMD="$PY $R/bench/gpu/matmul_loop.py 20"
+    BURN_CMD="$PY $R/bench/gpu/matmul_loop.py 30"
 else
     OOM_CMD="cuda_oom"
     BURN_CMD="cuda_launch -u 500 -s 12 -k 10"
@@ -230,6 +238,7 @@ run_share() { # $1 pod
     K apply -f "$T/$1.yaml" >&2
     if [ $GPU = 1 ]; then
         wait_for 60 is_phase "$1" Running
+        sleep 4   # PyTorch's start (CUDA context, first kernels) before the loop
         # The lab samples utilization from the host (the driver pod's nvidia-smi); so does this, at 10 Hz.
         "$PY" "$R/bench/gpu/util_sampler.py" 15 > "$T/$1.util" 2>&1 || true
         K delete pod "$1" --wait=false >&2
@@ -246,22 +255,6 @@ run_share gpucores-default-pod
 D=$(share_of gpucores-default-pod)
 ok=$(awk -v f="${D:-0}" 'BEGIN{print (f>=0.6)?1:0}')
 row "default policy bursts on an idle card" "gpucores 30, default, card otherwise idle: $(awk -v f="${D:-0}" 'BEGIN{printf "%.1f%%", f*100}')" $ok
-
-# --- the 11th pod on a card of 10 slots ------------------------------------------------------------------------
-running=2   # gpumem-pod-a and -b hold a slot each; the finished pods hold none
-for i in $(seq 1 $((10 * NGPU - running))); do
-    mkpod slot-$i "sleep infinity" '{nvidia.com/gpu: 1, nvidia.com/gpumem: 100}' ""
-    K apply -f "$T/slot-$i.yaml" >/dev/null
-done
-for i in $(seq 1 $((10 * NGPU - running))); do wait_for 60 is_phase slot-$i Running || break; done
-mkpod slot-eleventh "sleep infinity" '{nvidia.com/gpu: 1, nvidia.com/gpumem: 100}' ""
-K apply -f "$T/slot-eleventh.yaml" >&2
-wait_for 30 sh -c "kubectl get events --field-selector involvedObject.name=slot-eleventh -o jsonpath='{.items[*].reason}' | grep -q Failed"
-RUNNING=$(K get pods -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c Running)
-EV11=$(events_of slot-eleventh | grep -E 'FilteringFailed|FailedScheduling' | head -2 | tr '\n' ' ')
-ok=0; [ "$(phase_of slot-eleventh)" = Pending ] && [ -z "$(K get pod slot-eleventh -o jsonpath='{.spec.nodeName}')" ] \
-    && echo "$EV11" | grep -q CardTimeSlicingExhausted && [ "$RUNNING" = $((10 * NGPU)) ] && ok=1
-row "The 11th pod on a card of 10 slots is refused" "$RUNNING running; slot-eleventh Pending: $(echo "$EV11" | cut -c1-150)" $ok
 
 # --- a forged pod: placement written by hand, nodeName set directly -------------------------------------------
 cat > "$T/forged.yaml" <<POD
@@ -290,8 +283,26 @@ K create namespace kube-system >/dev/null 2>&1
 K -n kube-system apply -f "$T/forged.yaml" >&2
 wait_for 30 sh -c "[ \"\$(kubectl -n kube-system get pod forged -o jsonpath='{.status.phase}')\" = Failed ]"
 FP=$(K -n kube-system get pod forged -o jsonpath='{.status.phase} {.status.reason}: {.status.message}')
-ok=0; [[ "$FP" == Failed\ UnexpectedAdmissionError* ]] && is_phase gpumem-pod-a Running && [ "$(alloc_of gpumem-pod-a)" = "$A" ] && ok=1
+ok=0; [[ "$FP" == Failed\ UnexpectedAdmissionError* ]] && [[ "$FP" == *seal* ]] && is_phase gpumem-pod-a Running && [ "$(alloc_of gpumem-pod-a)" = "$A" ] && ok=1
 row "A forged pod that skips the webhook is refused at Allocate" "$(echo "$FP" | cut -c1-160)" $ok
+
+K -n kube-system delete pod forged --wait=false >/dev/null 2>&1
+
+# --- the 11th pod on a card of 10 slots ------------------------------------------------------------------------
+running=2   # gpumem-pod-a and -b hold a slot each; the finished pods hold none
+for i in $(seq 1 $((10 * NGPU - running))); do
+    mkpod slot-$i "sleep infinity" '{nvidia.com/gpu: 1, nvidia.com/gpumem: 100}' ""
+    K apply -f "$T/slot-$i.yaml" >/dev/null
+done
+for i in $(seq 1 $((10 * NGPU - running))); do wait_for 60 is_phase slot-$i Running || break; done
+mkpod slot-eleventh "sleep infinity" '{nvidia.com/gpu: 1, nvidia.com/gpumem: 100}' ""
+K apply -f "$T/slot-eleventh.yaml" >&2
+wait_for 30 sh -c "kubectl get events --field-selector involvedObject.name=slot-eleventh -o jsonpath='{.items[*].reason}' | grep -q Failed"
+RUNNING=$(K get pods -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -c Running)
+EV11=$(events_of slot-eleventh | grep -E 'FilteringFailed|FailedScheduling' | head -2 | tr '\n' ' ')
+ok=0; [ "$(phase_of slot-eleventh)" = Pending ] && [ -z "$(K get pod slot-eleventh -o jsonpath='{.spec.nodeName}')" ] \
+    && echo "$EV11" | grep -q CardTimeSlicingExhausted && [ "$RUNNING" = $((10 * NGPU)) ] && ok=1
+row "The 11th pod on a card of 10 slots is refused" "$RUNNING running; slot-eleventh Pending: $(echo "$EV11" | cut -c1-150)" $ok
 
 # --- the table ---------------------------------------------------------------------------------------------------
 echo

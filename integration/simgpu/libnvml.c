@@ -4,6 +4,7 @@
 #include "sim.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -16,6 +17,7 @@ enum {
   NVML_ERROR_NOT_FOUND = 6,
   NVML_ERROR_INSUFFICIENT_SIZE = 7,
   NVML_ERROR_DRIVER_NOT_LOADED = 9,
+  NVML_ERROR_GPU_IS_LOST = 15,
   NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
   NVML_ERROR_UNKNOWN = 999,
 };
@@ -55,9 +57,24 @@ typedef struct {
 static int g_init;
 static struct nvml_dev g_devs[SIM_MAX_DEV] = {{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}};
 
+/* Test knob: while the file named by VGPU_SIM_LOST_FILE exists, the device indices it lists (one per line)
+ * are lost, as a card that fell off the bus: every call on them fails with NVML_ERROR_GPU_IS_LOST. */
+static int lost(unsigned index) {
+  const char *path = getenv("VGPU_SIM_LOST_FILE");
+  if (!path || !*path) return 0;
+  FILE *f = fopen(path, "re");
+  if (!f) return 0;
+  unsigned i;
+  int hit = 0;
+  while (!hit && fscanf(f, "%u", &i) == 1) hit = i == index;
+  fclose(f);
+  return hit;
+}
+
 static nvmlReturn_t check(nvmlDevice_t d) {
   if (!g_init) return NVML_ERROR_UNINITIALIZED;
   if (!d || d < g_devs || d >= g_devs + sim_ndev()) return NVML_ERROR_INVALID_ARGUMENT;
+  if (lost(d->index)) return NVML_ERROR_GPU_IS_LOST;
   return NVML_SUCCESS;
 }
 
@@ -87,6 +104,7 @@ SIM_EXPORT const char *nvmlErrorString(nvmlReturn_t r) {
   case NVML_ERROR_NOT_FOUND: return "Not Found";
   case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
   case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+  case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
   case NVML_ERROR_ARGUMENT_VERSION_MISMATCH: return "Argument Version Mismatch";
   default: return "Unknown Error";
   }

@@ -386,6 +386,8 @@ uint64_t sim_busy_between(int dev, struct sim_proc *p, uint64_t a, uint64_t now)
   return (uint64_t)sum;
 }
 
+/* VGPU_SIM_NODE (0-65535) gives each simulated node cards of its own UUIDs, as real nodes have. */
 void sim_uuid(int dev, char *out, unsigned len) {
-  snprintf(out, len, "GPU-5a1c0000-0000-4000-8000-0000000000%02x", dev & 0xff);
+  unsigned node = (unsigned)(env_u64("VGPU_SIM_NODE", 0) & 0xffff);
+  snprintf(out, len, "GPU-5a1c%04x-0000-4000-8000-0000000000%02x", node, dev & 0xff);
 }

@@ -86,7 +86,7 @@ pub fn gpus_of(c: &Container) -> u64 {
         .unwrap_or(0)
 }
 
-fn declared_policy(c: &Container) -> Result<CorePolicy, String> {
+pub fn declared_policy(c: &Container) -> Result<CorePolicy, String> {
     let v = c
         .env
         .iter()
@@ -103,6 +103,51 @@ fn declared_policy(c: &Container) -> Result<CorePolicy, String> {
             )
         }),
     }
+}
+
+/// The device list the scheduler sealed for `pod` on `node`, if the seal verifies; else why not.
+pub fn sealed_placement(pod: &Pod, node: &str, key: &[u8]) -> Result<PodDevices, String> {
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let placed_on = annotation(pod, ann::VGPU_NODE);
+    if placed_on.is_some_and(|n| n != node) {
+        return Err(format!(
+            "{} names node {:?} but the pod is bound to {node:?}: not a placement the vgpu scheduler made for this node",
+            ann::VGPU_NODE,
+            placed_on.unwrap_or("")
+        ));
+    }
+    let (Some(seal), Some(sealed_text), Some(bind_time), Some(_)) = (
+        annotation(pod, SEAL_ANNOTATION),
+        annotation(pod, SEALED_DEVICES_ANNOTATION),
+        annotation(pod, ann::BIND_TIME),
+        placed_on,
+    ) else {
+        return Err(format!(
+            "no placement sealed by the vgpu scheduler ({SEAL_ANNOTATION}, {SEALED_DEVICES_ANNOTATION}, {}, {}): \
+             GPU pods must be scheduled by the vgpu scheduler; hami.io/* annotations set by hand, spec.nodeName \
+             set directly or another scheduler cannot place vGPUs",
+            ann::VGPU_NODE,
+            ann::BIND_TIME
+        ));
+    };
+    let placement = placement_seal::Placement {
+        pod_uid: uid,
+        namespace,
+        name,
+        node,
+        devices: sealed_text,
+        bind_time,
+    };
+    if !placement_seal::verify(key, &placement, seal) {
+        return Err(format!(
+            "the placement seal ({SEAL_ANNOTATION}) does not verify: the placement was changed after the \
+             scheduler sealed it, copied from another pod, or sealed with another key than this node's"
+        ));
+    }
+    PodDevices::decode(sealed_text)
+        .map_err(|e| format!("the sealed device list is unreadable: {e}"))
 }
 
 /// Judges one pod of this node for a request of `n_ids` devices. `served` says whether this agent already
@@ -134,49 +179,13 @@ pub fn judge(
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let refuse = |why: &str| Verdict::Refused(why.to_string());
-    let placed_on = annotation(pod, ann::VGPU_NODE);
-    if placed_on.is_some_and(|n| n != node) {
-        return refuse(&format!(
-            "{} names node {:?} but the pod is bound to {node:?}: not a placement the vgpu scheduler made for this node",
-            ann::VGPU_NODE,
-            placed_on.unwrap_or("")
-        ));
-    }
-    let (Some(seal), Some(sealed_text), Some(bind_time), Some(_)) = (
-        annotation(pod, SEAL_ANNOTATION),
-        annotation(pod, SEALED_DEVICES_ANNOTATION),
-        annotation(pod, ann::BIND_TIME),
-        placed_on,
-    ) else {
-        return refuse(&format!(
-            "no placement sealed by the vgpu scheduler ({SEAL_ANNOTATION}, {SEALED_DEVICES_ANNOTATION}, {}, {}): \
-             GPU pods must be scheduled by the vgpu scheduler; hami.io/* annotations set by hand, spec.nodeName \
-             set directly or another scheduler cannot place vGPUs",
-            ann::VGPU_NODE,
-            ann::BIND_TIME
-        ));
+    let sealed = match sealed_placement(pod, node, key) {
+        Ok(s) => s,
+        Err(why) => return Verdict::Refused(why),
     };
-    let placement = placement_seal::Placement {
-        pod_uid: &uid,
-        namespace: &namespace,
-        name: &name,
-        node,
-        devices: sealed_text,
-        bind_time,
-    };
-    if !placement_seal::verify(key, &placement, seal) {
-        return refuse(&format!(
-            "the placement seal ({SEAL_ANNOTATION}) does not verify: the placement was changed after the \
-             scheduler sealed it, copied from another pod, or sealed with another key than this node's"
-        ));
-    }
     if phase != Some(BindPhase::Allocating) {
         return Verdict::NotNow;
     }
-    let sealed = match PodDevices::decode(sealed_text) {
-        Ok(s) => s,
-        Err(e) => return refuse(&format!("the sealed device list is unreadable: {e}")),
-    };
     if sealed.0.len() != containers.len() {
         return refuse(&format!(
             "the sealed device list has {} container entries, the pod has {} containers",
@@ -392,9 +401,10 @@ pub async fn record(node: &Node, c: &Chosen, serve: bool) -> Result<(), String> 
         let parse = |k: &str| {
             PodDevices::decode(annotation(&pod, k).unwrap_or("")).map_err(|e| e.to_string())
         };
-        let sealed = parse(SEALED_DEVICES_ANNOTATION)?;
+        // Re-verified: the pod may have been rewritten since it was judged.
+        let sealed = sealed_placement(&pod, &node.name, &node.seal_key)?;
         let to = parse(ann::DEVICES_TO_ALLOCATE)?;
-        if to.0.len() != sealed.0.len() || index_out(&sealed, c.index) {
+        if to.0.len() != sealed.0.len() || c.index >= sealed.0.len() {
             return Err(format!(
                 "{} of {}/{} changed shape",
                 ann::DEVICES_TO_ALLOCATE,
@@ -431,10 +441,6 @@ pub async fn record(node: &Node, c: &Chosen, serve: bool) -> Result<(), String> 
         "{}/{} kept changing under 8 attempts to record its allocation",
         c.namespace, c.name
     ))
-}
-
-fn index_out(sealed: &PodDevices, i: usize) -> bool {
-    i >= sealed.0.len()
 }
 
 /// Sets `hami.io/bind-phase: failed` on a pod and records why. Only that pod is written.
@@ -527,6 +533,12 @@ pub async fn allocate_container(
                 dir.dir.display()
             ))
         })?;
+    super::recover::write_ids(&dir, ids).map_err(|e| {
+        Status::internal(format!(
+            "vgpu: preparing {} for {label}: {e}",
+            dir.dir.display()
+        ))
+    })?;
     let s = settings(&c.devices, c.policy, &node.config);
     let resp = answer(&s, &dir, &node.paths);
     node.served.lock().unwrap().insert((c.uid.clone(), c.index));

@@ -103,30 +103,49 @@ pub async fn run(node: Arc<Node>, p: Pending) {
         }
         return;
     };
-    let same_uid = current(&node, &p.chosen.namespace, &p.chosen.name)
-        .is_some_and(|pod| pod.metadata.uid.as_deref() == Some(p.chosen.uid.as_str()));
-    if matches(&h, &p.chosen, &p.ids) && same_uid {
-        match p.dir.ready(&p.lines) {
-            Ok(()) => tracing::info!("{label}: confirmed by the kubelet, limits ready"),
-            Err(e) => {
-                tracing::error!(
-                    "{label}: writing its limits file: {e}: the container stays capped at nothing"
-                );
+    let why = if !matches(&h, &p.chosen, &p.ids) {
+        format!(
+            "the kubelet gave devices {:?} to {}/{} container {:?}, but Allocate prepared them for {label}",
+            h.ids, h.namespace, h.name, h.container
+        )
+    } else {
+        // The reflector may not have the pod yet (Allocate may have found it by a direct list): ask the API.
+        match lookup(
+            &node,
+            &p.chosen.namespace,
+            &p.chosen.name,
+            Some(&p.chosen.uid),
+        )
+        .await
+        {
+            Some(pod) if pod.metadata.uid.as_deref() == Some(p.chosen.uid.as_str()) => {
+                match p.dir.ready(&p.lines) {
+                    Ok(()) => tracing::info!("{label}: confirmed by the kubelet, limits ready"),
+                    Err(e) => {
+                        tracing::error!(
+                            "{label}: writing its limits file: {e}: the container stays capped at nothing"
+                        );
+                        return;
+                    }
+                }
+                bind_when_started(&node, &p).await;
                 return;
             }
+            Some(pod) => format!(
+                "{}/{} is now another pod (UID {}); Allocate prepared {label} for UID {}",
+                p.chosen.namespace,
+                p.chosen.name,
+                pod.metadata.uid.as_deref().unwrap_or("?"),
+                p.chosen.uid
+            ),
+            None => format!("{label} no longer exists"),
         }
-        bind_when_started(&node, &p).await;
-        return;
-    }
-    let why = format!(
-        "the kubelet gave devices {:?} to {}/{} container {:?}, but Allocate prepared them for {label}",
-        h.ids, h.namespace, h.name, h.container
-    );
+    };
     tracing::error!("{why}: limits revoked");
     if let Err(e) = p.dir.revoke(&why) {
         tracing::error!("revoking {}: {e}", p.dir.dir.display());
     }
-    if let Some(wrong) = current(&node, &h.namespace, &h.name) {
+    if let Some(wrong) = lookup(&node, &h.namespace, &h.name, None).await {
         allocate::fail_pod(&node, &wrong, &why).await;
     }
     let same_pod = h.namespace == p.chosen.namespace && h.name == p.chosen.name;
@@ -137,6 +156,20 @@ pub async fn run(node: Arc<Node>, p: Pending) {
             tracing::warn!("giving the placement back to {label}: {e}");
         }
     }
+}
+
+/// The pod from the reflector, else from the API (the reflector may lag behind what the kubelet saw).
+/// With `uid`, a reflector copy of another UID (a pod since replaced, or not yet seen) is not taken.
+async fn lookup(node: &Node, namespace: &str, name: &str, uid: Option<&str>) -> Option<Arc<Pod>> {
+    if let Some(p) =
+        current(node, namespace, name).filter(|p| uid.is_none() || p.metadata.uid.as_deref() == uid)
+    {
+        return Some(p);
+    }
+    super::pods::get(&node.client, namespace, name)
+        .await
+        .ok()
+        .map(Arc::new)
 }
 
 fn current(node: &Node, namespace: &str, name: &str) -> Option<Arc<Pod>> {
@@ -159,7 +192,8 @@ pub fn container_id(pod: &Pod, container: &str) -> Option<String> {
         .filter(|id| !id.is_empty())
 }
 
-/// The cgroup (relative to `root`) of the container `id` of pod `uid`, in any of the kubelet's layouts.
+/// The cgroup (relative to `root`) of the container `id` of pod `uid`, in any of the kubelet's layouts and
+/// under any kubelet `--cgroup-root` (`/kubepods...`, `/kubelet.slice/kubelet-kubepods.slice/...`).
 pub fn find_cgroup(root: &Path, uid: &str, id: &str) -> Option<String> {
     fn walk(root: &Path, rel: &str, depth: usize, uid: &str, id: &str) -> Option<String> {
         let r = container_of(rel);
@@ -175,10 +209,6 @@ pub fn find_cgroup(root: &Path, uid: &str, id: &str) -> Option<String> {
                 continue;
             }
             let name = e.file_name().to_string_lossy().into_owned();
-            // Only the kubelet's part of the tree holds pods.
-            if depth == 0 && !name.starts_with("kubepods") {
-                continue;
-            }
             if let Some(found) = walk(root, &format!("{rel}/{name}"), depth + 1, uid, id) {
                 return Some(found);
             }
@@ -234,5 +264,36 @@ async fn bind_when_started(node: &Node, p: &Pending) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "5d0b2f5a-6f6e-4b6a-9c3e-0a1b2c3d4e5f";
+    const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_container_cgroup_is_found_under_any_kubelet_root_and_only_under_its_pod() {
+        let root = std::env::temp_dir().join(format!("vgpu-findcg-{}", std::process::id()));
+        let u = UID.replace('-', "_");
+        let layouts = [
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{CID}.scope"),
+            format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope"),
+            format!("harness/kubepods/besteffort/pod{UID}/{CID}"),
+        ];
+        for l in &layouts {
+            let _ = std::fs::remove_dir_all(&root);
+            // The same container ID under another pod first: never taken.
+            std::fs::create_dir_all(root.join(format!(
+                "kubepods/besteffort/podffffffff-ffff-ffff-ffff-ffffffffffff/{CID}"
+            )))
+            .unwrap();
+            std::fs::create_dir_all(root.join(l)).unwrap();
+            assert_eq!(find_cgroup(&root, UID, CID), Some(format!("/{l}")), "{l}");
+            assert_eq!(find_cgroup(&root, UID, &CID.replace('0', "1")), None);
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -61,24 +61,22 @@ impl ContainerDir {
         Ok(())
     }
 
-    /// Fills the limits file with `VGPU_LIMITS_STATE=ready` and `settings`, in place (same inode: the
-    /// container's read-only bind mount points at it).
+    /// Fills the limits file with `settings` and `VGPU_LIMITS_STATE=ready` (the contract's
+    /// [`cd::render_limits`]), in place (same inode: the container's read-only bind mount points at it).
     pub fn ready(&self, settings: &Settings) -> io::Result<()> {
-        let mut text = format!("{}={}\n", cd::LIMITS_STATE, cd::STATE_READY);
-        for (k, v) in &settings.0 {
-            text.push_str(&format!("{k}={v}\n"));
-        }
-        self.write_limits(&text)
+        let values: Vec<(&str, String)> = settings
+            .0
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        self.write_limits(&cd::render_limits(&values, &cd::LimitsState::Ready))
     }
 
     /// Marks the container revoked: the shim then refuses every allocation and launch, and logs `reason`.
     pub fn revoke(&self, reason: &str) -> io::Result<()> {
-        let reason = reason.replace(['\n', '\r'], " ");
-        self.write_limits(&format!(
-            "{}={}\n{}={reason}\n",
-            cd::LIMITS_STATE,
-            cd::STATE_REVOKED,
-            cd::LIMITS_REASON
+        self.write_limits(&cd::render_limits(
+            &[],
+            &cd::LimitsState::Revoked(reason.to_string()),
         ))
     }
 
@@ -86,7 +84,8 @@ impl ContainerDir {
         // Never create it here: a missing file means the directory was not made by Allocate.
         let f: File = OpenOptions::new().write(true).open(self.limits())?;
         // Write the new bytes over the old and only then cut the tail, so a reader never meets an empty
-        // file where a state stood (it may see a longer old tail for an instant; the state line is first).
+        // file where a state stood; an instant's mix of new text and old tail reads as damaged (two state
+        // lines) or pending, and the shim refuses on both, never as a laxer state.
         f.write_all_at(text.as_bytes(), 0)?;
         f.set_len(text.len() as u64)?;
         f.sync_all()
@@ -130,12 +129,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             std::fs::read_to_string(d.limits()).unwrap(),
-            "VGPU_LIMITS_STATE=ready\nCUDA_DEVICE_SM_LIMIT=30\n"
+            "# written by vgpu-agent; read by libvgpu.so\nCUDA_DEVICE_SM_LIMIT=30\nVGPU_LIMITS_STATE=ready\n"
         );
         d.revoke("on another pod's\ndevices").unwrap();
         assert_eq!(
             std::fs::read_to_string(d.limits()).unwrap(),
-            "VGPU_LIMITS_STATE=revoked\nVGPU_LIMITS_REASON=on another pod's devices\n"
+            "# written by vgpu-agent; read by libvgpu.so\nVGPU_LIMITS_REASON=on another pod's devices\nVGPU_LIMITS_STATE=revoked\n"
         );
         assert_eq!(std::fs::metadata(d.limits()).unwrap().ino(), ino);
         // A second Allocate of the same container starts pending again, same inode.

@@ -11,6 +11,7 @@
 //! - [`confirm`]: the kubelet's PodResources record checked after Allocate; the limits file filled or revoked,
 //!   and the container bound to its cgroup.
 //! - [`bind`]: what the ledger is told about a confirmed container.
+//! - [`recover`]: a restarted agent confirms again what it had answered; directories of gone pods removed.
 
 pub mod allocate;
 pub mod bind;
@@ -19,6 +20,7 @@ pub mod confirm;
 pub mod container_dir;
 pub mod plugin;
 pub mod pods;
+pub mod recover;
 pub mod registration;
 pub mod unix;
 
@@ -248,6 +250,8 @@ pub async fn start_with(
         stop.clone(),
     ));
     let node = Node::start(parts).await?;
+    recover::resume(&node);
+    tokio::spawn(recover::sweep_loop(node.clone()));
     std::fs::create_dir_all(&device_plugin_dir)
         .with_context(|| format!("creating {}", device_plugin_dir.display()))?;
     let plugin = tokio::spawn(plugin::supervise(

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use vgpu_agent::gpus::Card;
 use vgpu_agent::node::bind::{Binding, ContainerBinder};
+use vgpu_contract::container_dir::LimitsState;
 use vgpu_contract::placement_seal;
 use vgpu_kubelet_api::deviceplugin::registration_server::{Registration, RegistrationServer};
 use vgpu_kubelet_api::deviceplugin::{Empty, RegisterRequest};
@@ -650,6 +651,17 @@ impl Rig {
 
     /// The API server with [`NODE`] (carrying `node_annotations`), the kubelet's sockets, and the node side.
     pub async fn start(name: &str, cards: Vec<Card>, node_annotations: Value) -> Rig {
+        Self::start_prepared(name, cards, node_annotations, |_, _, _| {}).await
+    }
+
+    /// As [`Rig::start`], with `prepare` run on the test's root directory, the API and the kubelet's record
+    /// before the node side starts (what an earlier agent left behind).
+    pub async fn start_prepared(
+        name: &str,
+        cards: Vec<Card>,
+        node_annotations: Value,
+        prepare: impl FnOnce(&Path, &FakeApi, &Record),
+    ) -> Rig {
         let dir = TempDir::new(name);
         let api = FakeApi::start().await;
         api.add_node(NODE, node_annotations);
@@ -657,6 +669,7 @@ impl Rig {
         std::fs::create_dir_all(&plugin_dir).unwrap();
         let kubelet = KubeletRegistration::serve(&plugin_dir.join("kubelet.sock"));
         let record = Record::default();
+        prepare(&dir.0, &api, &record);
         let pr = dir.0.join("pod-resources.sock");
         serve_pod_resources(&pr, record.clone());
         let (cards_tx, cards_rx) = tokio::sync::watch::channel(cards);
@@ -753,12 +766,24 @@ impl Rig {
 
     pub async fn limits_state(&self, uid: &str, container: &str, state: &str) -> String {
         let want = format!("VGPU_LIMITS_STATE={state}\n");
+        // The contract's reader decides, and the state line is the file's only one.
+        let read = |t: &str| {
+            vgpu_contract::container_dir::limits_state(
+                &vgpu_contract::limits::parse_limits_file(t).ok()?,
+            )
+            .ok()
+        };
         eventually(
             &format!("{uid}_{container} limits {state}"),
             Duration::from_secs(10),
             || {
                 let t = self.limits(uid, container);
-                t.starts_with(&want).then_some(t)
+                let ok = match read(&t)? {
+                    LimitsState::Ready => state == "ready",
+                    LimitsState::Revoked(_) => state == "revoked",
+                    LimitsState::Pending => false,
+                };
+                (ok && t.ends_with(&want)).then_some(t)
             },
         )
         .await

@@ -1,21 +1,59 @@
 //! `kubelet-harness`: a kubelet for tests (see `vgpu_integration::kubelet`). SIGHUP plays a kubelet restart
 //! to the device plugins; SIGTERM or SIGINT stops every pod's processes and exits.
+//! `kubelet-harness exec --run-dir D NAMESPACE/POD [-c CONTAINER] -- CMD...` runs a command in a running
+//! container (its env, mount namespace, cgroup), as `kubectl exec` would.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use vgpu_integration::kubelet::{Config, Harness};
+use vgpu_integration::kubelet::{self, Config, Harness};
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "A kubelet for tests: device plugin gRPC, PodResources, pods started as host processes"
+    about = "A kubelet for tests: device plugin gRPC, PodResources, pods started as host processes",
+    args_conflicts_with_subcommands = true
 )]
-struct Args {
-    /// The Node this harness is.
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Run a command in a running container, as `kubectl exec` would.
+    Exec(ExecArgs),
+    /// (internal) First process of a container's pid namespace: runs the command as its pid 1.
+    #[command(hide = true)]
+    Pid1 {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ExecArgs {
+    /// The harness's --run-dir.
     #[arg(long)]
-    node_name: String,
+    run_dir: PathBuf,
+    /// NAMESPACE/POD, or POD in namespace default.
+    pod: String,
+    /// The container (needed when the pod runs several).
+    #[arg(short = 'c', long)]
+    container: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct Args {
+    /// The Node this harness is (required to serve).
+    #[arg(long)]
+    node_name: Option<String>,
     /// Directory of kubelet.sock and the plugins' sockets.
     #[arg(long, default_value = "/var/lib/kubelet/device-plugins")]
     device_plugin_dir: PathBuf,
@@ -29,9 +67,9 @@ struct Args {
     /// containers stay in the harness's cgroup.
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// Logs and state (logs/<namespace>_<pod>_<container>.log).
+    /// Logs and state (logs/<namespace>_<pod>_<container>.log, containers/ for exec; required to serve).
     #[arg(long)]
-    run_dir: PathBuf,
+    run_dir: Option<PathBuf>,
     /// Do not bind-mount Allocate's mounts in a per-container mount namespace (for non-root runs).
     #[arg(long)]
     no_mount_ns: bool,
@@ -42,6 +80,10 @@ struct Args {
     /// The node's address in Node and pod status.
     #[arg(long, default_value = "127.0.0.1")]
     host_ip: String,
+    /// Give each container a pid namespace of its own (as pods without hostPID have); needs the mount
+    /// namespace.
+    #[arg(long)]
+    pid_ns: bool,
     /// Grace given to containers at shutdown before SIGKILL, in seconds.
     #[arg(long, default_value_t = 5)]
     shutdown_grace: u64,
@@ -63,8 +105,35 @@ async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn exec(e: ExecArgs) -> anyhow::Result<()> {
+    let (ns, pod) = e.pod.split_once('/').unwrap_or(("default", &e.pod));
+    let record = kubelet::exec::find_record(&e.run_dir, ns, pod, e.container.as_deref())?;
+    let status = kubelet::exec::command_in(&record, &e.command)?
+        .status()
+        .with_context(|| format!("running {:?} in {ns}/{pod}", e.command))?;
+    use std::os::unix::process::ExitStatusExt;
+    std::process::exit(
+        status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        // Before any runtime thread exists: pid1 forks.
+        Some(Cmd::Pid1 { command }) => {
+            std::process::exit(kubelet::pid1::run(&command)?);
+        }
+        Some(Cmd::Exec(e)) => exec(e),
+        None => serve(cli.serve),
+    }
+}
+
+// Two workers: twenty harnesses share a host in the burst benchmark, and a kubelet's work here is small.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn serve(a: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -72,7 +141,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let a = Args::parse();
+    let (Some(node_name), Some(run_dir)) = (a.node_name, a.run_dir) else {
+        anyhow::bail!(
+            "--node-name and --run-dir are required to serve (or use the exec subcommand)"
+        );
+    };
     let container_env = a
         .container_env
         .iter()
@@ -83,12 +156,17 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = Config {
-        node_name: a.node_name,
+        node_name,
         device_plugin_dir: a.device_plugin_dir,
         pod_resources_socket: a.pod_resources_socket,
         cgroup_root: a.cgroup_root,
-        run_dir: a.run_dir,
+        run_dir,
         mount_ns: !a.no_mount_ns,
+        pid_ns_helper: if a.pid_ns {
+            Some(std::env::current_exe().context("locating this binary for --pid-ns")?)
+        } else {
+            None
+        },
         container_env,
         host_ip: a.host_ip,
     };

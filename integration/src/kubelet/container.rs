@@ -29,6 +29,8 @@ pub struct ProcessSpec {
     pub cgroup: Option<PathBuf>,
     /// Whether to apply the mounts in a new mount namespace (needs root).
     pub mount_ns: bool,
+    /// Start through this `kubelet-harness` (as `pid1 -- argv`) in a new pid namespace; needs `mount_ns`.
+    pub pid_ns_helper: Option<PathBuf>,
     /// stdout and stderr go here (appended).
     pub log: PathBuf,
 }
@@ -50,10 +52,23 @@ fn cstr(p: &Path) -> anyhow::Result<CString> {
         .with_context(|| format!("path {} contains a NUL byte", p.display()))
 }
 
-/// Creates a missing mount target matching its source (an empty directory or an empty file), as the
-/// container runtime does in a rootfs. Only targets that do not exist are created; nothing existing is
-/// touched.
-fn ensure_target(m: &MountSpec, earlier: &[MountSpec]) -> anyhow::Result<()> {
+/// What a missing mount target needs inside the container's mount namespace.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Shadow {
+    /// Empty host directories covered with a tmpfs of the container's own first.
+    tmpfs: Vec<PathBuf>,
+    /// Then created on those tmpfs, in order: (path, is a directory).
+    create: Vec<(PathBuf, bool)>,
+}
+
+/// Makes a missing mount target exist without leaving files on the host, as a container runtime makes them in
+/// the container's own root filesystem. A target under a missing directory (`/usr/local/vgpu/limits` on a host
+/// without `/usr/local/vgpu`) gets that directory created empty on the host (an empty directory changes nothing
+/// there: the shim looks for the file), covered by a tmpfs inside the namespace, and the target created on that
+/// tmpfs. A target whose parent is an empty directory is made the same way. Only a target directly in a
+/// non-empty host directory (`/etc/ld.so.preload`) is created on the host, empty (an empty preload list loads
+/// nothing). Nothing that exists is touched.
+fn ensure_target(m: &MountSpec, earlier: &[MountSpec], shadow: &mut Shadow) -> anyhow::Result<()> {
     let target = host_view(&m.container_path, earlier);
     let src = std::fs::metadata(&m.host_path).with_context(|| {
         format!(
@@ -62,16 +77,50 @@ fn ensure_target(m: &MountSpec, earlier: &[MountSpec]) -> anyhow::Result<()> {
             m.container_path.display()
         )
     })?;
-    if std::fs::symlink_metadata(&target).is_ok() {
+    if std::fs::symlink_metadata(&target).is_ok()
+        || shadow.create.iter().any(|(p, _)| *p == target)
+    {
         return Ok(());
+    }
+    let remapped = target != m.container_path;
+    // Already under a tmpfs of ours: create it there.
+    if let Some(base) = shadow.tmpfs.iter().find(|d| target.starts_with(d)).cloned() {
+        push_path(shadow, &base, &target, src.is_dir());
+        return Ok(());
+    }
+    if !remapped {
+        // The topmost missing ancestor, if any.
+        let mut missing_top: Option<PathBuf> = None;
+        let mut a = target.parent();
+        while let Some(dir) = a {
+            if std::fs::symlink_metadata(dir).is_ok() {
+                break;
+            }
+            missing_top = Some(dir.to_path_buf());
+            a = dir.parent();
+        }
+        let base = match missing_top {
+            Some(top) => {
+                std::fs::create_dir_all(&top)
+                    .with_context(|| format!("creating the mount point {}", top.display()))?;
+                Some(top)
+            }
+            None => target
+                .parent()
+                .filter(|p| {
+                    std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_none()) && *p != Path::new("/")
+                })
+                .map(Path::to_path_buf),
+        };
+        if let Some(base) = base {
+            shadow.tmpfs.push(base.clone());
+            push_path(shadow, &base, &target, src.is_dir());
+            return Ok(());
+        }
     }
     if src.is_dir() {
         std::fs::create_dir_all(&target)
     } else {
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-        }
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -92,6 +141,22 @@ fn ensure_target(m: &MountSpec, earlier: &[MountSpec]) -> anyhow::Result<()> {
             m.host_path.display()
         )
     })
+}
+
+/// Adds `target` and the directories between `base` and it to what the child creates on the tmpfs at `base`.
+fn push_path(shadow: &mut Shadow, base: &Path, target: &Path, is_dir: bool) {
+    let Ok(rest) = target.strip_prefix(base) else {
+        return;
+    };
+    let mut cur = base.to_path_buf();
+    let parts: Vec<_> = rest.components().collect();
+    for (i, c) in parts.iter().enumerate() {
+        cur.push(c);
+        let dir = i + 1 < parts.len() || is_dir;
+        if !shadow.create.iter().any(|(p, _)| *p == cur) {
+            shadow.create.push((cur.clone(), dir));
+        }
+    }
 }
 
 /// Where `path` lies on the host once `earlier` mounts are in place: under the deepest of them that covers
@@ -120,14 +185,33 @@ struct PreparedMount {
 
 /// Starts the process. Errors say which step failed; the pre-exec steps report the errno of the step.
 pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
-    let Some((prog, args)) = spec.argv.split_first() else {
+    if spec.argv.is_empty() {
         bail!("the container has no command: the harness ignores images, so the pod must give `command`");
+    }
+    let argv: Vec<String> = match &spec.pid_ns_helper {
+        Some(helper) if spec.mount_ns => [
+            helper.to_string_lossy().into_owned(),
+            "pid1".into(),
+            "--".into(),
+        ]
+        .into_iter()
+        .chain(spec.argv.iter().cloned())
+        .collect(),
+        _ => spec.argv.clone(),
     };
+    let (prog, args) = argv.split_first().expect("argv is not empty");
+    let ns_flags = libc::CLONE_NEWNS
+        | if spec.pid_ns_helper.is_some() {
+            libc::CLONE_NEWPID
+        } else {
+            0
+        };
+    let mut shadow = Shadow::default();
     let mounts = if spec.mount_ns {
         let ordered = mount_order(&spec.mounts);
         let mut prepared = Vec::with_capacity(ordered.len());
         for (i, m) in ordered.iter().enumerate() {
-            ensure_target(m, &ordered[..i])?;
+            ensure_target(m, &ordered[..i], &mut shadow)?;
             prepared.push(PreparedMount {
                 src: cstr(&m.host_path)?,
                 dst: cstr(&m.container_path)?,
@@ -138,6 +222,16 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
     } else {
         Vec::new()
     };
+    let tmpfs: Vec<CString> = shadow
+        .tmpfs
+        .iter()
+        .map(|d| cstr(d))
+        .collect::<anyhow::Result<_>>()?;
+    let create: Vec<(CString, bool)> = shadow
+        .create
+        .iter()
+        .map(|(p, d)| Ok((cstr(p)?, *d)))
+        .collect::<anyhow::Result<_>>()?;
     let procs = spec
         .cgroup
         .as_ref()
@@ -174,7 +268,7 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
                 join_cgroup(procs)?;
             }
             if mount_ns {
-                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                if libc::unshare(ns_flags) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // Our mounts must not propagate back to the host.
@@ -187,6 +281,35 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<tokio::process::Child> {
                 ) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for d in &tmpfs {
+                    if libc::mount(
+                        c"tmpfs".as_ptr(),
+                        d.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        0,
+                        c"mode=0755".as_ptr().cast(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (p, is_dir) in &create {
+                    if *is_dir {
+                        if libc::mkdir(p.as_ptr(), 0o755) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else {
+                        let fd = libc::open(
+                            p.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o644,
+                        );
+                        if fd < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        libc::close(fd);
+                    }
                 }
                 for m in &mounts {
                     bind(m)?;

@@ -185,14 +185,17 @@ impl DeviceManager {
         self.notify();
     }
 
-    /// A kubelet restart: plugins are forgotten (capacity drops to zero until they register again) while
-    /// the assignments stay, as the kubelet's checkpoint keeps them.
+    /// A kubelet restart: plugins are forgotten, but their resources stay known with no device (capacity
+    /// zero, and a pod asking for one fails admission) until they register again, and the assignments stay:
+    /// what the kubelet rebuilds from its checkpoint.
     pub fn forget_plugins(&self) {
         let mut s = self.lock();
-        for (_, r) in std::mem::take(&mut s.resources) {
-            if let Some(t) = r.watch_task {
+        for r in s.resources.values_mut() {
+            if let Some(t) = r.watch_task.take() {
                 t.abort();
             }
+            r.client = None;
+            r.devices.clear();
         }
         drop(s);
         self.notify();

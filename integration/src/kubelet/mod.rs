@@ -7,15 +7,25 @@
 //! Departures from a kubelet: images are ignored (the command must exist on the host), containers are not
 //! restarted whatever the restart policy, `valueFrom` env entries are not resolved, and the mounts apply in
 //! the host's root (there is no container root filesystem).
+//!
+//! One node, as the lab runs it (root; the cgroup root must lie on the cgroup2 mount, which is
+//! `/sys/fs/cgroup/unified` on a hybrid host):
+//! `kubelet-harness --node-name n1 --kubeconfig K --device-plugin-dir D/dp --pod-resources-socket D/pr.sock
+//! --cgroup-root /sys/fs/cgroup/vgpu-test-1 --run-dir D/run --container-env LD_LIBRARY_PATH=<sim dir>`.
+//! SIGHUP plays a kubelet restart, SIGTERM stops every pod; `kubelet-harness exec --run-dir D/run
+//! default/POD -- nvidia-smi` runs a command inside a running container.
 
 pub mod admission;
 pub mod cgroup;
 pub mod container;
 pub mod devices;
+pub mod exec;
 pub mod node;
+pub mod pid1;
 pub mod podresources;
 pub mod pods;
 pub mod registration;
+pub mod runner;
 pub mod status;
 pub mod uds;
 
@@ -25,7 +35,6 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use cgroup::CgroupRoot;
 use devices::DeviceManager;
 use pods::PodContext;
 use registration::RegistrationServerHandle;
@@ -46,6 +55,9 @@ pub struct Config {
     pub mount_ns: bool,
     /// Stands for the image's environment, given before Allocate's and the spec's.
     pub container_env: Vec<(String, String)>,
+    /// The `kubelet-harness` binary: when set (and `mount_ns`), each container gets a pid namespace of its
+    /// own, started through `kubelet-harness pid1`; None keeps containers in the host's pid namespace.
+    pub pid_ns_helper: Option<PathBuf>,
     /// The node's address in Node and pod status.
     pub host_ip: String,
 }
@@ -63,6 +75,10 @@ impl Harness {
     /// Creates the Node if absent, then serves the Registration and PodResources sockets and watches pods.
     pub async fn start(cfg: Config, client: kube::Client) -> anyhow::Result<Self> {
         std::fs::create_dir_all(cfg.run_dir.join("logs"))?;
+        anyhow::ensure!(
+            cfg.pid_ns_helper.is_none() || cfg.mount_ns,
+            "a pid namespace per container needs its mount namespace (for its /proc): drop --no-mount-ns"
+        );
         if let Some(root) = &cfg.cgroup_root {
             std::fs::create_dir_all(root).map_err(|e| {
                 anyhow::anyhow!(
@@ -72,22 +88,23 @@ impl Harness {
                 )
             })?;
         }
-        node::ensure(&client, &cfg.node_name).await?;
+        // The API server may be starting alongside (the lab and the burst start everything at once).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = node::ensure(&client, &cfg.node_name).await {
+            if tokio::time::Instant::now() > deadline {
+                return Err(
+                    e.context("the API server did not answer for 30 s (check --kubeconfig)")
+                );
+            }
+            tracing::info!(error = %format!("{e:#}"), "API server not reachable yet; retrying");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let devices = DeviceManager::new();
         let registration =
             RegistrationServerHandle::start(&cfg.device_plugin_dir, devices.clone()).await?;
         let (stop_tx, stop_rx) = oneshot::channel();
         let pr = podresources::serve(&cfg.pod_resources_socket, devices.clone(), stop_rx)?;
-        let pods = PodContext::new(
-            client.clone(),
-            devices.clone(),
-            cfg.node_name.clone(),
-            cfg.cgroup_root.clone().map(CgroupRoot),
-            cfg.run_dir.clone(),
-            cfg.mount_ns,
-            cfg.container_env.clone(),
-            cfg.host_ip.clone(),
-        );
+        let pods = PodContext::new(client.clone(), devices.clone(), &cfg);
         let tasks = vec![
             pr,
             tokio::spawn(node::follow(

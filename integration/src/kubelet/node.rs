@@ -91,8 +91,17 @@ pub async fn follow(
     let api: Api<Node> = Api::all(client.clone());
     let mut changed = devices.subscribe();
     let mut last: Option<BTreeMap<String, ResourceCount>> = None;
+    // Resources once reported stay on the Node at zero after their plugin is forgotten (a kubelet restart),
+    // as the kubelet's checkpoint keeps them; a merge patch would otherwise leave the stale count.
+    let mut reported: BTreeMap<String, ResourceCount> = BTreeMap::new();
     loop {
-        let counts = devices.counts();
+        let mut counts = devices.counts();
+        for name in reported.keys() {
+            counts.entry(name.clone()).or_insert(ResourceCount {
+                capacity: 0,
+                allocatable: 0,
+            });
+        }
         if last.as_ref() != Some(&counts) {
             let patch = status_patch(&counts, &host_ip);
             match api
@@ -101,6 +110,7 @@ pub async fn follow(
             {
                 Ok(_) => {
                     tracing::info!(node = %node, ?counts, "node status written");
+                    reported.clone_from(&counts);
                     last = Some(counts);
                 }
                 Err(kube::Error::Api(s)) if s.is_not_found() => {

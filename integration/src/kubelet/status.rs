@@ -174,11 +174,12 @@ pub async fn write(api: &Api<Pod>, name: &str, patch: &Value) {
 }
 
 /// The kubelet's answer to a pod it cannot admit: phase Failed with the reason and message.
+/// The status message carries the kubelet's "Pod was rejected: " prefix; the event has the bare message.
 pub fn rejected_patch(reason: &str, message: &str) -> Value {
     json!({"status": {
         "phase": "Failed",
         "reason": reason,
-        "message": message,
+        "message": format!("Pod was rejected: {message}"),
         "conditions": null,
         "containerStatuses": null,
         "initContainerStatuses": null,

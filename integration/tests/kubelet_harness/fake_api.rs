@@ -28,6 +28,8 @@ struct Inner {
     paused: bool,
     /// Bumped to end every open watch with 410 Gone.
     kicks: u64,
+    /// Answer lists and watches as if no field selector had been given.
+    ignore_selectors: bool,
 }
 
 #[derive(Clone)]
@@ -76,11 +78,17 @@ fn query(uri: &Uri) -> BTreeMap<String, String> {
 }
 
 /// `spec.nodeName=X` (the only selector the harness uses).
-fn matches(obj: &Value, selector: Option<&String>) -> bool {
+fn selected(obj: &Value, selector: Option<&String>) -> bool {
     match selector.and_then(|s| s.split_once('=')) {
         Some(("spec.nodeName", n)) => obj["spec"]["nodeName"].as_str() == Some(n),
         Some(_) => false,
         None => true,
+    }
+}
+
+impl Inner {
+    fn matches_ignoring(&self, obj: &Value, selector: Option<&String>) -> bool {
+        self.ignore_selectors || selected(obj, selector)
     }
 }
 
@@ -96,6 +104,11 @@ impl FakeApi {
         let app = axum::Router::new().fallback(handle).with_state(api.clone());
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
         api
+    }
+
+    /// From now on, serve every pod whatever the field selector says (a broken server).
+    pub fn ignore_selectors(&self) {
+        self.lock().ignore_selectors = true;
     }
 
     pub fn client(&self) -> kube::Client {
@@ -196,7 +209,7 @@ impl FakeApi {
         let items: Vec<Value> = s
             .objects
             .iter()
-            .filter(|(k, v)| k.0 == resource && matches(v, selector))
+            .filter(|(k, v)| k.0 == resource && s.matches_ignoring(v, selector))
             .map(|(_, v)| v.clone())
             .collect();
         let body = json!({"kind": "PodList", "apiVersion": "v1",
@@ -263,7 +276,7 @@ impl FakeApi {
                         .history
                         .iter()
                         .filter(|(rv, _, r, o)| {
-                            *rv > last && *r == resource && matches(o, selector.as_ref())
+                            *rv > last && *r == resource && s.matches_ignoring(o, selector.as_ref())
                         })
                         .map(|(rv, t, _, o)| (*rv, *t, o.clone()))
                         .collect();

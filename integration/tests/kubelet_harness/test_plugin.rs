@@ -28,6 +28,8 @@ pub struct Answer {
     pub mounts: Vec<dp::Mount>,
     /// GetPreferredAllocation answers these IDs (and the option says it is available) when set.
     pub preferred: Option<Vec<String>>,
+    /// The options ask for PreStartContainer.
+    pub pre_start: bool,
     /// Allocate takes this long (to see whether the kubelet overlaps calls).
     pub delay: Option<Duration>,
 }
@@ -35,8 +37,11 @@ pub struct Answer {
 #[derive(Default)]
 pub struct Calls {
     pub list_and_watch: usize,
+    /// Register calls the kubelet accepted.
+    pub registered: usize,
     pub allocate: Vec<Vec<String>>,
     pub preferred: Vec<dp::ContainerPreferredAllocationRequest>,
+    pub pre_start: Vec<Vec<String>>,
     /// Allocate calls in flight now, and the most seen at once.
     pub in_flight: usize,
     pub max_in_flight: usize,
@@ -55,7 +60,7 @@ impl DevicePlugin for Service {
         _: Request<dp::Empty>,
     ) -> Result<Response<dp::DevicePluginOptions>, Status> {
         Ok(Response::new(dp::DevicePluginOptions {
-            pre_start_required: false,
+            pre_start_required: self.answer.pre_start,
             get_preferred_allocation_available: self.answer.preferred.is_some(),
         }))
     }
@@ -144,8 +149,13 @@ impl DevicePlugin for Service {
 
     async fn pre_start_container(
         &self,
-        _: Request<dp::PreStartContainerRequest>,
+        req: Request<dp::PreStartContainerRequest>,
     ) -> Result<Response<dp::PreStartContainerResponse>, Status> {
+        self.calls
+            .lock()
+            .unwrap()
+            .pre_start
+            .push(req.into_inner().devices_ids);
         Ok(Response::new(dp::PreStartContainerResponse {}))
     }
 }
@@ -190,7 +200,8 @@ impl TestPlugin {
         p
     }
 
-    fn serve(&self) {
+    /// Serves (again) on its socket.
+    pub fn serve(&self) {
         let incoming = uds::bind(&self.dir.join(&self.socket_name)).unwrap();
         let svc = DevicePluginServer::new(Service {
             devices: self.devices.subscribe(),
@@ -219,12 +230,12 @@ impl TestPlugin {
                 endpoint: self.socket_name.clone(),
                 resource_name: RESOURCE.into(),
                 options: Some(dp::DevicePluginOptions {
-                    pre_start_required: false,
+                    pre_start_required: self.answer.pre_start,
                     get_preferred_allocation_available: self.answer.preferred.is_some(),
                 }),
             })
             .await
-            .map(|_| ())
+            .map(|_| self.calls().registered += 1)
     }
 
     pub async fn register(&self) {
