@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 export VGPU_REQUIRE_EBPF=1
+# The deploy checks must run here, not skip for a missing kubectl or kubernetes-validate.
+export VGPU_REQUIRE_DEPLOY_TOOLS=1
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # libvgpu.so must exist before the integration tests preload it.
 cargo build --workspace --locked
+# The images' root filesystems from those binaries, run in a chroot and committed by buildah.
+deploy/images/ci-build.sh
 cargo test --workspace --locked

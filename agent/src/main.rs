@@ -88,9 +88,8 @@ mod tests {
             "pins on the host's bpffs (mounted by the DaemonSet)"
         );
         assert_eq!(run.cache_dir, std::path::Path::new(run::DEFAULT_CACHE_DIR));
-        if run.standalone {
-            return;
-        }
+        // deploy/ runs the node side; integration/tests/deploy_render.rs checks every other mount.
+        assert!(!run.standalone, "the DaemonSet runs Kubernetes mode");
         // Kubernetes mode: what Allocate hands the kubelet are host paths, so the directories the agent
         // writes must be mounted at the same path inside its container as on the host.
         let ds = daemonset();
