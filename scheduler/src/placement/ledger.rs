@@ -331,6 +331,7 @@ fn apply(node: &mut NodeState, p: &Placement, add: bool) {
             node.usage[card].sub_usage(u);
         }
     }
+    node.refresh();
 }
 
 /// What `p` books on each card of `node`: per card, the larger of the busiest init container
