@@ -90,10 +90,9 @@ impl<A: ClusterApi> Extender<A> {
             if let Some(list) = node_objects {
                 refresh_nodes(&mut st.ledger, list);
             }
-            let candidates: Vec<&str> = names.iter().collect();
             let d = st
                 .ledger
-                .place(&pod.uid, &key, &candidates, &req, &self.cfg);
+                .place_names(&pod.uid, &key, &names, &req, &self.cfg);
             match &d.chosen {
                 Some(_) => {
                     st.pending.insert(
@@ -114,13 +113,25 @@ impl<A: ClusterApi> Extender<A> {
         };
 
         let mut out = ExtenderFilterResult::default();
+        // Thousands of nodes can miss for the same reasons (every T4 for an A100-only pod):
+        // each distinct text is built once.
+        let mut texts: Vec<(&NodeMiss, String, bool)> = Vec::new();
         for (i, miss) in &decision.misses {
-            let target = if unresolvable(miss) {
+            let (text, unresolvable) = match texts.iter().find(|(m, _, _)| *m == miss) {
+                Some((_, t, u)) => (t.clone(), *u),
+                None => {
+                    let t = miss.to_string();
+                    let u = unresolvable(miss);
+                    texts.push((miss, t.clone(), u));
+                    (t, u)
+                }
+            };
+            let target = if unresolvable {
                 &mut out.failed_and_unresolvable_nodes
             } else {
                 &mut out.failed_nodes
             };
-            target.insert(names.get(*i).to_string(), miss.to_string());
+            target.insert(names.get(*i).to_string(), text);
         }
         match decision.chosen {
             Some((i, _, _)) => {

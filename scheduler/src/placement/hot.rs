@@ -6,6 +6,7 @@
 //! [`HOT_CARDS`] cards) goes to the full check in `fit`, which also gives the reasons of a miss.
 
 use super::node::{Card, CardUsage};
+use super::reason::{FitReason, NodeMiss};
 use super::request::{CardFilter, DefaultMemory, PodRequest};
 use super::score::node_score_with;
 use std::hash::{Hash, Hasher};
@@ -21,8 +22,8 @@ struct HotCard {
     slots: u32,
     used_slots: u32,
     type_hash: u64,
-    /// Healthy and not cordoned.
-    open: bool,
+    healthy: bool,
+    cordoned: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,15 +71,21 @@ impl NodeHot {
                 slots: c.slots,
                 used_slots: u.slots,
                 type_hash: type_hash(&c.kind_lower),
-                open: c.healthy && !c.cordoned,
+                healthy: c.healthy,
+                cordoned: c.cordoned,
             };
         }
         hot
     }
 
-    /// `Some(true)` when `req` fits (exactly as `fit::check_pod` would say), `Some(false)` when
-    /// it does not, `None` when the summary cannot tell.
-    pub fn fits(&self, req: &PodRequest, default_mem: DefaultMemory, mutex: bool) -> Option<bool> {
+    /// What `fit::check_pod` would answer, reasons of a miss included, or `None` when the
+    /// summary cannot tell.
+    pub fn check(
+        &self,
+        req: &PodRequest,
+        default_mem: DefaultMemory,
+        mutex: bool,
+    ) -> Option<Result<(), NodeMiss>> {
         if self.n == 0 || req.init > 0 || !simple_filter(&req.filter) {
             return None;
         }
@@ -88,36 +95,49 @@ impl NodeHot {
             return None;
         }
         let want = c.gpus as usize;
-        if (self.n as usize) < want {
-            return Some(false);
+        let n = self.n as usize;
+        if n < want {
+            return Some(Err(NodeMiss::node_level(FitReason::NodeInsufficientDevice)));
         }
+        let typed = !req.filter.use_types.is_empty() || !req.filter.nouse_types.is_empty();
         let mut found = 0;
-        for h in &self.cards[..self.n as usize] {
-            if !h.open || h.used_slots >= h.slots || (mutex && h.used_slots > 0) {
-                continue;
-            }
-            if !req.filter.use_types.is_empty() || !req.filter.nouse_types.is_empty() {
-                match req.filter.type_ok_hashed(h.type_hash) {
-                    Some(true) => {}
-                    Some(false) => continue,
-                    None => return None,
+        let mut misses = [0u32; FitReason::COUNT];
+        // The checks of `fit::check_card`, in its order.
+        for h in &self.cards[..n] {
+            let reason = if !h.healthy {
+                FitReason::CardNotHealth
+            } else if h.cordoned {
+                FitReason::CardCordoned
+            } else if typed && !req.filter.type_ok_hashed(h.type_hash)? {
+                FitReason::CardTypeMismatch
+            } else if h.used_slots >= h.slots {
+                FitReason::CardTimeSlicingExhausted
+            } else if mutex && h.used_slots > 0 {
+                FitReason::ExclusiveDeviceAllocateConflict
+            } else {
+                let mem = c.mem.resolve(h.mem_mib, default_mem);
+                if h.mem_mib.saturating_sub(h.used_mem) < mem {
+                    FitReason::CardInsufficientMemory
+                } else if h.cores.saturating_sub(h.used_cores) < c.cores {
+                    FitReason::CardInsufficientCore
+                } else if h.cores == 100 && c.cores == 100 && h.used_slots > 0 {
+                    FitReason::ExclusiveDeviceAllocateConflict
+                } else if c.cores == 0 && h.cores > 0 && h.used_cores >= h.cores {
+                    FitReason::CardComputeUnitsExhausted
+                } else {
+                    found += 1;
+                    if found == want {
+                        return Some(Ok(()));
+                    }
+                    continue;
                 }
-            }
-            let mem = c.mem.resolve(h.mem_mib, default_mem);
-            if h.mem_mib.saturating_sub(h.used_mem) < mem
-                || h.cores.saturating_sub(h.used_cores) < c.cores
-                || (h.cores == 100 && c.cores == 100 && h.used_slots > 0)
-                || (c.cores == 0 && h.cores > 0 && h.used_cores >= h.cores)
-            {
-                continue;
-            }
-            found += 1;
-            if found == want {
-                return Some(true);
-            }
+            };
+            misses[reason as usize] += 1;
         }
-        // A miss needs its reasons: the full check gives them.
-        None
+        if found > 0 {
+            misses[FitReason::AllocatedCardsInsufficientRequest as usize] = found as u32;
+        }
+        Some(Err(NodeMiss::from_counts(misses, n as u32)))
     }
 }
 

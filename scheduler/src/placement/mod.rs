@@ -1,6 +1,7 @@
 //! Placement as a pure library: no I/O, no clock, no Kubernetes types. Given the nodes' cards and
 //! what is reserved on them, choose a node and cards for a pod, or say why none fit.
 
+pub mod candidates;
 pub mod fit;
 pub mod hot;
 pub mod ledger;
@@ -66,10 +67,9 @@ pub fn choose<'a>(
             misses.push((i, NodeMiss::node_level(FitReason::NodeUnregistered)));
             continue;
         };
-        let quick = node.hot.fits(req, cfg.default_memory, gpu_policy.mutex);
-        let checked = match quick {
-            Some(true) => Ok(()),
-            _ => check_pod(node, req, cfg.default_memory, gpu_policy),
+        let checked = match node.hot.check(req, cfg.default_memory, gpu_policy.mutex) {
+            Some(answer) => answer,
+            None => check_pod(node, req, cfg.default_memory, gpu_policy),
         };
         match checked {
             Ok(()) => {

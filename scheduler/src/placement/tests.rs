@@ -680,8 +680,8 @@ proptest! {
         }
     }
 
-    /// The per-node summary filter reads first says "fits" only where the full check does, and
-    /// keeps the node's score, whatever was placed and released before.
+    /// The per-node summary filter reads first answers exactly as the full check does, reasons
+    /// included, and keeps the node's score, whatever was placed and released before.
     #[test]
     fn the_node_summary_agrees_with_the_full_check(cluster in arb_cluster(), pods in prop::collection::vec(arb_pod(), 1..20), probes in prop::collection::vec(arb_pod(), 1..8)) {
         let names: Vec<String> = (0..cluster.len()).map(|i| format!("node-{i}")).collect();
@@ -702,8 +702,8 @@ proptest! {
                     let policy = probe.gpu_policy.unwrap_or(GpuPolicy::SPREAD);
                     // Judge the types first, as choose's full checks do on earlier nodes.
                     let full = fit::check_pod(node, probe, default_mem, policy);
-                    if node.hot.fits(probe, default_mem, policy.mutex) == Some(true) {
-                        prop_assert!(full.is_ok(), "summary says fits, full check says {:?}", full);
+                    if let Some(quick) = node.hot.check(probe, default_mem, policy.mutex) {
+                        prop_assert_eq!(quick, full);
                     }
                 }
             }
