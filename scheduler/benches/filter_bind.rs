@@ -14,8 +14,21 @@ use vgpu_scheduler::extender::Extender;
 use vgpu_scheduler::kubeapi::{ClusterApi, PodEvent, PodRef};
 use vgpu_scheduler::placement::Config;
 
-#[derive(Clone)]
-struct InstantApi;
+/// The API server stand-in: answers each write after `delay_us` (zero: at once, so the figures
+/// are the scheduler's own time).
+#[derive(Clone, Default)]
+struct InstantApi {
+    delay_us: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl InstantApi {
+    async fn answer(&self) {
+        let us = self.delay_us.load(std::sync::atomic::Ordering::Relaxed);
+        if us > 0 {
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
+    }
+}
 
 impl ClusterApi for InstantApi {
     async fn annotate_pod(
@@ -25,9 +38,11 @@ impl ClusterApi for InstantApi {
         _: Option<&str>,
     ) -> Result<(), String> {
         std::hint::black_box(a);
+        self.answer().await;
         Ok(())
     }
     async fn bind_pod(&self, _: &PodRef, _: &str) -> Result<(), String> {
+        self.answer().await;
         Ok(())
     }
     async fn record_event(&self, _: PodEvent) -> Result<(), String> {
@@ -117,73 +132,79 @@ struct HttpClient {
 
 impl HttpClient {
     fn start(ext: Arc<Extender<InstantApi>>, rt: &tokio::runtime::Runtime) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The server gets its own thread and runtime, as in `serve`.
-        std::thread::spawn(move || {
-            let srv = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            srv.block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(l.local_addr().unwrap()).unwrap();
-                axum::serve(l, vgpu_scheduler::extender::http::router(ext))
-                    .await
-                    .unwrap();
-            });
-        });
-        let addr = rx.recv().unwrap();
-        let send = rt.block_on(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            tcp.set_nodelay(true).unwrap();
-            let (send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            send
-        });
-        HttpClient { send }
+        let addr = serve_http(ext);
+        HttpClient {
+            send: rt.block_on(connect(addr)),
+        }
     }
 
     fn post(&mut self, rt: &tokio::runtime::Runtime, path: &str, body: Vec<u8>) -> Vec<u8> {
-        use http_body_util::BodyExt;
-        let req = hyper::Request::post(path)
-            .header("content-type", "application/json")
-            .header("host", "127.0.0.1")
-            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-            .unwrap();
-        rt.block_on(async {
-            let resp = self.send.send_request(req).await.unwrap();
-            assert_eq!(resp.status(), 200);
-            resp.into_body()
-                .collect()
-                .await
-                .unwrap()
-                .to_bytes()
-                .to_vec()
-        })
+        rt.block_on(post(&mut self.send, path, body))
     }
 }
 
-fn run(nodes: usize, pods: usize, rt: &tokio::runtime::Runtime, http: bool) -> Row {
-    let rss0 = rss_kib();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    // Events are drained elsewhere, as the background writer does in the server.
-    std::thread::spawn(move || while rx.blocking_recv().is_some() {});
-    let ext = Arc::new(Extender::new(Config::default(), InstantApi, tx));
-    for i in 0..nodes {
-        ext.node_applied(&node(i));
-    }
-    let names: Vec<String> = (0..nodes).map(|i| format!("node-{i:05}")).collect();
-    let names_json = serde_json::to_string(&names).unwrap();
-    // Churn keeps the cluster about a third full: the oldest pods leave as new ones arrive.
+type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<hyper::body::Bytes>>;
+
+/// The extender's HTTP server on its own thread and runtime, as in `serve`.
+fn serve_http(ext: Arc<Extender<InstantApi>>) -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The server gets its own thread and runtime, as in `serve`.
+    std::thread::spawn(move || {
+        let srv = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        srv.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, vgpu_scheduler::extender::http::router(ext))
+                .await
+                .unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+async fn connect(addr: std::net::SocketAddr) -> Conn {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn post(send: &mut Conn, path: &str, body: Vec<u8>) -> Vec<u8> {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::post(path)
+        .header("content-type", "application/json")
+        .header("host", "127.0.0.1")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
+
+/// Fills the cluster about a third full through filter and bind, as `run` starts.
+fn warm_up(
+    ext: &Extender<InstantApi>,
+    nodes: usize,
+    names_json: &str,
+    rt: &tokio::runtime::Runtime,
+) -> (usize, VecDeque<String>) {
     let steady = nodes * GPUS_PER_NODE * 10 / 3;
     let mut live = VecDeque::new();
     let warm = steady.min(20_000);
     for k in 0..warm {
-        let args: ExtenderArgs = serde_json::from_slice(&pod_body(k, &names_json)).unwrap();
+        let args: ExtenderArgs = serde_json::from_slice(&pod_body(k, names_json)).unwrap();
         if let Some(n) = ext
             .filter(args)
             .nodenames
@@ -198,6 +219,99 @@ fn run(nodes: usize, pods: usize, rt: &tokio::runtime::Runtime, http: bool) -> R
             live.push_back(format!("uid-{k}"));
         }
     }
+    (warm, live)
+}
+
+/// kube-scheduler's shape: its scheduling cycle sends one filter after another, while each
+/// pod's binding cycle runs on its own (here over `BIND_CONNECTIONS` connections), and the API
+/// answers each write after `api_delay`. Prints binds per second over the whole run.
+fn sustained(nodes: usize, pods: usize, api_delay: Duration, rt: &tokio::runtime::Runtime) {
+    const BIND_CONNECTIONS: usize = 32;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || while rx.blocking_recv().is_some() {});
+    let api = InstantApi::default();
+    let ext = Arc::new(Extender::new(Config::default(), api.clone(), tx));
+    for i in 0..nodes {
+        ext.node_applied(&node(i));
+    }
+    let names: Vec<String> = (0..nodes).map(|i| format!("node-{i:05}")).collect();
+    let names_json = serde_json::to_string(&names).unwrap();
+    let (warm, _) = warm_up(&ext, nodes, &names_json, rt);
+    // The warm-up wrote at once; from here the API takes its time.
+    api.delay_us.store(
+        api_delay.as_micros() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let addr = serve_http(ext.clone());
+    let (filter_t, bind_t, wall) = rt.block_on(async move {
+        let mut filter_conn = connect(addr).await;
+        let mut queues = Vec::new();
+        let mut workers = Vec::new();
+        for _ in 0..BIND_CONNECTIONS {
+            let (q, mut r) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+            let mut conn = connect(addr).await;
+            queues.push(q);
+            workers.push(tokio::spawn(async move {
+                let mut times = Vec::new();
+                while let Some(b) = r.recv().await {
+                    let t = Instant::now();
+                    let r: ExtenderBindingResult =
+                        serde_json::from_slice(&post(&mut conn, "/bind", b).await).unwrap();
+                    assert!(r.error.is_empty(), "{}", r.error);
+                    times.push(t.elapsed());
+                }
+                times
+            }));
+        }
+        let mut filter_t = Vec::with_capacity(pods);
+        let t0 = Instant::now();
+        for k in warm..warm + pods {
+            let body = pod_body(k, &names_json);
+            let t = Instant::now();
+            let result: ExtenderFilterResult =
+                serde_json::from_slice(&post(&mut filter_conn, "/filter", body).await).unwrap();
+            filter_t.push(t.elapsed());
+            if let Some(n) = result.nodenames.and_then(|n| n.into_iter().next()) {
+                let b = serde_json::to_vec(&json!({"PodName": format!("pod-{k}"), "PodNamespace": "bench", "PodUID": format!("uid-{k}"), "Node": n})).unwrap();
+                queues[k % BIND_CONNECTIONS].send(b).unwrap();
+            }
+        }
+        drop(queues);
+        let mut bind_t = Vec::new();
+        for w in workers {
+            bind_t.extend(w.await.unwrap());
+        }
+        (filter_t, bind_t, t0.elapsed())
+    });
+    let (mut filter_t, mut bind_t) = (filter_t, bind_t);
+    filter_t.sort();
+    bind_t.sort();
+    println!(
+        "| {nodes} x {GPUS_PER_NODE} | {} ms | {pods} | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.0} |",
+        api_delay.as_millis(),
+        bind_t.len(),
+        pct(&filter_t, 0.5),
+        pct(&filter_t, 0.99),
+        pct(&bind_t, 0.5),
+        pct(&bind_t, 0.99),
+        bind_t.len() as f64 / wall.as_secs_f64()
+    );
+}
+
+fn run(nodes: usize, pods: usize, rt: &tokio::runtime::Runtime, http: bool) -> Row {
+    let rss0 = rss_kib();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Events are drained elsewhere, as the background writer does in the server.
+    std::thread::spawn(move || while rx.blocking_recv().is_some() {});
+    let ext = Arc::new(Extender::new(Config::default(), InstantApi::default(), tx));
+    for i in 0..nodes {
+        ext.node_applied(&node(i));
+    }
+    let names: Vec<String> = (0..nodes).map(|i| format!("node-{i:05}")).collect();
+    let names_json = serde_json::to_string(&names).unwrap();
+    // Churn keeps the cluster about a third full: the oldest pods leave as new ones arrive.
+    let steady = nodes * GPUS_PER_NODE * 10 / 3;
+    let (warm, mut live) = warm_up(&ext, nodes, &names_json, rt);
     let rss_loaded = rss_kib();
     let mut client = http.then(|| HttpClient::start(ext.clone(), rt));
 
@@ -278,6 +392,22 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `--sustained MS`: filters one after another and binds concurrently over HTTP, the API
+    // answering each write after MS milliseconds; prints binds per second.
+    if let Some(ms) = args
+        .iter()
+        .position(|a| a == "--sustained")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let nodes = only.unwrap_or(5000);
+        let pods = if quick { 500 } else { 5000 };
+        println!("Path: HTTP on loopback, filters in sequence, binds concurrent over 32 connections, API answering each write after the given delay\n");
+        println!("| nodes x GPUs | API delay | pods | bound | filter p50 | filter p99 | bind p50 | bind p99 | binds/s |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        sustained(nodes, pods, Duration::from_millis(ms), &rt);
+        return;
+    }
     let plan: &[(usize, usize)] = if quick {
         &[(100, 500), (1000, 300), (5000, 100)]
     } else {

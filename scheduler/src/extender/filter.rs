@@ -1,6 +1,6 @@
 //! Filter: choose a node and cards for the pod and reserve them, in one step under the lock.
 
-use super::wire::{ExtenderArgs, ExtenderFilterResult, NodeList};
+use super::wire::{ExtenderArgs, ExtenderFilterResult, NodeList, NodeNames};
 use super::{pod_ref, unix_now, Extender, Pending, State};
 use crate::events;
 use crate::kubeapi::ClusterApi;
@@ -42,7 +42,7 @@ impl<A: ClusterApi> Extender<A> {
             nodes,
             nodenames,
         } = args;
-        let (names, node_objects) = match (nodenames, nodes.as_ref()) {
+        let (names, node_objects): (NodeNames, _) = match (nodenames, nodes.as_ref()) {
             (Some(names), _) => (names, None),
             (None, Some(list)) => (
                 list.items
@@ -51,7 +51,6 @@ impl<A: ClusterApi> Extender<A> {
                         n.pointer("/metadata/name")
                             .and_then(|v| v.as_str())
                             .unwrap_or("")
-                            .to_string()
                     })
                     .collect(),
                 Some(list),
@@ -63,13 +62,13 @@ impl<A: ClusterApi> Extender<A> {
                 };
             }
         };
-        let pass_through = |names: Vec<String>| match node_objects {
+        let pass_through = |names: NodeNames| match node_objects {
             Some(list) => ExtenderFilterResult {
                 nodes: Some(list.clone()),
                 ..Default::default()
             },
             None => ExtenderFilterResult {
-                nodenames: Some(names),
+                nodenames: Some(names.iter().map(str::to_string).collect()),
                 ..Default::default()
             },
         };
@@ -91,7 +90,9 @@ impl<A: ClusterApi> Extender<A> {
             if let Some(list) = node_objects {
                 refresh_nodes(&mut st.ledger, list);
             }
-            let d = st.ledger.place(&pod.uid, &key, &names, &req, &self.cfg);
+            let d = st
+                .ledger
+                .place_names(&pod.uid, &key, &names, &req, &self.cfg);
             match &d.chosen {
                 Some(_) => {
                     st.pending.insert(
@@ -112,22 +113,34 @@ impl<A: ClusterApi> Extender<A> {
         };
 
         let mut out = ExtenderFilterResult::default();
+        // Thousands of nodes can miss for the same reasons (every T4 for an A100-only pod):
+        // each distinct text is built once.
+        let mut texts: Vec<(&NodeMiss, String, bool)> = Vec::new();
         for (i, miss) in &decision.misses {
-            let target = if unresolvable(miss) {
+            let (text, unresolvable) = match texts.iter().find(|(m, _, _)| *m == miss) {
+                Some((_, t, u)) => (t.clone(), *u),
+                None => {
+                    let t = miss.to_string();
+                    let u = unresolvable(miss);
+                    texts.push((miss, t.clone(), u));
+                    (t, u)
+                }
+            };
+            let target = if unresolvable {
                 &mut out.failed_and_unresolvable_nodes
             } else {
                 &mut out.failed_nodes
             };
-            target.insert(names[*i].clone(), miss.to_string());
+            target.insert(names.get(*i).to_string(), text);
         }
         match decision.chosen {
             Some((i, _, _)) => {
-                let chosen = names[i].clone();
+                let chosen = names.get(i).to_string();
                 tracing::debug!(pod = %key, node = %chosen, devices = ?devices, "filter reserved");
                 let msg = events::filtering_succeed(
                     &chosen,
                     decision.misses.len(),
-                    decision.fits.iter().map(|(j, s)| (names[*j].as_str(), *s)),
+                    decision.fits.iter().map(|(j, s)| (names.get(*j), *s)),
                 );
                 self.emit(&pod, "Normal", events::FILTERING_SUCCEED, msg);
                 match node_objects {
@@ -142,7 +155,7 @@ impl<A: ClusterApi> Extender<A> {
             }
             None => {
                 let (head, lines) = events::filtering_failed(
-                    decision.misses.iter().map(|(i, m)| (names[*i].as_str(), m)),
+                    decision.misses.iter().map(|(i, m)| (names.get(*i), m)),
                 );
                 tracing::info!(pod = %key, "{head}: {}", lines.join("; "));
                 self.emit(&pod, "Warning", events::FILTERING_FAILED, head);

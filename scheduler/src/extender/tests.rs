@@ -702,10 +702,8 @@ fn a_memory_value_near_2_pow_64_cannot_wrap_a_card_into_free_space() {
 #[test]
 fn a_device_list_claiming_more_than_the_spec_asks_books_only_the_ask() {
     let (ext, _rx) = new_ext(FakeApi::default());
-    let two = format!(
-        r#"[{{"id":"GPU-a","count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}},{{"id":"GPU-b","index":1,"count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}}]"#
-    );
-    ext.node_applied(&serde_json::from_value(node_json("hami-workshop", &two)).unwrap());
+    let two = r#"[{"id":"GPU-a","count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true},{"id":"GPU-b","index":1,"count":10,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","health":true}]"#;
+    ext.node_applied(&serde_json::from_value(node_json("hami-workshop", two)).unwrap());
     // One vGPU of 2000 MiB and 10 cores asked; two whole cards claimed, and a second container.
     ext.pod_applied(&running_pod(
         "greedy",

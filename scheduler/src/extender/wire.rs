@@ -16,8 +16,10 @@ pub struct ExtenderArgs {
     pub nodes: Option<NodeList>,
     /// Sent when the extender is `nodeCacheCapable`.
     #[serde(default)]
-    pub nodenames: Option<Vec<String>>,
+    pub nodenames: Option<NodeNames>,
 }
+
+pub use crate::placement::candidates::NodeNames;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 pub struct NodeList {
@@ -65,4 +67,23 @@ pub struct ExtenderBindingArgs {
 pub struct ExtenderBindingResult {
     #[serde(rename = "Error")]
     pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_read_in_order_escapes_included() {
+        let n: NodeNames = serde_json::from_str(r#"["a", "node-\u0062", "", "c\"d"]"#).unwrap();
+        assert_eq!(n.iter().collect::<Vec<_>>(), ["a", "node-b", "", "c\"d"]);
+        assert_eq!(n.len(), 4);
+        let empty: NodeNames = serde_json::from_str("[]").unwrap();
+        assert!(empty.is_empty());
+        assert!(serde_json::from_str::<NodeNames>(r#"["a", 7]"#).is_err());
+        let from_value: ExtenderArgs =
+            serde_json::from_value(serde_json::json!({"pod": {}, "nodenames": ["x", "y"]}))
+                .unwrap();
+        assert_eq!(from_value.nodenames.unwrap().get(1), "y");
+    }
 }

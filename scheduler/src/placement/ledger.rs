@@ -7,6 +7,7 @@
 //! written by someone else (`hami.io/*` annotations are writable by whoever can patch the pod)
 //! can never book more cards, MiB or cores than the spec requests, nor wrap a card's usage.
 
+use super::candidates::NodeNames;
 use super::fit::NodeFit;
 use super::node::{CardUsage, NodeState};
 use super::request::{ContainerRequest, DefaultMemory, MemRequest, PodRequest};
@@ -122,8 +123,39 @@ pub struct Ledger {
 #[derive(Debug, Default, Clone)]
 struct CandidateMemo {
     generation: u64,
-    names: Vec<String>,
+    names: NodeNames,
     slots: Vec<Option<usize>>,
+}
+
+/// A candidate list as filter has it (one buffer, compared in two `memcmp`s) or as a slice.
+enum Candidates<'a, S> {
+    Names(&'a NodeNames),
+    List(&'a [S]),
+}
+
+impl<S: AsRef<str>> Candidates<'_, S> {
+    fn len(&self) -> usize {
+        match self {
+            Candidates::Names(n) => n.len(),
+            Candidates::List(l) => l.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> &str {
+        match self {
+            Candidates::Names(n) => n.get(i),
+            Candidates::List(l) => l[i].as_ref(),
+        }
+    }
+
+    fn same_as(&self, memo: &NodeNames) -> bool {
+        match self {
+            Candidates::Names(n) => *n == memo,
+            Candidates::List(l) => {
+                l.len() == memo.len() && l.iter().zip(memo.iter()).all(|(a, b)| a.as_ref() == b)
+            }
+        }
+    }
 }
 
 impl Ledger {
@@ -165,23 +197,15 @@ impl Ledger {
     /// differs from the previous one.
     fn with_slots<S: AsRef<str>, R>(
         &self,
-        candidates: &[S],
+        candidates: Candidates<'_, S>,
         f: impl FnOnce(&[Option<usize>]) -> R,
     ) -> R {
         let mut memo = self.memo.borrow_mut();
-        let same = memo.generation == self.generation
-            && memo.names.len() == candidates.len()
-            && memo
-                .names
-                .iter()
-                .zip(candidates)
-                .all(|(a, b)| a == b.as_ref());
-        if !same {
+        if memo.generation != self.generation || !candidates.same_as(&memo.names) {
             memo.generation = self.generation;
-            memo.names = candidates.iter().map(|c| c.as_ref().to_string()).collect();
-            memo.slots = candidates
-                .iter()
-                .map(|c| self.index.get(c.as_ref()).copied())
+            memo.names = (0..candidates.len()).map(|i| candidates.get(i)).collect();
+            memo.slots = (0..candidates.len())
+                .map(|i| self.index.get(candidates.get(i)).copied())
                 .collect();
         }
         f(&memo.slots)
@@ -279,6 +303,15 @@ impl Ledger {
         req: &PodRequest,
         cfg: &Config,
     ) -> Decision {
+        self.decide_among(Candidates::List(candidates), req, cfg)
+    }
+
+    fn decide_among<S: AsRef<str>>(
+        &self,
+        candidates: Candidates<'_, S>,
+        req: &PodRequest,
+        cfg: &Config,
+    ) -> Decision {
         self.with_slots(candidates, |slots| {
             choose(
                 slots.len(),
@@ -299,16 +332,39 @@ impl Ledger {
         req: &PodRequest,
         cfg: &Config,
     ) -> Decision {
+        self.place_among(uid, pod, Candidates::List(candidates), req, cfg)
+    }
+
+    /// [`Ledger::place`] over the names as filter reads them.
+    pub fn place_names(
+        &mut self,
+        uid: &str,
+        pod: &str,
+        candidates: &NodeNames,
+        req: &PodRequest,
+        cfg: &Config,
+    ) -> Decision {
+        self.place_among::<&str>(uid, pod, Candidates::Names(candidates), req, cfg)
+    }
+
+    fn place_among<S: AsRef<str>>(
+        &mut self,
+        uid: &str,
+        pod: &str,
+        candidates: Candidates<'_, S>,
+        req: &PodRequest,
+        cfg: &Config,
+    ) -> Decision {
         self.release(uid);
-        let decision = self.decide(candidates, req, cfg);
+        let decision = self.decide_among(candidates_ref(&candidates), req, cfg);
         if let Some((i, fit, _)) = &decision.chosen {
-            let node = candidates[*i].as_ref();
-            let devices = self.devices_for(node, fit);
+            let node = candidates.get(*i).to_string();
+            let devices = self.devices_for(&node, fit);
             self.record(
                 uid,
                 Placement {
                     pod: pod.to_string(),
-                    node: node.to_string(),
+                    node,
                     devices,
                     init: req.init,
                     asked: Ask::all(req, cfg.default_memory),
@@ -323,6 +379,13 @@ impl Ledger {
     }
 }
 
+fn candidates_ref<'a, S>(c: &Candidates<'a, S>) -> Candidates<'a, S> {
+    match c {
+        Candidates::Names(n) => Candidates::Names(n),
+        Candidates::List(l) => Candidates::List(l),
+    }
+}
+
 fn apply(node: &mut NodeState, p: &Placement, add: bool) {
     for (card, u) in booking(node, p) {
         if add {
@@ -331,6 +394,7 @@ fn apply(node: &mut NodeState, p: &Placement, add: bool) {
             node.usage[card].sub_usage(u);
         }
     }
+    node.refresh();
 }
 
 /// What `p` books on each card of `node`: per card, the larger of the busiest init container

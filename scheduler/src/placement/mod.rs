@@ -1,7 +1,9 @@
 //! Placement as a pure library: no I/O, no clock, no Kubernetes types. Given the nodes' cards and
 //! what is reserved on them, choose a node and cards for a pod, or say why none fit.
 
+pub mod candidates;
 pub mod fit;
+pub mod hot;
 pub mod ledger;
 pub mod node;
 pub mod policy;
@@ -14,7 +16,7 @@ use node::NodeState;
 use policy::{GpuPolicy, Policy};
 use reason::{FitReason, NodeMiss};
 use request::{DefaultMemory, PodRequest};
-use score::{better, node_score};
+use score::better;
 
 /// Cluster-wide defaults a pod may override with its annotations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,9 +67,13 @@ pub fn choose<'a>(
             misses.push((i, NodeMiss::node_level(FitReason::NodeUnregistered)));
             continue;
         };
-        match check_pod(node, req, cfg.default_memory, gpu_policy) {
+        let checked = match node.hot.check(req, cfg.default_memory, gpu_policy.mutex) {
+            Some(answer) => answer,
+            None => check_pod(node, req, cfg.default_memory, gpu_policy),
+        };
+        match checked {
             Ok(()) => {
-                let score = node_score(node);
+                let score = node.hot.score;
                 fits.push((i, score));
                 if best.is_none_or(|(_, _, b)| better(node_policy, score, b)) {
                     best = Some((i, node, score));

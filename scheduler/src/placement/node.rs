@@ -1,5 +1,6 @@
 //! A node's physical GPUs and what is reserved on each.
 
+use super::hot::NodeHot;
 use vgpu_contract::register::DeviceInfo;
 
 /// One physical GPU as registered, with the lower-cased type kept for the filter check.
@@ -76,11 +77,13 @@ impl CardUsage {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeState {
     pub name: String,
     pub cards: Vec<Card>,
     pub usage: Vec<CardUsage>,
+    /// The summary filter reads first; [`NodeState::refresh`] after changing `usage`.
+    pub hot: NodeHot,
 }
 
 /// HAMi schedules NVIDIA pods only on entries whose type names the vendor; others (another
@@ -109,11 +112,17 @@ impl NodeState {
             })
             .collect();
         let usage = vec![CardUsage::default(); cards.len()];
+        let hot = NodeHot::new(&cards, &usage);
         NodeState {
             name: name.into(),
             cards,
             usage,
+            hot,
         }
+    }
+
+    pub fn refresh(&mut self) {
+        self.hot = NodeHot::new(&self.cards, &self.usage);
     }
 
     pub fn card_by_uuid(&self, uuid: &str) -> Option<usize> {

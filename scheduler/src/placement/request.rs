@@ -80,8 +80,9 @@ pub struct CardFilter {
     pub memo: TypeMemo,
 }
 
+/// Verdicts by lower-cased type and by its `hot::type_hash`.
 #[derive(Debug, Clone, Default)]
-pub struct TypeMemo(RefCell<Vec<(String, bool)>>);
+pub struct TypeMemo(RefCell<Vec<(String, u64, bool)>>);
 
 /// A cache, not part of what the filter means.
 impl PartialEq for TypeMemo {
@@ -97,22 +98,33 @@ impl CardFilter {
         if self.use_types.is_empty() && self.nouse_types.is_empty() {
             return true;
         }
-        if let Some((_, v)) = self
+        if let Some((_, _, v)) = self
             .memo
             .0
             .borrow()
             .iter()
-            .find(|(k, _)| k == card_type_lower)
+            .find(|(k, _, _)| k == card_type_lower)
         {
             return *v;
         }
         let hit = |list: &[String]| list.iter().any(|t| card_type_lower.contains(t.as_str()));
         let v = (self.use_types.is_empty() || hit(&self.use_types)) && !hit(&self.nouse_types);
+        self.memo.0.borrow_mut().push((
+            card_type_lower.to_string(),
+            super::hot::type_hash(card_type_lower),
+            v,
+        ));
+        v
+    }
+
+    /// The verdict on a type already judged by [`CardFilter::type_ok`], by its hash.
+    pub fn type_ok_hashed(&self, hash: u64) -> Option<bool> {
         self.memo
             .0
-            .borrow_mut()
-            .push((card_type_lower.to_string(), v));
-        v
+            .borrow()
+            .iter()
+            .find(|(_, h, _)| *h == hash)
+            .map(|(_, _, v)| *v)
     }
 
     pub fn uuid_ok(&self, uuid: &str) -> bool {

@@ -680,6 +680,36 @@ proptest! {
         }
     }
 
+    /// The per-node summary filter reads first answers exactly as the full check does, reasons
+    /// included, and keeps the node's score, whatever was placed and released before.
+    #[test]
+    fn the_node_summary_agrees_with_the_full_check(cluster in arb_cluster(), pods in prop::collection::vec(arb_pod(), 1..20), probes in prop::collection::vec(arb_pod(), 1..8)) {
+        let names: Vec<String> = (0..cluster.len()).map(|i| format!("node-{i}")).collect();
+        let mut l = Ledger::default();
+        for (n, devs) in names.iter().zip(&cluster) {
+            l.upsert_node(n, devs.clone());
+        }
+        for (i, p) in pods.iter().enumerate() {
+            l.place(&format!("p{i}"), "p", &names, p, &Config::default());
+            if i % 3 == 0 {
+                l.release(&format!("p{}", i / 2));
+            }
+        }
+        for node in l.nodes() {
+            prop_assert_eq!(node.hot.score, score::node_score(node));
+            for probe in &probes {
+                for default_mem in [DefaultMemory::default(), DefaultMemory::MiB(3000)] {
+                    let policy = probe.gpu_policy.unwrap_or(GpuPolicy::SPREAD);
+                    // Judge the types first, as choose's full checks do on earlier nodes.
+                    let full = fit::check_pod(node, probe, default_mem, policy);
+                    if let Some(quick) = node.hot.check(probe, default_mem, policy.mutex) {
+                        prop_assert_eq!(quick, full);
+                    }
+                }
+            }
+        }
+    }
+
     /// Whatever the order the same pods arrive in, each one either fits or names a reason, and no
     /// card is over-committed.
     #[test]
