@@ -21,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 SIM=$("$B/sim-dir"); export LD_LIBRARY_PATH=$SIM PATH=$SIM:$PATH VGPU_SIM_MEMORY_MIB=81920
-head -c 32 /dev/urandom > "$T/seal.key"
+openssl rand -hex 32 > "$T/seal.key"
 printf 'admin-token,kubernetes-admin,1,"system:masters"\nsched-token,system:serviceaccount:vgpu-system:vgpu-scheduler,2\nagent-token,system:serviceaccount:vgpu-system:vgpu-agent,3\nkubelet-token,system:node:n,4,"system:nodes"\n' > "$T/tokens.csv"
 {
     openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=burst-ca" -keyout "$T/ca.key" -out "$T/ca.crt"

@@ -15,6 +15,12 @@ pub const SEAL_ANNOTATION: &str = "vgpu.io/placement-seal";
 pub const SEALED_DEVICES_ANNOTATION: &str = "vgpu.io/devices-sealed";
 const VERSION: &str = "v1";
 
+/// The key as both sides take it from the Secret's file: its bytes with surrounding ASCII whitespace removed
+/// (a key written by hand or by `echo` ends with a newline the other side may not have).
+pub fn key_from_file(raw: &[u8]) -> Vec<u8> {
+    raw.trim_ascii().to_vec()
+}
+
 /// What the seal covers. Every field is length-prefixed in the MAC input so no two placements share one.
 pub struct Placement<'a> {
     pub pod_uid: &'a str,
@@ -108,6 +114,12 @@ mod tests {
         );
         assert!(!verify(k, &p("uid-1", "GPU-a,NVIDIA,4000,0:;"), "v1:zz"));
         assert!(!verify(k, &p("uid-1", "GPU-a,NVIDIA,4000,0:;"), ""));
+    }
+
+    #[test]
+    fn the_key_is_read_alike_with_or_without_a_final_newline() {
+        assert_eq!(key_from_file(b"abc\n"), key_from_file(b"abc"));
+        assert_eq!(key_from_file(b" \tabc \r\n"), b"abc".to_vec());
     }
 
     #[test]

@@ -72,7 +72,7 @@ else
 fi
 
 # --- identities, keys, certificates ---------------------------------------------------------------------------
-head -c 32 /dev/urandom > "$T/seal.key"
+openssl rand -hex 32 > "$T/seal.key"
 cat > "$T/tokens.csv" <<TOK
 admin-token,kubernetes-admin,1,"system:masters"
 sched-token,system:serviceaccount:vgpu-system:vgpu-scheduler,2

@@ -141,6 +141,8 @@ fn read_seal_key(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
             path.display()
         )
     })?;
+    // Read as the agents read it (contract::placement_seal::key_from_file), so both sides MAC with one key.
+    let key = vgpu_contract::placement_seal::key_from_file(&key);
     if key.len() < MIN_SEAL_KEY_BYTES {
         anyhow::bail!(
             "the placement-seal key {} has {} bytes; it needs at least {MIN_SEAL_KEY_BYTES} (e.g. `head -c 32 /dev/urandom`)",

@@ -166,7 +166,7 @@ pub fn read_seal_key(path: Option<&std::path::Path>) -> Result<Vec<u8>> {
     )?;
     let key =
         std::fs::read(path).with_context(|| format!("reading the seal key {}", path.display()))?;
-    let trimmed = key.trim_ascii().to_vec();
+    let trimmed = vgpu_contract::placement_seal::key_from_file(&key);
     anyhow::ensure!(
         !trimmed.is_empty(),
         "the seal key {} is empty: the scheduler's Secret must hold the key",
