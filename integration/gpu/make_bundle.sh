@@ -8,5 +8,7 @@ for f in vgpu-agent vgpu-scheduler kube-standin kubelet-harness sched-driver lib
     cp "$B/$f" "$D/"; strip "$D/$f" 2>/dev/null || true
 done
 cp -L "$(command -v kubectl)" "$D/kubectl"
+# The simulated GPU, for the burst benchmark's simulated nodes.
+cp -r "$("$B/sim-dir")" "$D/sim"
 tar -C "$D" -cJf target/gpu-bundle/bundle.tar.xz .
 ls -la target/gpu-bundle/bundle.tar.xz; rm -rf "$D"

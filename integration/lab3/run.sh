@@ -212,7 +212,8 @@ row "Multiple Pods can share one physical GPU" "both Running, a: $A b: $Bv" $ok
 
 # --- step 3: nvidia-smi inside a pod ----------------------------------------------------------------------------
 wait_for 20 sh -c "grep -q MiB '$T/kubelet/logs/default_gpumem-pod-a_app.log'"
-SMI=$(podlog gpumem-pod-a | grep -o '[0-9]*MiB / [0-9]*MiB' | head -1)
+# nvidia-smi pads the figures (`   0MiB /   4000MiB`): compare them without the padding.
+SMI=$(podlog gpumem-pod-a | grep -o '[0-9]*MiB *\/ *[0-9]*MiB' | head -1 | tr -s ' ')
 row "VRAM ceiling visible in nvidia-smi" "nvidia-smi in gpumem-pod-a: $SMI" $([ "$SMI" = "0MiB / 4000MiB" ] && echo 1 || echo 0)
 
 # --- step 4: OOM past the limit, neighbours keep running --------------------------------------------------------
@@ -312,5 +313,6 @@ echo "| | Claim | Evidence |"
 echo "|---|---|---|"
 for r in "${ROWS[@]}"; do IFS='|' read -r s c e <<< "$r"; echo "| $s | $c | $e |"; done
 echo
+echo "--- nvidia-smi inside gpumem-pod-a:"; podlog gpumem-pod-a | head -14
 [ $FAIL = 0 ] && echo "lab3: all rows passed" || { echo "lab3: FAILED rows above"; for f in "$T"/*.log; do echo "--- $f"; tail -15 "$f"; done; }
 exit $FAIL

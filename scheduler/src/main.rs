@@ -32,7 +32,7 @@ enum Command {
         placement: PlacementArgs,
     },
     /// Run the extender (filter, bind) and the admission webhook against the cluster.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Args)]
@@ -259,7 +259,7 @@ fn main() -> anyhow::Result<()> {
             }
             print!("{out}");
         }
-        Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(args))?,
+        Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(*args))?,
     }
     Ok(())
 }

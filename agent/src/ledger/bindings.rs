@@ -197,6 +197,11 @@ impl Bindings {
     }
 
     #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.by_cgroup.is_empty()
+    }
+
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_cgroup.len()
     }
