@@ -230,6 +230,16 @@ EV=$(events_of oom-test-pod)
 ok=0; echo "$EV" | grep -q '^FilteringSucceed: find fit node(' && echo "$EV" | grep -q "^BindingSucceed: Successfully binding node \[$NODE\] to default/oom-test-pod" && ok=1
 row "The scheduler's decisions as events" "$(echo "$EV" | grep -E '^(FilteringSucceed|BindingSucceed)' | tr '\n' ';' | cut -c1-160)" $ok
 
+# --- a tenant's environment cannot lift the limits Allocate set (issue 16: the limits file is the root of trust) --
+mkpod tenant-env-pod "$OOM_CMD" '{nvidia.com/gpu: 1, nvidia.com/gpumem: 4000}' \
+    "CUDA_DEVICE_MEMORY_LIMIT_0=20000m CUDA_DEVICE_MEMORY_LIMIT=20000m VGPU_LIMITS_FILE=/nonexistent CUDA_DISABLE_CONTROL=true CUDA_DEVICE_MEMORY_SHARED_CACHE=/tmp/mine.cache"
+K apply -f "$T/tenant-env-pod.yaml" >&2
+wait_for 120 sh -c "[ \"\$(kubectl get pod tenant-env-pod -o jsonpath='{.status.phase}')\" = Succeeded ] || [ \"\$(kubectl get pod tenant-env-pod -o jsonpath='{.status.phase}')\" = Failed ]"
+THIT=$(podlog tenant-env-pod | grep -o 'Hit the limit after [0-9]* MiB' | head -1)
+TMIB=$(echo "$THIT" | grep -o '[0-9]*' | head -1)
+ok=0; [ -n "$TMIB" ] && [ "$TMIB" -lt 4000 ] && podlog tenant-env-pod | grep -q ' / 4194304000' && ok=1
+row "A tenant's environment cannot lift its limits" "env asks 20000m, VGPU_LIMITS_FILE=/nonexistent, CUDA_DISABLE_CONTROL=true: $THIT" $ok
+
 # --- step 5: gpucores 30 under force, and bursting under default ------------------------------------------------
 share_of() { # $1 pod: the share of the card its workload got
     if [ $GPU = 1 ]; then podlog "$1" | grep -o 'nvml_mean [0-9.]*' | tail -1 | awk '{print $2/100}'
