@@ -27,10 +27,8 @@ pub struct StatusArgs {
 pub fn query(socket: &std::path::Path) -> std::io::Result<Report> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    // The request line (`contract::agent_socket::Request::Status`); an agent that answers without reading
-    // one still works.
-    let _ = std::io::Write::write_all(&mut s, b"\"status\"\n");
+    // The agent answers on connect and reads nothing: a request line left unread when it closes would reset
+    // the connection (AF_UNIX) before this end has read the answer.
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     serde_json::from_str(&buf).map_err(std::io::Error::other)
