@@ -404,10 +404,9 @@ async fn admitted_pod_runs_with_allocate_env_mounts_and_cgroup() {
         std::fs::read_to_string(&inside).unwrap(),
         "CUDA_DEVICE_MEMORY_LIMIT_0=4000m\n"
     );
-    assert_eq!(
-        std::fs::read_to_string(&limits_in_ctr).unwrap(),
-        "",
-        "outside the container the target is the empty file the runtime made"
+    assert!(
+        !limits_in_ctr.exists(),
+        "the mount target is made on a tmpfs inside the container's namespace, never on the host"
     );
     let err = std::fs::OpenOptions::new()
         .write(true)
