@@ -12,6 +12,9 @@
 
 use std::collections::BTreeMap;
 
+/// Where the agent serves [`Request::Bind`] and [`Request::Unbind`] (mode 0666; callers checked by SO_PEERCRED).
+pub const BIND_SOCKET: &str = "/run/vgpu/bind.sock";
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use vgpu_contract::agent_socket::{ExecBinding, Reply, Request};
 
-pub const DEFAULT_BIND_SOCKET: &str = "/run/vgpu/bind.sock";
+pub use vgpu_contract::agent_socket::BIND_SOCKET as DEFAULT_BIND_SOCKET;
 
 /// What came of asking the agent.
 #[derive(Debug, PartialEq, Eq)]

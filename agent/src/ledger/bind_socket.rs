@@ -15,7 +15,7 @@ use vgpu_contract::agent_socket::{ExecBinding, Reply, Request};
 
 use crate::ledger::bindings::{check_cgroup_path, Binding};
 
-pub const DEFAULT_BIND_SOCKET: &str = "/run/vgpu/bind.sock";
+pub use vgpu_contract::agent_socket::BIND_SOCKET as DEFAULT_BIND_SOCKET;
 
 /// A request line longer than this is refused (a binding is a few hundred bytes).
 const MAX_LINE: usize = 64 << 10;

@@ -100,8 +100,14 @@ fn find_caches(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
 /// Opens a tenant-reachable file for reading: no symlink followed, no blocking on a FIFO or device, closed
 /// on exec; anything but a regular file is refused.
 pub fn open_tenant_file(path: &Path) -> std::io::Result<File> {
+    open_tenant_file_mode(path, false)
+}
+
+/// [`open_tenant_file`], read-write for the agent's one write (a slot's host pid).
+fn open_tenant_file_mode(path: &Path, write: bool) -> std::io::Result<File> {
     let f = File::options()
         .read(true)
+        .write(write)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
     if !f.metadata()?.file_type().is_file() {
@@ -122,17 +128,7 @@ fn tell_host_pid(
     start: u64,
     host: u32,
 ) -> std::io::Result<bool> {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    if !f.metadata()?.file_type().is_file() {
-        return Err(std::io::Error::new(
-            ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
+    let f = open_tenant_file_mode(path, true)?;
     vgpu_contract::cache_layout::write_host_pid(&f, slot, pid, start, host)
 }
 
