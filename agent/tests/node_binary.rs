@@ -166,12 +166,15 @@ async fn the_agent_binary_registers_simulated_cards_and_serves_a_sealed_pod() {
     let a = answer.container_responses[0].clone();
     assert_eq!(a.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "4000m");
     assert_eq!(a.envs["NVIDIA_VISIBLE_DEVICES"], *gpu);
-    assert_eq!(
-        api.annotation("lab", "hami.io/bind-phase").as_deref(),
-        Some("success")
-    );
     record.assign("lab", "c0", &[&id]);
-    let limits = d("containers/uid-lab_c0/limits");
+    let limits = std::path::PathBuf::from(
+        &a.mounts
+            .iter()
+            .find(|m| m.container_path == "/usr/local/vgpu/limits")
+            .expect("the limits file is mounted")
+            .host_path,
+    );
+    assert!(limits.starts_with(d("containers")), "{limits:?}");
     let mut text = String::new();
     for _ in 0..500 {
         text = std::fs::read_to_string(&limits).unwrap();
@@ -180,6 +183,10 @@ async fn the_agent_binary_registers_simulated_cards_and_serves_a_sealed_pod() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    eventually("the pod recorded", Duration::from_secs(5), || {
+        (api.annotation("lab", "hami.io/bind-phase").as_deref() == Some("success")).then_some(())
+    })
+    .await;
     assert!(
         text.ends_with("VGPU_LIMITS_STATE=ready\n"),
         "{text:?}: {}",

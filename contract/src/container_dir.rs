@@ -1,8 +1,12 @@
 //! The per-container directory the agent owns on the host and Allocate mounts into the container.
 //!
-//! Host side: `<containers root>/<podUID>_<container>/` (HAMi's layout), created by the agent at Allocate,
-//! owned by root, never writable through the container except the cache file. Container side, each entry is
-//! its own bind mount, so a tenant can neither unlink nor replace any of them (a mount point is busy):
+//! Host side: `<containers root>/<first device ID>_<serial>/` ([`allocation_dir_name`]), one per Allocate answer,
+//! created by the agent, owned by root, never writable through the container except the cache file. The name
+//! says which answer it is, not which pod: the kubelet's Allocate does not name the pod, so the agent can only
+//! learn it afterwards (PodResources), and a directory named after a guess would lie when the guess was wrong.
+//! The pod and container it serves are recorded beside it in [`OWNER_NAME`] (never mounted).
+//!
+//! Container side, each entry is its own bind mount, so a tenant can neither unlink nor replace any of them (a mount point is busy):
 //!
 //! | container path | host file | mode |
 //! |---|---|---|
@@ -106,19 +110,23 @@ pub fn render_limits(values: &[(&str, String)], state: &LimitsState) -> String {
     out
 }
 
-/// Host directory name of a container: `<podUID>_<container>`. Both parts come from the API server (the pod's
-/// UID) and the pod spec (a DNS label), so neither holds a `/`; anything else is refused.
-pub fn host_dir_name(pod_uid: &str, container: &str) -> Option<String> {
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 253
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            && s != "."
-            && s != ".."
-    };
-    (ok(pod_uid) && ok(container)).then(|| format!("{pod_uid}_{container}"))
+/// Host directory name of one Allocate answer: `<first device ID>_<serial>` (the serial in hex, unique on the
+/// node: the agent takes it from the clock and never reuses one). The device ID is the plugin's own
+/// (`<GPU-UUID>-<n>`); anything else than a plain name is refused, so the name cannot leave the root.
+pub fn allocation_dir_name(first_id: &str, serial: u64) -> Option<String> {
+    let ok = !first_id.is_empty()
+        && first_id.len() <= 200
+        && first_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && first_id != "."
+        && first_id != "..";
+    ok.then(|| format!("{first_id}_{serial:016x}"))
 }
+
+/// Name, in the host directory, of the record of the pod and container it serves (`uid=`, `namespace=`,
+/// `name=`, `container=` lines): the guess Allocate made, replaced by the kubelet's answer once known.
+pub const OWNER_NAME: &str = "owner";
 
 #[cfg(test)]
 mod tests {
@@ -168,12 +176,12 @@ mod tests {
     #[test]
     fn directory_names_cannot_escape_the_root() {
         assert_eq!(
-            host_dir_name("8f1c-22", "app").as_deref(),
-            Some("8f1c-22_app")
+            allocation_dir_name("GPU-8f1c-22-3", 0x1f).as_deref(),
+            Some("GPU-8f1c-22-3_000000000000001f")
         );
-        assert_eq!(host_dir_name("../x", "app"), None);
-        assert_eq!(host_dir_name("uid", "a/b"), None);
-        assert_eq!(host_dir_name("..", "app"), None);
-        assert_eq!(host_dir_name("", "app"), None);
+        assert_eq!(allocation_dir_name("../x", 1), None);
+        assert_eq!(allocation_dir_name("a/b", 1), None);
+        assert_eq!(allocation_dir_name("..", 1), None);
+        assert_eq!(allocation_dir_name("", 1), None);
     }
 }

@@ -68,7 +68,8 @@ impl CacheFile {
     }
 }
 
-/// `<podUID>_<container>` (HAMi's and our host directory naming) into its parts.
+/// `<podUID>_<container>` (HAMi's host directory naming, and this agent's before per-answer directories) into
+/// its parts.
 pub fn parse_pod_dir(name: &str) -> Option<(String, String)> {
     let (uid, ctr) = name.split_once('_')?;
     (uid.len() == 36 && uid.bytes().filter(|b| *b == b'-').count() == 4 && !ctr.is_empty())

@@ -3,12 +3,12 @@
 //! The kubelet's Allocate carries only device IDs. No lock: the scheduler seals each placement it makes
 //! (`contract::placement_seal`), and a pod is a candidate only if its seal verifies for this node. Among the
 //! candidates whose next unserved GPU container asks for as many GPUs as the request has IDs, the first in the
-//! kubelet's admission order is taken: creation time, then the order the pods reached the node (see `age_key`). The guess is then
-//! checked against the kubelet's own record ([`super::confirm`]): a container found on another pod's devices
-//! never gets limits, and the placement it took is given back to its pod.
+//! kubelet's admission order is taken (see `age_key`). That is a guess, checked against the kubelet's own record
+//! ([`super::confirm`]) before anything is written to a pod: the container the record names gets the answer's
+//! limits if its own placement is the one answered, else none, and the guessed pod keeps its placement.
 //!
-//! The pod's progress is recorded with optimistic concurrency (resourceVersion precondition, retried on 409),
-//! so two pods on one node are allocated at API speed.
+//! The pod's progress is recorded once confirmed, with optimistic concurrency (resourceVersion precondition,
+//! retried on 409), so two pods on one node are allocated at API speed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use vgpu_contract::placement_seal::{self, SEALED_DEVICES_ANNOTATION, SEAL_ANNOTA
 use vgpu_kubelet_api::deviceplugin::{ContainerAllocateResponse, Mount};
 
 use super::config::NodeConfig;
-use super::container_dir::{cache_header, ContainerDir, Settings};
+use super::container_dir::{cache_header, ContainerDir, Owner, Settings};
 use super::pods::{self, annotation, pod_label};
 use super::{Node, Paths};
 use crate::gpus::Card;
@@ -253,10 +253,12 @@ pub fn judge(
     })
 }
 
-/// The kubelet's admission order: creation time (seconds), then the order the pods reached this node's watch
-/// (`pods::arrival`: the order of their bindings, as the kubelet's own watch delivers them), then
-/// `hami.io/bind-time`, then UID (a stable order for anything still equal).
-fn age_key(c: &Chosen) -> (i64, u64, u64, String) {
+/// The kubelet's admission order: the order the pods reached this node's watch (`pods::arrival`), then creation
+/// time (seconds), then `hami.io/bind-time`, then UID (a stable order for anything still equal). The kubelet
+/// admits each pod as its own watch delivers it, and every watch of the node's pods delivers the API server's
+/// order of their bindings; only a batch (the kubelet's first list after it starts) is sorted by creation
+/// time, with ties in any order. A pod this agent found by a list, not its watch, comes after those it saw.
+fn age_key(c: &Chosen) -> (u64, i64, u64, String) {
     let bind = annotation(&c.pod, ann::BIND_TIME)
         .and_then(|t| t.parse().ok())
         .unwrap_or(u64::MAX);
@@ -266,7 +268,7 @@ fn age_key(c: &Chosen) -> (i64, u64, u64, String) {
         .creation_timestamp
         .as_ref()
         .map_or(i64::MAX, |t| t.0.as_second());
-    (created, super::pods::arrival(&c.uid), bind, c.uid.clone())
+    (super::pods::arrival(&c.uid), created, bind, c.uid.clone())
 }
 
 /// Picks the candidate for a request; the pods refused, with their reasons, when there is none.
@@ -357,20 +359,15 @@ pub fn answer(settings: &Settings, dir: &ContainerDir, paths: &Paths) -> Contain
     }
 }
 
-/// The annotations that record container `index` as served (`serve`) or give it back to its pod (`!serve`,
-/// when the kubelet's record showed it went to another pod). The lists keep one entry per container.
+/// The annotations that record container `index` as allocated (once the kubelet's record confirmed it). The
+/// lists keep one entry per container; the phase is success when none is left to allocate.
 pub fn progress(
     sealed: &PodDevices,
     to_allocate: &PodDevices,
     index: usize,
-    serve: bool,
 ) -> BTreeMap<String, Option<String>> {
     let mut to = to_allocate.clone();
-    to.0[index] = if serve {
-        vec![]
-    } else {
-        sealed.0[index].clone()
-    };
+    to.0[index] = vec![];
     let allocated = PodDevices(
         to.0.iter()
             .zip(&sealed.0)
@@ -394,7 +391,7 @@ pub fn progress(
 }
 
 /// Writes [`progress`] onto the pod with its resourceVersion as precondition, re-reading it on a conflict.
-pub async fn record(node: &Node, c: &Chosen, serve: bool) -> Result<(), String> {
+pub async fn record(node: &Node, c: &Chosen) -> Result<(), String> {
     let mut pod: Pod = (*c.pod).clone();
     for _ in 0..8 {
         if pod.metadata.uid.as_deref() != Some(c.uid.as_str()) {
@@ -414,13 +411,11 @@ pub async fn record(node: &Node, c: &Chosen, serve: bool) -> Result<(), String> 
                 c.name
             ));
         }
-        if serve && to.0[c.index].is_empty() {
-            return Err(format!(
-                "container {:?} of {}/{} was already allocated",
-                c.container, c.namespace, c.name
-            ));
+        if to.0[c.index].is_empty() {
+            // Already recorded (an agent restarted after recording confirms again): nothing to write.
+            return Ok(());
         }
-        let patch = progress(&sealed, &to, c.index, serve);
+        let patch = progress(&sealed, &to, c.index);
         match pods::patch_annotations(
             &node.client,
             &c.namespace,
@@ -478,7 +473,8 @@ fn check_ids(ids: &[String], cards: &[Card], split: u32) -> Result<usize, Status
     Ok(ids.len())
 }
 
-/// One container's Allocate: choose, prepare the directory, record, answer; the confirmation runs after.
+/// One container's Allocate: settle what the kubelet recorded since the last one, choose, prepare a directory,
+/// answer; the kubelet's record confirms the choice after ([`super::confirm`]).
 pub async fn allocate_container(
     node: &Arc<Node>,
     ids: &[String],
@@ -486,7 +482,8 @@ pub async fn allocate_container(
     let _one = node.allocating.lock().await;
     let cards = node.cards.borrow().clone();
     let n = check_ids(ids, &cards, node.config.device_split_count)?;
-    let served = |uid: &str, i: usize| node.served.lock().unwrap().contains(&(uid.to_string(), i));
+    super::confirm::settle_recorded(node).await;
+    let served = |uid: &str, i: usize| is_served(node, uid, i);
     let mut chosen = choose(
         &node.pods.state(),
         &node.name,
@@ -523,53 +520,58 @@ pub async fn allocate_container(
         }
     };
     let label = format!("{}/{} container {:?}", c.namespace, c.name, c.container);
-    let dir = ContainerDir::path(&node.paths.containers_dir, &c.uid, &c.container)
+    let dir = ContainerDir::for_allocation(&node.paths.containers_dir, ids)
         .map_err(|e| Status::internal(format!("vgpu: {label}: {e}")))?;
     let limits: Vec<u64> = c.devices.iter().map(|d| d.mem_mib * MIB).collect();
     let sm = c.devices.first().map_or(0, |d| d.cores);
+    let guess = Owner {
+        uid: c.uid.clone(),
+        namespace: c.namespace.clone(),
+        name: c.name.clone(),
+        container: c.container.clone(),
+    };
     std::fs::create_dir_all(&node.paths.card_dir)
         .and_then(|_| dir.create(&cache_header(&limits, sm, c.policy.code())))
+        .and_then(|_| dir.write_owner(&guess))
+        .and_then(|_| super::recover::write_ids(&dir, ids))
         .map_err(|e| {
             Status::internal(format!(
                 "vgpu: preparing {} for {label}: {e} (is the host path writable by the agent?)",
                 dir.dir.display()
             ))
         })?;
-    super::recover::write_ids(&dir, ids).map_err(|e| {
-        Status::internal(format!(
-            "vgpu: preparing {} for {label}: {e}",
-            dir.dir.display()
-        ))
-    })?;
     let s = settings(&c.devices, c.policy, &node.config);
     let resp = answer(&s, &dir, &node.paths);
-    node.served.lock().unwrap().insert((c.uid.clone(), c.index));
-    if let Err(e) = record(node, &c, true).await {
-        node.served
-            .lock()
-            .unwrap()
-            .remove(&(c.uid.clone(), c.index));
-        tracing::warn!("Allocate for {label}: {e}");
-        return Err(Status::unavailable(format!(
-            "vgpu: could not record the allocation of {label}: {e}; the kubelet will retry"
-        )));
-    }
+    mark_served(node, &c.uid, c.index);
     tracing::info!(
-        "Allocate {ids:?} -> {label}: {}",
+        "Allocate {ids:?} -> {label} (until the kubelet's record says otherwise): {}",
         PodDevices(vec![c.devices.clone()]).encode()
     );
-    let confirm = super::confirm::Pending {
-        chosen: c,
-        ids: ids.to_vec(),
-        dir,
-        lines: limits_lines(&s),
-    };
-    let node = node.clone();
-    tokio::spawn(async move { super::confirm::run(node, confirm).await });
+    super::confirm::register(
+        node,
+        super::confirm::Pending {
+            chosen: c,
+            ids: ids.to_vec(),
+            dir,
+            lines: limits_lines(&s),
+        },
+    );
     Ok(resp)
 }
 
-/// Forgets a served container (its placement went back to the pod).
+/// Whether container `index` of pod `uid` was answered by this agent (pending or confirmed).
+pub fn is_served(node: &Node, uid: &str, index: usize) -> bool {
+    node.served
+        .lock()
+        .unwrap()
+        .contains(&(uid.to_string(), index))
+}
+
+pub fn mark_served(node: &Node, uid: &str, index: usize) {
+    node.served.lock().unwrap().insert((uid.to_string(), index));
+}
+
+/// Forgets a served container (the kubelet's record gave its answer to another, or never came).
 pub fn unserve(node: &Node, uid: &str, index: usize) {
     node.served
         .lock()
@@ -756,7 +758,7 @@ mod tests {
     #[test]
     fn progress_keeps_one_entry_per_container() {
         let sealed = PodDevices::decode(";GPU-a,NVIDIA,100,0:;GPU-b,NVIDIA,200,10:;").unwrap();
-        let p = progress(&sealed, &sealed, 1, true);
+        let p = progress(&sealed, &sealed, 1);
         assert_eq!(
             p[ann::DEVICES_TO_ALLOCATE].as_deref(),
             Some(";;GPU-b,NVIDIA,200,10:;")
@@ -767,25 +769,13 @@ mod tests {
         );
         assert_eq!(p[ann::BIND_PHASE].as_deref(), Some("allocating"));
         let half = PodDevices::decode(";;GPU-b,NVIDIA,200,10:;").unwrap();
-        let p = progress(&sealed, &half, 2, true);
+        let p = progress(&sealed, &half, 2);
         assert_eq!(p[ann::DEVICES_TO_ALLOCATE].as_deref(), Some(";;;"));
         assert_eq!(
             p[ann::DEVICES_ALLOCATED].as_deref(),
             Some(sealed.encode().as_str())
         );
         assert_eq!(p[ann::BIND_PHASE].as_deref(), Some("success"));
-        // Given back: the entry returns, the phase is allocating again.
-        let done = PodDevices::decode(";;;").unwrap();
-        let p = progress(&sealed, &done, 1, false);
-        assert_eq!(
-            p[ann::DEVICES_TO_ALLOCATE].as_deref(),
-            Some(";GPU-a,NVIDIA,100,0:;;")
-        );
-        assert_eq!(
-            p[ann::DEVICES_ALLOCATED].as_deref(),
-            Some(";;GPU-b,NVIDIA,200,10:;")
-        );
-        assert_eq!(p[ann::BIND_PHASE].as_deref(), Some("allocating"));
     }
 
     #[test]
@@ -830,9 +820,12 @@ mod tests {
             card_dir: PathBuf::from("/var/run/vgpu/cards"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         };
-        let dir = ContainerDir::path(&paths.containers_dir, "u", "app").unwrap();
+        let dir =
+            ContainerDir::for_allocation(&paths.containers_dir, &["GPU-a-0".to_string()]).unwrap();
         let r = answer(&plain, &dir, &paths);
         assert_eq!(r.envs.len(), plain.0.len());
+        let d = dir.dir.display().to_string();
+        assert!(d.starts_with("/c/GPU-a-0_"), "{d}");
         let m: Vec<_> = r
             .mounts
             .iter()
@@ -841,10 +834,14 @@ mod tests {
         assert_eq!(
             m,
             [
-                ("/usr/local/vgpu/limits", "/c/u_app/limits", true),
+                ("/usr/local/vgpu/limits", &*format!("{d}/limits"), true),
                 ("/usr/local/vgpu/libvgpu.so", "/opt/libvgpu.so", true),
-                ("/etc/ld.so.preload", "/c/u_app/ld.so.preload", true),
-                ("/usr/local/vgpu/vgpu.cache", "/c/u_app/vgpu.cache", false),
+                ("/etc/ld.so.preload", &*format!("{d}/ld.so.preload"), true),
+                (
+                    "/usr/local/vgpu/vgpu.cache",
+                    &*format!("{d}/vgpu.cache"),
+                    false
+                ),
                 ("/var/run/vgpu/cards", "/var/run/vgpu/cards", false),
             ]
         );

@@ -1,9 +1,20 @@
 //! After Allocate answered: the kubelet's own record (PodResources `List`) says which pod and container hold
-//! the device IDs. Only when it names the pod and container Allocate chose does the limits file turn ready;
-//! otherwise it is revoked (the shim refuses everything), the pod really on those devices is failed with the
-//! reason, and the placement Allocate took goes back to its own pod. The ledger is then told the container's
-//! cgroup, found from the container ID the kubelet reports in the pod's status, never from a file the tenant
-//! can write.
+//! the device IDs. Allocate's choice is a guess (the kubelet's request names no pod), so the record decides:
+//! - it names the pod and container Allocate chose: the limits file turns ready and the pod's annotations say
+//!   so (`hami.io/bind-phase: success`);
+//! - it names another container whose own sealed placement would have been answered exactly the same (same
+//!   cards, memory, cores and policy: pods placed alike, admitted in another order than guessed): the answer
+//!   is that container's; the directory's owner, the limits and the annotations are its own, and the pod
+//!   Allocate guessed keeps its placement for its own Allocate;
+//! - it names a container placed otherwise: the answer cannot be its (its environment was another
+//!   placement's), so the limits file is revoked (the shim refuses everything), that pod is failed with the
+//!   reason, and the guessed pod keeps its placement.
+//!
+//! Nothing is written to a pod before the record is in, so a wrong guess leaves no trace to undo. Each answer is
+//! resolved once: by its watcher (which polls the record), or by the next Allocate, which first settles every
+//! answer the kubelet has recorded since (the kubelet records an answer before it admits the next pod), so a
+//! wrong guess never stands in the way of the pod it took. The ledger is then told the container's cgroup,
+//! found from the container ID the kubelet reports in the pod's status, never from a file the tenant can write.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,7 +26,7 @@ use vgpu_kubelet_api::podresources::ListPodResourcesRequest;
 
 use super::allocate::{self, Chosen};
 use super::bind::{Binding, PodRef};
-use super::container_dir::{ContainerDir, Settings};
+use super::container_dir::{ContainerDir, Owner, Settings};
 use super::{Node, RESOURCE_NAME};
 use crate::ledger::cgroups::container_of;
 
@@ -37,125 +48,283 @@ pub struct Holder {
     pub ids: Vec<String>,
 }
 
-/// Asks the kubelet which container holds any of `ids`.
-pub async fn holder_of(socket: &Path, ids: &[String]) -> anyhow::Result<Option<Holder>> {
+/// Every container the kubelet records with `nvidia.com/gpu` IDs.
+pub async fn holders(socket: &Path) -> anyhow::Result<Vec<Holder>> {
     let ch = super::unix::channel(socket).await?;
     let list = PodResourcesListerClient::new(ch)
         .list(ListPodResourcesRequest {})
         .await?
         .into_inner();
+    let mut out = vec![];
     for pr in list.pod_resources {
         for c in pr.containers {
-            let held: Vec<String> = c
+            let ids: Vec<String> = c
                 .devices
                 .iter()
                 .filter(|d| d.resource_name == RESOURCE_NAME)
                 .flat_map(|d| d.device_ids.iter().cloned())
                 .collect();
-            if held.iter().any(|h| ids.contains(h)) {
-                return Ok(Some(Holder {
-                    namespace: pr.namespace,
-                    name: pr.name,
+            if !ids.is_empty() {
+                out.push(Holder {
+                    namespace: pr.namespace.clone(),
+                    name: pr.name.clone(),
                     container: c.name,
-                    ids: held,
-                }));
+                    ids,
+                });
             }
         }
     }
-    Ok(None)
+    Ok(out)
+}
+
+/// The container holding any of `ids`.
+pub fn holder_of<'a>(list: &'a [Holder], ids: &[String]) -> Option<&'a Holder> {
+    list.iter().find(|h| h.ids.iter().any(|i| ids.contains(i)))
+}
+
+fn same_ids(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// Whether the kubelet's record is exactly what Allocate chose.
 pub fn matches(h: &Holder, c: &Chosen, ids: &[String]) -> bool {
-    let mut a = h.ids.clone();
-    let mut b = ids.to_vec();
-    a.sort();
-    b.sort();
-    h.namespace == c.namespace && h.name == c.name && h.container == c.container && a == b
+    h.namespace == c.namespace
+        && h.name == c.name
+        && h.container == c.container
+        && same_ids(&h.ids, ids)
 }
 
-pub async fn run(node: Arc<Node>, p: Pending) {
-    let label = format!(
-        "{}/{} container {:?}",
-        p.chosen.namespace, p.chosen.name, p.chosen.container
-    );
+/// Keeps an answer until the kubelet's record resolves it, and watches for that record.
+pub fn register(node: &Arc<Node>, p: Pending) {
+    let key = p.dir.dir.clone();
+    node.pending.lock().unwrap().insert(key.clone(), p);
+    let node = node.clone();
+    tokio::spawn(async move { watch_record(node, key).await });
+}
+
+/// Takes an answer out of the pending set: only the first taker resolves it.
+fn take(node: &Node, key: &Path) -> Option<Pending> {
+    node.pending.lock().unwrap().remove(key)
+}
+
+async fn watch_record(node: Arc<Node>, key: std::path::PathBuf) {
     let deadline = Instant::now() + node.timing.confirm_timeout;
-    let holder = loop {
-        match holder_of(&node.pod_resources, &p.ids).await {
-            Ok(Some(h)) => break Some(h),
-            Ok(None) => {}
+    loop {
+        let Some(ids) = node
+            .pending
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map(|p| p.ids.clone())
+        else {
+            return;
+        };
+        match holders(&node.pod_resources).await {
+            Ok(list) => {
+                if let Some(h) = holder_of(&list, &ids) {
+                    if let Some(p) = take(&node, &key) {
+                        resolve(&node, p, Some(h.clone())).await;
+                    }
+                    return;
+                }
+            }
             Err(e) => tracing::debug!("PodResources: {e:#}"),
         }
         if Instant::now() >= deadline {
-            break None;
+            if let Some(p) = take(&node, &key) {
+                resolve(&node, p, None).await;
+            }
+            return;
         }
         tokio::time::sleep(node.timing.confirm_poll).await;
-    };
+    }
+}
+
+/// Resolves every pending answer the kubelet has recorded by now (called by Allocate before it chooses).
+pub async fn settle_recorded(node: &Arc<Node>) {
+    let keys: Vec<(std::path::PathBuf, Vec<String>)> = node
+        .pending
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, p)| (k.clone(), p.ids.clone()))
+        .collect();
+    if keys.is_empty() {
+        return;
+    }
+    let list =
+        match tokio::time::timeout(Duration::from_secs(2), holders(&node.pod_resources)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                tracing::debug!("PodResources before Allocate: {e:#}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("PodResources before Allocate: no answer within 2 s");
+                return;
+            }
+        };
+    for (key, ids) in keys {
+        if let Some(h) = holder_of(&list, &ids) {
+            if let Some(p) = take(node, &key) {
+                resolve(node, p, Some(h.clone())).await;
+            }
+        }
+    }
+}
+
+/// What the kubelet's record (or its absence) means for one answer; see the module's text.
+async fn resolve(node: &Arc<Node>, p: Pending, holder: Option<Holder>) {
+    let label = label_of(&p.chosen);
     let Some(h) = holder else {
         let why = format!(
             "the kubelet's PodResources never recorded devices {:?} (prepared for {label}) within {} s",
             p.ids,
             node.timing.confirm_timeout.as_secs()
         );
-        tracing::warn!("{why}: limits revoked");
-        if let Err(e) = p.dir.revoke(&why) {
-            tracing::error!("revoking {}: {e}", p.dir.dir.display());
-        }
+        revoke(&p, &why);
+        allocate::unserve(node, &p.chosen.uid, p.chosen.index);
         return;
     };
-    let why = if !matches(&h, &p.chosen, &p.ids) {
-        format!(
-            "the kubelet gave devices {:?} to {}/{} container {:?}, but Allocate prepared them for {label}",
-            h.ids, h.namespace, h.name, h.container
-        )
-    } else {
-        // The reflector may not have the pod yet (Allocate may have found it by a direct list): ask the API.
-        match lookup(
-            &node,
-            &p.chosen.namespace,
-            &p.chosen.name,
-            Some(&p.chosen.uid),
-        )
-        .await
-        {
-            Some(pod) if pod.metadata.uid.as_deref() == Some(p.chosen.uid.as_str()) => {
-                match p.dir.ready(&p.lines) {
-                    Ok(()) => tracing::info!("{label}: confirmed by the kubelet, limits ready"),
-                    Err(e) => {
-                        tracing::error!(
-                            "{label}: writing its limits file: {e}: the container stays capped at nothing"
-                        );
-                        return;
-                    }
-                }
-                bind_when_started(&node, &p).await;
-                return;
-            }
-            Some(pod) => format!(
-                "{}/{} is now another pod (UID {}); Allocate prepared {label} for UID {}",
-                p.chosen.namespace,
-                p.chosen.name,
-                pod.metadata.uid.as_deref().unwrap_or("?"),
-                p.chosen.uid
-            ),
-            None => format!("{label} no longer exists"),
+    if matches(&h, &p.chosen, &p.ids) {
+        confirmed(node, p).await;
+        return;
+    }
+    let why = format!(
+        "the kubelet gave devices {:?} to {}/{} container {:?}, but Allocate prepared them for {label}",
+        h.ids, h.namespace, h.name, h.container
+    );
+    match adoptable(node, &h, &p).await {
+        Ok(theirs) => {
+            tracing::info!(
+                "{why}: the answer was the same as for {}; it is theirs",
+                label_of(&theirs)
+            );
+            allocate::unserve(node, &p.chosen.uid, p.chosen.index);
+            allocate::mark_served(node, &theirs.uid, theirs.index);
+            let lines = allocate::limits_lines(&allocate::settings(
+                &theirs.devices,
+                theirs.policy,
+                &node.config,
+            ));
+            confirmed(
+                node,
+                Pending {
+                    chosen: theirs,
+                    lines,
+                    ..p
+                },
+            )
+            .await;
         }
-    };
+        Err(not) => {
+            let why = format!("{why}, and {not}");
+            revoke(&p, &why);
+            allocate::unserve(node, &p.chosen.uid, p.chosen.index);
+            if let Some(wrong) = lookup(node, &h.namespace, &h.name, None).await {
+                allocate::fail_pod(node, &wrong, &why).await;
+            }
+        }
+    }
+}
+
+fn label_of(c: &Chosen) -> String {
+    format!("{}/{} container {:?}", c.namespace, c.name, c.container)
+}
+
+fn revoke(p: &Pending, why: &str) {
     tracing::error!("{why}: limits revoked");
-    if let Err(e) = p.dir.revoke(&why) {
+    if let Err(e) = p.dir.revoke(why) {
         tracing::error!("revoking {}: {e}", p.dir.dir.display());
     }
-    if let Some(wrong) = lookup(&node, &h.namespace, &h.name, None).await {
-        allocate::fail_pod(&node, &wrong, &why).await;
+}
+
+/// The container the record names, as Allocate would have chosen it, if its answer is the one given.
+async fn adoptable(node: &Node, h: &Holder, p: &Pending) -> Result<Chosen, String> {
+    let who = format!("{}/{} container {:?}", h.namespace, h.name, h.container);
+    if !same_ids(&h.ids, &p.ids) {
+        return Err(format!("{who} holds other IDs as well ({:?})", h.ids));
     }
-    let same_pod = h.namespace == p.chosen.namespace && h.name == p.chosen.name;
-    if !same_pod {
-        // The chosen pod's own container is still to come: give its placement back.
-        allocate::unserve(&node, &p.chosen.uid, p.chosen.index);
-        if let Err(e) = allocate::record(&node, &p.chosen, false).await {
-            tracing::warn!("giving the placement back to {label}: {e}");
+    let pod = lookup(node, &h.namespace, &h.name, None)
+        .await
+        .ok_or_else(|| format!("{who} is not a pod this node knows"))?;
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let index = allocate::all_containers(&pod)
+        .iter()
+        .position(|c| c.name == h.container)
+        .ok_or_else(|| format!("{who} has no such container"))?;
+    if allocate::is_served(node, &uid, index) {
+        return Err(format!("{who} was already answered"));
+    }
+    let cards = node.cards.borrow().clone();
+    let only = |u: &str, i: usize| u != uid || i != index;
+    let theirs = match allocate::judge(&pod, &node.name, &node.seal_key, &cards, p.ids.len(), &only)
+    {
+        allocate::Verdict::Candidate(c) if c.index == index => c,
+        allocate::Verdict::Refused(why) => return Err(format!("{who} is refused: {why}")),
+        _ => return Err(format!("{who} has no placement waiting for these devices")),
+    };
+    let ours = allocate::settings(&p.chosen.devices, p.chosen.policy, &node.config);
+    let mine = allocate::settings(&theirs.devices, theirs.policy, &node.config);
+    if ours != mine {
+        return Err(format!(
+            "its own placement ({}) is not the one answered ({})",
+            vgpu_contract::annotations::PodDevices(vec![theirs.devices.clone()]).encode(),
+            vgpu_contract::annotations::PodDevices(vec![p.chosen.devices.clone()]).encode()
+        ));
+    }
+    Ok(theirs)
+}
+
+/// The record names `p.chosen`: owner, limits ready, annotations, then the cgroup binding once it runs.
+async fn confirmed(node: &Arc<Node>, p: Pending) {
+    let label = label_of(&p.chosen);
+    let c = &p.chosen;
+    // The reflector may not have the pod yet (Allocate may have found it by a direct list): ask the API.
+    match lookup(node, &c.namespace, &c.name, Some(&c.uid)).await {
+        Some(pod) if pod.metadata.uid.as_deref() == Some(c.uid.as_str()) => {}
+        Some(pod) => {
+            let why = format!(
+                "{}/{} is now another pod (UID {}); Allocate prepared {label} for UID {}",
+                c.namespace,
+                c.name,
+                pod.metadata.uid.as_deref().unwrap_or("?"),
+                c.uid
+            );
+            revoke(&p, &why);
+            allocate::fail_pod(node, &pod, &why).await;
+            return;
+        }
+        None => {
+            revoke(&p, &format!("{label} no longer exists"));
+            return;
         }
     }
+    let owner = Owner {
+        uid: c.uid.clone(),
+        namespace: c.namespace.clone(),
+        name: c.name.clone(),
+        container: c.container.clone(),
+    };
+    if let Err(e) = p
+        .dir
+        .write_owner(&owner)
+        .and_then(|_| p.dir.ready(&p.lines))
+    {
+        tracing::error!(
+            "{label}: writing its limits file: {e}: the container stays capped at nothing"
+        );
+        return;
+    }
+    tracing::info!("{label}: confirmed by the kubelet, limits ready");
+    if let Err(e) = allocate::record(node, c).await {
+        tracing::warn!("{label}: recording the allocation on the pod: {e}");
+    }
+    let node = node.clone();
+    tokio::spawn(async move { bind_when_started(&node, &p).await });
 }
 
 /// The pod from the reflector, else from the API (the reflector may lag behind what the kubelet saw).

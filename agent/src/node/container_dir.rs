@@ -18,16 +18,67 @@ pub struct ContainerDir {
     pub dir: PathBuf,
 }
 
+/// Whom a directory serves: the pod and container Allocate guessed, then the one the kubelet named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub container: String,
+}
+
 impl ContainerDir {
-    pub fn path(root: &Path, pod_uid: &str, container: &str) -> io::Result<Self> {
-        let name = cd::host_dir_name(pod_uid, container).ok_or_else(|| {
+    /// A new directory for one Allocate answer over `ids` (see [`cd::allocation_dir_name`]): never one
+    /// used before, so no earlier container's files or charges carry over.
+    pub fn for_allocation(root: &Path, ids: &[String]) -> io::Result<Self> {
+        static LAST: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+        let serial = {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let mut last = LAST.lock().unwrap();
+            *last = now.max(*last + 1);
+            *last
+        };
+        let first = ids.first().map_or("", String::as_str);
+        let name = cd::allocation_dir_name(first, serial).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("pod UID {pod_uid:?} or container {container:?} is not a plain name"),
+                format!("device ID {first:?} is not a plain name"),
             )
         })?;
         Ok(Self {
             dir: root.join(name),
+        })
+    }
+
+    /// Records whom the directory serves (replaced in one rename: a reader sees the old owner or the new).
+    pub fn write_owner(&self, o: &Owner) -> io::Result<()> {
+        let tmp = self.dir.join(format!(".{}.tmp", cd::OWNER_NAME));
+        std::fs::write(
+            &tmp,
+            format!(
+                "uid={}\nnamespace={}\nname={}\ncontainer={}\n",
+                o.uid, o.namespace, o.name, o.container
+            ),
+        )?;
+        std::fs::rename(tmp, self.dir.join(cd::OWNER_NAME))
+    }
+
+    /// Whom the directory serves, if it says (a directory from before owners were recorded does not).
+    pub fn read_owner(&self) -> Option<Owner> {
+        let t = std::fs::read_to_string(self.dir.join(cd::OWNER_NAME)).ok()?;
+        let get = |k: &str| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        Some(Owner {
+            uid: get("uid")?,
+            namespace: get("namespace")?,
+            name: get("name")?,
+            container: get("container")?,
         })
     }
 
@@ -41,10 +92,13 @@ impl ContainerDir {
         self.dir.join(cd::CACHE_NAME)
     }
 
-    /// Creates the directory for a container about to be created. The limits file is made empty (pending):
-    /// a file left from an earlier Allocate of the same container is emptied in place, never trusted.
+    /// Creates the directory for a container about to be created, with an empty (pending) limits file. The
+    /// directory must not exist: each Allocate answer has its own.
     pub fn create(&self, cache: &HeaderInfo) -> io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        if let Some(root) = self.dir.parent() {
+            std::fs::create_dir_all(root)?;
+        }
+        std::fs::create_dir(&self.dir)?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))?;
         let limits = OpenOptions::new()
             .write(true)
@@ -113,7 +167,8 @@ mod tests {
     #[test]
     fn the_limits_file_keeps_its_inode_from_pending_to_ready_to_revoked() {
         let root = std::env::temp_dir().join(format!("vgpu-cd-{}", std::process::id()));
-        let d = ContainerDir::path(&root, "uid-1", "app").unwrap();
+        let ids = ["GPU-a-1".to_string()];
+        let d = ContainerDir::for_allocation(&root, &ids).unwrap();
         d.create(&cache_header(&[4000 << 20], 30, 1)).unwrap();
         assert_eq!(std::fs::read_to_string(d.limits()).unwrap(), "");
         assert_eq!(
@@ -137,11 +192,25 @@ mod tests {
             "# written by vgpu-agent; read by libvgpu.so\nVGPU_LIMITS_REASON=on another pod's devices\nVGPU_LIMITS_STATE=revoked\n"
         );
         assert_eq!(std::fs::metadata(d.limits()).unwrap().ino(), ino);
-        // A second Allocate of the same container starts pending again, same inode.
-        d.create(&cache_header(&[4000 << 20], 30, 1)).unwrap();
-        assert_eq!(std::fs::read_to_string(d.limits()).unwrap(), "");
-        assert_eq!(std::fs::metadata(d.limits()).unwrap().ino(), ino);
-        assert!(ContainerDir::path(&root, "../x", "app").is_err());
+        // Each answer has its own directory: a second one over the same IDs is another, and an existing
+        // directory is never taken over.
+        let d2 = ContainerDir::for_allocation(&root, &ids).unwrap();
+        assert_ne!(d2.dir, d.dir);
+        assert!(d.create(&cache_header(&[4000 << 20], 30, 1)).is_err());
+        assert!(ContainerDir::for_allocation(&root, &["../x".to_string()]).is_err());
+        // The owner record reads back, and is replaced whole.
+        assert_eq!(d.read_owner(), None);
+        let mut o = Owner {
+            uid: "u1".into(),
+            namespace: "ns".into(),
+            name: "a".into(),
+            container: "c0".into(),
+        };
+        d.write_owner(&o).unwrap();
+        assert_eq!(d.read_owner(), Some(o.clone()));
+        o.name = "b".into();
+        d.write_owner(&o).unwrap();
+        assert_eq!(d.read_owner(), Some(o));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -24,7 +24,7 @@ pub mod recover;
 pub mod registration;
 pub mod unix;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -96,6 +96,9 @@ pub struct Node {
     /// (pod UID, container index) served by this agent: the reflector may not yet show the patch that
     /// emptied their entry, and a container must not be served twice.
     served: Mutex<HashSet<(String, usize)>>,
+    /// Answers the kubelet has not yet recorded, by directory: each is resolved once, by whichever of its
+    /// watcher or the next Allocate sees the record first.
+    pending: Mutex<HashMap<PathBuf, confirm::Pending>>,
     /// Serialises this agent's own Allocate handling (the kubelet calls one at a time anyway); nothing on
     /// the API side is locked.
     allocating: tokio::sync::Mutex<()>,
@@ -153,6 +156,7 @@ impl Node {
             pod_resources: p.pod_resources,
             timing: p.timing,
             served: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
             allocating: tokio::sync::Mutex::new(()),
         }))
     }

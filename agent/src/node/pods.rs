@@ -31,10 +31,9 @@ pub fn watch_node_pods(client: kube::Client, node: &str) -> Store<Pod> {
     reader
 }
 
-/// The order in which pods first showed up on this node's watch. The kubelet admits pods by creation time and,
-/// within one second of it (creation timestamps have no finer grain), in the order its own watch of the node
-/// delivered them, which is the API server's order of their bindings: the same order this watch sees. So
-/// (creation second, arrival) is the kubelet's admission order, where `hami.io/bind-time` (seconds) ties.
+/// The order in which pods first showed up on this node's watch. The kubelet admits each pod as its own watch of
+/// the node delivers it, and every watch of the node's pods delivers the API server's order of their bindings:
+/// the order this watch sees (see `allocate::age_key`).
 static ARRIVALS: std::sync::LazyLock<
     std::sync::Mutex<(u64, std::collections::HashMap<String, u64>)>,
 > = std::sync::LazyLock::new(Default::default);

@@ -1,10 +1,12 @@
 //! What a restarted agent picks up from the per-container directories, and what it clears away.
 //!
-//! Allocate records the device IDs it answered with in the directory (`allocated-ids`: the directory itself is
-//! not mounted, only its files one by one, so no container sees it). An agent restarted between answering and
-//! confirming would otherwise leave that container pending until its shim gives up: on start, every directory
-//! not revoked is confirmed again against PodResources (and its container bound for the ledger). Directories
-//! of pods no longer on the node are removed once they are old enough that a lagging watch cannot explain it.
+//! Allocate records the device IDs it answered with in the directory (`allocated-ids`) and whom it serves
+//! (`owner`: the guess, then the kubelet's answer); the directory itself is not mounted, only its files one by
+//! one, so no container sees either. An agent restarted between answering and confirming would otherwise leave
+//! that container pending until its shim gives up, and could answer its pod a second time: on start, before the
+//! plugin serves, every directory not revoked is counted as answered and confirmed again against PodResources
+//! (and its container bound for the ledger). Directories of pods no longer on the node are removed once they
+//! are old enough that a lagging watch cannot explain it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use vgpu_contract::container_dir as cd;
 
 use super::allocate::{
-    all_containers, declared_policy, limits_lines, sealed_placement, settings, Chosen,
+    all_containers, declared_policy, limits_lines, mark_served, sealed_placement, settings, Chosen,
 };
 use super::confirm::{self, Pending};
 use super::container_dir::ContainerDir;
@@ -38,9 +40,22 @@ fn read_ids(dir: &Path) -> Option<Vec<String>> {
     (!ids.is_empty()).then_some(ids)
 }
 
-/// `<uid>_<container>`: the UID has no `_` and a container name is a DNS label, so the first `_` splits.
-fn split_name(name: &str) -> Option<(&str, &str)> {
-    name.split_once('_')
+/// The pod UID and container a directory serves: its owner record, else (a directory made before owners
+/// were recorded) its name, `<uid>_<container>` then.
+fn owner_of(dir: &Path) -> Option<(String, String)> {
+    if let Some(o) = (ContainerDir {
+        dir: dir.to_path_buf(),
+    })
+    .read_owner()
+    {
+        return Some((o.uid, o.container));
+    }
+    if dir.join(cd::OWNER_NAME).exists() {
+        return None;
+    }
+    let name = dir.file_name()?.to_str()?;
+    let (uid, container) = name.split_once('_')?;
+    Some((uid.to_string(), container.to_string()))
 }
 
 /// Confirms again every container directory that is not revoked (run once the pod reflector is ready).
@@ -51,9 +66,10 @@ pub fn resume(node: &Arc<Node>) {
     let pods = node.pods.state();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some((uid, container)) = split_name(&name) else {
+        let Some((uid, container)) = owner_of(&e.path()) else {
             continue;
         };
+        let (uid, container) = (uid.as_str(), container.as_str());
         let Some(ids) = read_ids(&e.path()) else {
             continue;
         };
@@ -95,14 +111,14 @@ pub fn resume(node: &Arc<Node>) {
             policy,
         };
         tracing::info!("{name}: confirming again after a restart (devices {ids:?})");
+        mark_served(node, uid, index);
         let p = Pending {
             chosen,
             ids,
             dir: ContainerDir { dir: e.path() },
             lines: limits_lines(&s),
         };
-        let node = node.clone();
-        tokio::spawn(async move { confirm::run(node, p).await });
+        confirm::register(node, p);
     }
 }
 
@@ -127,10 +143,10 @@ pub fn sweep(node: &Node, now: SystemTime) -> Vec<String> {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some((uid, _)) = split_name(&name) else {
+        let Some((uid, _)) = owner_of(&e.path()) else {
             continue;
         };
-        if live.contains(uid) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+        if live.contains(&uid) || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let age = e

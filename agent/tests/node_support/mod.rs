@@ -662,6 +662,24 @@ impl Rig {
         node_annotations: Value,
         prepare: impl FnOnce(&Path, &FakeApi, &Record),
     ) -> Rig {
+        Self::start_polling(
+            name,
+            cards,
+            node_annotations,
+            prepare,
+            Duration::from_millis(20),
+        )
+        .await
+    }
+
+    /// As [`Rig::start_prepared`], with the agent polling the kubelet's record every `confirm_poll`.
+    pub async fn start_polling(
+        name: &str,
+        cards: Vec<Card>,
+        node_annotations: Value,
+        prepare: impl FnOnce(&Path, &FakeApi, &Record),
+        confirm_poll: Duration,
+    ) -> Rig {
         let dir = TempDir::new(name);
         let api = FakeApi::start().await;
         api.add_node(NODE, node_annotations);
@@ -690,8 +708,8 @@ impl Rig {
                 binder: bindings.clone(),
                 pod_resources: pr,
                 timing: Timing {
-                    confirm_timeout: Duration::from_secs(10),
-                    confirm_poll: Duration::from_millis(20),
+                    confirm_timeout: Duration::from_secs(10).max(confirm_poll * 2),
+                    confirm_poll,
                     container_id_timeout: Duration::from_secs(10),
                 },
             },
@@ -756,12 +774,36 @@ impl Rig {
         .await;
     }
 
+    /// The directories serving `uid`'s `container` (by their owner record, or a name of the older
+    /// `<uid>_<container>` form), oldest answer first.
+    pub fn dirs_of(&self, uid: &str, container: &str) -> Vec<std::path::PathBuf> {
+        let want = format!("uid={uid}\n");
+        let mut v: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(self.containers_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let owner = std::fs::read_to_string(e.path().join("owner")).unwrap_or_default();
+                (owner.contains(&want) && owner.contains(&format!("container={container}\n")))
+                    || e.file_name().to_string_lossy() == format!("{uid}_{container}")
+            })
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let serial = name.rsplit('_').next().unwrap_or_default().to_string();
+                (serial, e.path())
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The limits file of the newest directory serving `uid`'s `container`.
     pub fn limits(&self, uid: &str, container: &str) -> String {
-        std::fs::read_to_string(
-            self.containers_dir()
-                .join(format!("{uid}_{container}/limits")),
-        )
-        .unwrap()
+        let d = self
+            .dirs_of(uid, container)
+            .pop()
+            .unwrap_or_else(|| panic!("no directory serves {uid} {container}"));
+        std::fs::read_to_string(d.join("limits")).unwrap()
     }
 
     pub async fn limits_state(&self, uid: &str, container: &str, state: &str) -> String {
@@ -777,13 +819,15 @@ impl Rig {
             &format!("{uid}_{container} limits {state}"),
             Duration::from_secs(10),
             || {
-                let t = self.limits(uid, container);
-                let ok = match read(&t)? {
-                    LimitsState::Ready => state == "ready",
-                    LimitsState::Revoked(_) => state == "revoked",
-                    LimitsState::Pending => false,
-                };
-                (ok && t.ends_with(&want)).then_some(t)
+                self.dirs_of(uid, container).iter().find_map(|d| {
+                    let t = std::fs::read_to_string(d.join("limits")).ok()?;
+                    let ok = match read(&t)? {
+                        LimitsState::Ready => state == "ready",
+                        LimitsState::Revoked(_) => state == "revoked",
+                        LimitsState::Pending => false,
+                    };
+                    (ok && t.ends_with(&want)).then_some(t)
+                })
             },
         )
         .await
