@@ -36,7 +36,9 @@ def watch():
                     running[name] = now
                 if st.get("phase") == "Failed" and name not in failed:
                     failed[name] = f"{st.get('reason')}: {st.get('message')}"
-                if len(running) + len(failed) >= n:
+                # Done when every pod failed, or runs and is recorded allocated (the agent records it once the
+                # kubelet's PodResources confirms the container, which may come after the container started).
+                if sum(1 for k in running if k in allocated) + len(failed) >= n:
                     return
 
 w = threading.Thread(target=watch, daemon=True); w.start()

@@ -62,7 +62,8 @@ struct Driver {
     pods: Api<Pod>,
     nodes: Api<Node>,
     kube: kube::Client,
-    /// Pods being scheduled or waiting for their backoff, so a watch event does not start them twice.
+    /// Pods (by UID) being scheduled, waiting for their backoff, or bound, so a watch event does not start
+    /// them twice.
     busy: Mutex<HashMap<String, Instant>>,
     slots: Semaphore,
 }
@@ -233,10 +234,14 @@ async fn main() -> Result<()> {
         };
         for pod in pods.into_iter().filter(|p| d.wants(p)) {
             let k = key(&pod);
+            // By UID: a pod recreated under the same name is a new pod. A pod bound stays here, as in
+            // kube-scheduler's cache of assumed pods: a watch event older than its binding (the bind's own
+            // annotation patch) must not schedule it a second time.
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
             if d.busy
                 .lock()
                 .await
-                .insert(k.clone(), Instant::now())
+                .insert(uid.clone(), Instant::now())
                 .is_some()
             {
                 continue;
@@ -253,7 +258,7 @@ async fn main() -> Result<()> {
                     match placed {
                         Ok(Some(node)) => {
                             eprintln!("sched-driver: {k} -> {node}");
-                            break;
+                            return;
                         }
                         Ok(None) => {}
                         Err(e) => eprintln!("sched-driver: {k}: {e:#}"),
@@ -275,7 +280,7 @@ async fn main() -> Result<()> {
                         _ => break,
                     }
                 }
-                d.busy.lock().await.remove(&k);
+                d.busy.lock().await.remove(&uid);
             });
         }
     }

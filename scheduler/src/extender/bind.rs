@@ -34,13 +34,24 @@ impl<A: ClusterApi> Extender<A> {
                     placement.node, args.node
                 ));
             }
+            // A repeated bind (a retry after a lost answer) writes nothing: rewriting the annotations of a
+            // pod the node agent may already have served would put it back to "allocating".
             let vgpu_time = match st.pending.get_mut(&pod.uid) {
+                Some(p) if p.bound => return ExtenderBindingResult::default(),
+                Some(p) if p.binding => {
+                    return ExtenderBindingResult {
+                        error: format!(
+                            "pod {key}: a bind to node {} is already in progress",
+                            args.node
+                        ),
+                    }
+                }
                 Some(p) => {
                     p.binding = true;
                     p.vgpu_time
                 }
-                // Already bound: an idempotent retry writes the same annotations again.
-                None => unix_now(),
+                // The pod watch has shown it with its annotations: bound already.
+                None => return ExtenderBindingResult::default(),
             };
             (placement.devices.encode(), vgpu_time)
         };
@@ -95,6 +106,9 @@ impl<A: ClusterApi> Extender<A> {
                 // The entry stays (marked binding, so it never expires) until the pod watch
                 // reports the pod with its annotations: a relist that races this bind must not
                 // drop a placement the API has not shown yet.
+                if let Some(p) = self.state.lock().unwrap().pending.get_mut(&pod.uid) {
+                    p.bound = true;
+                }
                 self.emit(
                     &pod,
                     "Normal",

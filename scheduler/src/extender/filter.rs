@@ -90,6 +90,17 @@ impl<A: ClusterApi> Extender<A> {
             if let Some(list) = node_objects {
                 refresh_nodes(&mut st.ledger, list);
             }
+            // A pod this scheduler has bound (or is binding) keeps its placement. A second filter comes from
+            // a copy of the pod older than its binding (a retry after a lost answer, a watch that lags):
+            // placing it again would rewrite the annotations the node agent serves from.
+            let committed = st
+                .ledger
+                .placement(&pod.uid)
+                .filter(|_| st.pending.get(&pod.uid).is_none_or(|p| p.binding))
+                .map(|p| p.node.clone());
+            if let Some(node) = committed {
+                return held_on(&node, &key, &names, node_objects);
+            }
             let d = st
                 .ledger
                 .place_names(&pod.uid, &key, &names, &req, &self.cfg);
@@ -101,6 +112,7 @@ impl<A: ClusterApi> Extender<A> {
                             since: Instant::now(),
                             vgpu_time: unix_now(),
                             binding: false,
+                            bound: false,
                         },
                     );
                 }
@@ -198,6 +210,42 @@ impl<A: ClusterApi> Extender<A> {
                 tracing::info!(pod = %p.pod, node = %p.node, "reservation expired without a bind");
             }
         }
+    }
+}
+
+/// The answer for a pod already placed on `node`: that node alone, or none if it is not a candidate.
+fn held_on(
+    node: &str,
+    key: &str,
+    names: &NodeNames,
+    node_objects: Option<&NodeList>,
+) -> ExtenderFilterResult {
+    let listed = names.iter().any(|n| n == node);
+    if !listed {
+        return ExtenderFilterResult {
+            error: format!(
+                "pod {key} is already placed on node {node}, which is not among the candidates"
+            ),
+            ..Default::default()
+        };
+    }
+    match node_objects {
+        Some(list) => ExtenderFilterResult {
+            nodes: Some(NodeList {
+                metadata: list.metadata.clone(),
+                items: list
+                    .items
+                    .iter()
+                    .filter(|n| n.pointer("/metadata/name").and_then(|v| v.as_str()) == Some(node))
+                    .cloned()
+                    .collect(),
+            }),
+            ..Default::default()
+        },
+        None => ExtenderFilterResult {
+            nodenames: Some(vec![node.to_string()]),
+            ..Default::default()
+        },
     }
 }
 

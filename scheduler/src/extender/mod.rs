@@ -34,6 +34,8 @@ struct Pending {
     since: Instant,
     vgpu_time: u64,
     binding: bool,
+    /// The binding was accepted: a repeated bind of the pod is answered as done, with no write.
+    bound: bool,
 }
 
 #[derive(Default)]

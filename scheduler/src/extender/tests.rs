@@ -717,3 +717,68 @@ fn a_device_list_claiming_more_than_the_spec_asks_books_only_the_ask() {
         .collect();
     assert_eq!(booked, vec![(1, 2000, 10), (0, 0, 0)]);
 }
+
+/// The burst's `BindingFailed` (issue 15): a pod filtered and bound a second time from a copy older than its
+/// binding (a driver or kube-scheduler retry after a lost answer) kept neither its placement nor its
+/// annotations: the second filter placed it again, the second bind rewrote `bind-phase: allocating` and the new
+/// devices, then the API refused the binding ("already assigned") and the failure path marked the running pod
+/// failed. Now the second filter answers the node it holds and the second bind writes nothing.
+#[tokio::test]
+async fn a_pod_filtered_and_bound_again_keeps_its_placement_and_nothing_is_rewritten() {
+    let api = FakeApi::default();
+    let (ext, mut rx) = new_ext(api.clone());
+    with_lab_node(&ext);
+    let second: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(node_json("other", &register(10, 15360, "GPU-2"))).unwrap();
+    ext.node_applied(&second);
+    let body =
+        json!({"pod": pod_json("p", "uid-p", mib(1000)), "nodenames": ["hami-workshop", "other"]});
+    let first = filter(&ext, body.clone());
+    let node = first["nodenames"][0].as_str().unwrap().to_string();
+    assert_eq!(bind(&ext, "p", "uid-p", &node).await["Error"], "");
+    let placed = ext.placement("uid-p").unwrap();
+    let writes = api.calls.lock().unwrap().len();
+    drain(&mut rx);
+
+    // Again, before the pod watch has shown the binding, and again after.
+    for seen in [false, true] {
+        if seen {
+            let mut pod = pod_json("p", "uid-p", mib(1000));
+            pod["spec"]["nodeName"] = json!(node);
+            pod["metadata"]["annotations"] = json!({
+                "hami.io/vgpu-node": node, "hami.io/bind-phase": "success",
+                "hami.io/vgpu-devices-allocated": placed.devices.encode(),
+                "hami.io/vgpu-devices-to-allocate": ";",
+            });
+            ext.pod_applied(&serde_json::from_value(pod).unwrap());
+        }
+        let again = filter(&ext, body.clone());
+        assert_eq!(again["nodenames"], json!([node]), "seen={seen}: {again}");
+        assert_eq!(
+            bind(&ext, "p", "uid-p", &node).await["Error"],
+            "",
+            "seen={seen}"
+        );
+        assert_eq!(ext.placement("uid-p").unwrap().devices, placed.devices);
+        assert_eq!(
+            api.calls.lock().unwrap().len(),
+            writes,
+            "seen={seen}: no write"
+        );
+        assert!(
+            drain(&mut rx).iter().all(|(r, _)| r != "BindingFailed"),
+            "seen={seen}"
+        );
+    }
+    // Another node than the one it holds is not offered.
+    let elsewhere = json!({"pod": pod_json("p", "uid-p", mib(1000)),
+        "nodenames": [if node == "other" { "hami-workshop" } else { "other" }]});
+    let r = filter(&ext, elsewhere);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("already placed on node"),
+        "{r}"
+    );
+}
