@@ -9,6 +9,7 @@ use crate::placement::reason::{FitReason, NodeMiss};
 use crate::placement::request::CardFilter;
 use crate::podspec;
 use k8s_openapi::api::core::v1::Pod;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vgpu_contract::annotations as ann;
@@ -20,6 +21,8 @@ const NO_CANDIDATES: &str = "the request carries neither nodes nor nodenames";
 
 /// The last candidate list filter saw: its raw JSON, its names, and each name as a JSON string.
 pub(super) struct Candidates {
+    /// Unique per parsed list, so the ledger need not compare the names again.
+    id: u64,
     raw: Box<str>,
     names: NodeNames,
     quoted: NodeNames,
@@ -119,7 +122,7 @@ impl<A: ClusterApi> Extender<A> {
             ),
             (None, None) => return error_result(NO_CANDIDATES.into()),
         };
-        let d = match self.decide_filter(&pod, &pod_obj, &names, node_objects) {
+        let d = match self.decide_filter(&pod, &pod_obj, &names, None, node_objects) {
             Outcome::Error(e) => return error_result(e),
             Outcome::PassThrough => {
                 return match node_objects {
@@ -198,7 +201,7 @@ impl<A: ClusterApi> Extender<A> {
                 return write_error(out, &format!("cannot read ExtenderArgs: nodenames: {e}"))
             }
         };
-        let d = match self.decide_filter(&pod, &args.pod, &names.names, None) {
+        let d = match self.decide_filter(&pod, &args.pod, &names.names, Some(names.id), None) {
             Outcome::Error(e) => return write_error(out, &e),
             Outcome::PassThrough => {
                 out.extend_from_slice(b"{\"nodenames\":[");
@@ -260,7 +263,9 @@ impl<A: ClusterApi> Extender<A> {
             write_quoted(&mut buf, n);
             quoted.push(&buf);
         }
+        static LISTS: AtomicU64 = AtomicU64::new(0);
         let c = Arc::new(Candidates {
+            id: LISTS.fetch_add(1, Ordering::Relaxed),
             raw: raw.into(),
             names,
             quoted,
@@ -276,6 +281,7 @@ impl<A: ClusterApi> Extender<A> {
         pod: &PodRef,
         pod_obj: &Pod,
         names: &NodeNames,
+        list_id: Option<u64>,
         node_objects: Option<&NodeList>,
     ) -> Outcome {
         let key = format!("{}/{}", pod.namespace, pod.name);
@@ -294,9 +300,14 @@ impl<A: ClusterApi> Extender<A> {
             if let Some(list) = node_objects {
                 refresh_nodes(&mut st.ledger, list);
             }
-            let d = st
-                .ledger
-                .place_names(&pod.uid, &key, names, &req, &self.cfg);
+            let d = match list_id {
+                Some(id) => st
+                    .ledger
+                    .place_names_listed(&pod.uid, &key, names, id, &req, &self.cfg),
+                None => st
+                    .ledger
+                    .place_names(&pod.uid, &key, names, &req, &self.cfg),
+            };
             match &d.chosen {
                 Some(_) => {
                     st.pending.insert(

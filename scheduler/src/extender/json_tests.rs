@@ -257,6 +257,17 @@ fn a_changed_list_is_read_again() {
         json!({"nodenames": ["node-a"]}),
         "nope is registered now: it fits (and misses no more)"
     );
+    // The typed path with another list between two of the same list: the ledger's memory of
+    // the list is not trusted across it.
+    let typed_body = body(6, r#"["node-c","node-a"]"#);
+    assert_eq!(
+        typed(&ext, typed_body.as_bytes())["nodenames"],
+        json!(["node-a"])
+    );
+    assert_eq!(
+        fast(&ext, body(7, r#"["nope","node-a"]"#).as_bytes())["nodenames"],
+        json!(["node-a"])
+    );
     let a100 = pod(
         5,
         json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "2000"}),
