@@ -48,6 +48,9 @@ struct State {
 
 pub struct Extender<A> {
     state: Mutex<State>,
+    /// The last candidate-name list `filter_json` parsed (apart from the ledger's lock, so
+    /// parsing a new list never holds up a bind).
+    candidates: Mutex<Option<Arc<filter::Candidates>>>,
     cfg: Config,
     api: A,
     events: mpsc::UnboundedSender<PodEvent>,
@@ -85,6 +88,7 @@ impl<A: ClusterApi> Extender<A> {
     pub fn new(cfg: Config, api: A, events: mpsc::UnboundedSender<PodEvent>) -> Self {
         Extender {
             state: Mutex::new(State::default()),
+            candidates: Mutex::new(None),
             cfg,
             api,
             events,
@@ -138,5 +142,7 @@ impl<A: ClusterApi> Extender<A> {
     }
 }
 
+#[cfg(test)]
+mod json_tests;
 #[cfg(test)]
 mod tests;

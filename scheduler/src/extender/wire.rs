@@ -21,6 +21,19 @@ pub struct ExtenderArgs {
 
 pub use crate::placement::candidates::NodeNames;
 
+/// [`ExtenderArgs`] as the HTTP filter reads it: the node-name list is kept as the raw JSON it
+/// arrived as, borrowed from the body, so a list identical to the last one (kube-scheduler sends
+/// the same thousands of names with every pod) is recognised by one byte comparison instead of
+/// being parsed again. Unknown fields are skipped, as in [`ExtenderArgs`].
+#[derive(Debug, Deserialize)]
+pub struct ExtenderArgsRaw<'a> {
+    pub pod: Pod,
+    #[serde(default)]
+    pub nodes: Option<NodeList>,
+    #[serde(default, borrow)]
+    pub nodenames: Option<&'a serde_json::value::RawValue>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 pub struct NodeList {
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]

@@ -123,34 +123,40 @@ pub struct Ledger {
 #[derive(Debug, Default, Clone)]
 struct CandidateMemo {
     generation: u64,
+    /// The caller's name for `names` (see [`Ledger::place_names_listed`]).
+    list_id: Option<u64>,
     names: NodeNames,
     slots: Vec<Option<usize>>,
 }
 
-/// A candidate list as filter has it (one buffer, compared in two `memcmp`s) or as a slice.
+/// A candidate list as filter has it (one buffer, compared in two `memcmp`s, or not at all when
+/// the caller names the list) or as a slice.
 enum Candidates<'a, S> {
-    Names(&'a NodeNames),
+    Names(&'a NodeNames, Option<u64>),
     List(&'a [S]),
 }
 
 impl<S: AsRef<str>> Candidates<'_, S> {
     fn len(&self) -> usize {
         match self {
-            Candidates::Names(n) => n.len(),
+            Candidates::Names(n, _) => n.len(),
             Candidates::List(l) => l.len(),
         }
     }
 
     fn get(&self, i: usize) -> &str {
         match self {
-            Candidates::Names(n) => n.get(i),
+            Candidates::Names(n, _) => n.get(i),
             Candidates::List(l) => l[i].as_ref(),
         }
     }
 
-    fn same_as(&self, memo: &NodeNames) -> bool {
+    fn same_as(&self, memo: &CandidateMemo) -> bool {
+        let memo_id = memo.list_id;
+        let memo = &memo.names;
         match self {
-            Candidates::Names(n) => *n == memo,
+            Candidates::Names(_, Some(id)) if memo_id == Some(*id) => true,
+            Candidates::Names(n, _) => *n == memo,
             Candidates::List(l) => {
                 l.len() == memo.len() && l.iter().zip(memo.iter()).all(|(a, b)| a.as_ref() == b)
             }
@@ -201,13 +207,17 @@ impl Ledger {
         f: impl FnOnce(&[Option<usize>]) -> R,
     ) -> R {
         let mut memo = self.memo.borrow_mut();
-        if memo.generation != self.generation || !candidates.same_as(&memo.names) {
+        if memo.generation != self.generation || !candidates.same_as(&memo) {
             memo.generation = self.generation;
             memo.names = (0..candidates.len()).map(|i| candidates.get(i)).collect();
             memo.slots = (0..candidates.len())
                 .map(|i| self.index.get(candidates.get(i)).copied())
                 .collect();
         }
+        memo.list_id = match candidates {
+            Candidates::Names(_, id) => id,
+            Candidates::List(_) => None,
+        };
         f(&memo.slots)
     }
 
@@ -344,7 +354,22 @@ impl Ledger {
         req: &PodRequest,
         cfg: &Config,
     ) -> Decision {
-        self.place_among::<&str>(uid, pod, Candidates::Names(candidates), req, cfg)
+        self.place_among::<&str>(uid, pod, Candidates::Names(candidates, None), req, cfg)
+    }
+
+    /// [`Ledger::place_names`] for a list the caller names with `list_id`: a later call with the
+    /// same id promises the same names in the same order, so the list is not compared again.
+    pub fn place_names_listed(
+        &mut self,
+        uid: &str,
+        pod: &str,
+        candidates: &NodeNames,
+        list_id: u64,
+        req: &PodRequest,
+        cfg: &Config,
+    ) -> Decision {
+        let c = Candidates::Names(candidates, Some(list_id));
+        self.place_among::<&str>(uid, pod, c, req, cfg)
     }
 
     fn place_among<S: AsRef<str>>(
@@ -381,7 +406,7 @@ impl Ledger {
 
 fn candidates_ref<'a, S>(c: &Candidates<'a, S>) -> Candidates<'a, S> {
     match c {
-        Candidates::Names(n) => Candidates::Names(n),
+        Candidates::Names(n, id) => Candidates::Names(n, *id),
         Candidates::List(l) => Candidates::List(l),
     }
 }
