@@ -351,36 +351,21 @@ async fn stop_kubernetes(k: crate::node::Running) {
 struct LedgerBinder(Shared);
 
 impl crate::node::bind::ContainerBinder for LedgerBinder {
-    fn bind(&self, b: crate::node::bind::Binding) {
-        use crate::ledger::bindings as lb;
-        let what = format!(
-            "{}/{} container {:?}",
-            b.pod.namespace, b.pod.name, b.pod.container
+    fn bind(&self, b: crate::ledger::bindings::Binding) {
+        let what = b.pod.as_ref().map_or_else(
+            || b.cgroup.clone(),
+            |p| format!("{}/{} container {:?}", p.namespace, p.name, p.container),
         );
-        let binding = lb::Binding {
-            cgroup: b.cgroup.clone(),
-            cache_path: b.cache_path,
-            memory_limits: b
-                .limits
-                .iter()
-                .enumerate()
-                .map(|(ordinal, (_, bytes))| (ordinal as u32, *bytes))
-                .collect(),
-            sm_limit: b.sm_limit,
-            policy: b.policy,
-            source: lb::Source::Allocate,
-            pod: Some(lb::PodRef {
-                namespace: b.pod.namespace,
-                name: b.pod.name,
-                uid: b.pod.uid,
-                container: b.pod.container,
-            }),
-        };
+        let cgroup = b.cgroup.clone();
         let mut g = self.0.lock().unwrap();
-        match g.0.bind_container(binding) {
-            Ok(()) => tracing::info!("bound {what} to cgroup {} ({})", b.cgroup, b.source),
-            Err(e) => tracing::warn!("could not bind {what} to cgroup {}: {e}", b.cgroup),
+        match g.0.bind_container(b) {
+            Ok(()) => tracing::info!("bound {what} to cgroup {cgroup} (kubelet)"),
+            Err(e) => tracing::warn!("could not bind {what} to cgroup {cgroup}: {e}"),
         }
+    }
+
+    fn unbind_gone(&self, live: &dyn Fn(&str) -> bool) -> Vec<String> {
+        self.0.lock().unwrap().0.unbind_allocated_except(live)
     }
 }
 

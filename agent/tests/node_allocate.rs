@@ -498,17 +498,33 @@ async fn a_two_gpu_container_gets_both_cards_and_is_bound_to_its_cgroup() {
     assert_eq!(b.cgroup, format!("/{cg}"));
     assert_eq!(b.cache_path, dir.join("vgpu.cache"));
     assert_eq!(
-        b.limits,
-        vec![
-            (GPU.to_string(), 4000 << 20),
-            (GPU2.to_string(), 4000 << 20)
-        ]
+        b.memory_limits,
+        std::collections::BTreeMap::from([(0, 4000 << 20), (1, 4000 << 20)])
     );
     assert_eq!(
-        (b.sm_limit, b.policy.as_str(), b.source),
-        (30, "force", "kubelet")
+        (b.sm_limit, b.policy.as_str(), &b.source),
+        (30, "force", &vgpu_agent::ledger::bindings::Source::Allocate)
     );
-    assert_eq!((b.pod.name.as_str(), b.pod.container.as_str()), ("m", "c1"));
+    let pod = b.pod.as_ref().unwrap();
+    assert_eq!((pod.name.as_str(), pod.container.as_str()), ("m", "c1"));
+    // Once the pod has left the node, the sweep unbinds it.
+    rig.api.delete_pod("m");
+    eventually(
+        "m gone from the agent's view",
+        Duration::from_secs(5),
+        || {
+            rig.running
+                .node
+                .pods
+                .state()
+                .iter()
+                .all(|p| p.metadata.name.as_deref() != Some("m"))
+                .then_some(())
+        },
+    )
+    .await;
+    vgpu_agent::node::recover::sweep(&rig.running.node, std::time::SystemTime::now());
+    assert!(rig.bindings.0.lock().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use crate::ebpf::decode::{decode, Call};
 use crate::ebpf::procs::ProcTable;
 use crate::gpus::GpuSample;
 use crate::ledger::bind_socket::Op;
-use crate::ledger::bindings::{Binding, Bindings};
+use crate::ledger::bindings::{Binding, Bindings, Source};
 use crate::ledger::book::Ledger;
 use crate::ledger::caches::{CacheFile, Mirror, Slot, Snapshot};
 use crate::ledger::cgroups::{container_of, CgroupIds};
@@ -216,12 +216,22 @@ impl State {
         Ok(())
     }
 
-    /// Forgets the binding of `cgroup` (the node side: the container is gone).
-    #[allow(dead_code)] // the node side (agent/src/node/) calls it; standalone has only the bind socket
-    pub fn unbind(&mut self, cgroup: &str) -> Result<Option<Binding>, String> {
-        let b = self.bindings.unbind(cgroup, 0)?;
-        self.dirty = true;
-        Ok(b)
+    /// Forgets the node side's bindings of pods `live` says are gone from the node; returns their cgroups.
+    pub fn unbind_allocated_except(&mut self, live: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let gone: Vec<String> = self
+            .bindings
+            .iter()
+            .filter(|b| b.source == Source::Allocate)
+            .filter(|b| b.pod.as_ref().is_some_and(|p| !live(&p.uid)))
+            .map(|b| b.cgroup.clone())
+            .collect();
+        for c in &gone {
+            if self.bindings.unbind(c, 0).is_ok() {
+                self.over.remove(c);
+                self.dirty = true;
+            }
+        }
+        gone
     }
 
     /// A request from the bind socket, its peer already authorized for the paths it names.
@@ -994,6 +1004,38 @@ mod tests {
                 .any(|w| w.contains("deleted; the binding's limit (32 MiB) still holds")),
             "{c:?}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_node_side_unbinds_only_its_own_bindings_of_gone_pods() {
+        let dir = std::env::temp_dir().join(format!("vgpu-unbind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = State::new(Policy::Report, dir.clone(), dir.clone());
+        let bind = |cg: &str, source, uid: Option<&str>| Binding {
+            cgroup: cg.into(),
+            cache_path: dir.join(format!("{}.cache", cg.trim_start_matches('/'))),
+            memory_limits: [(0, 32 << 20)].into(),
+            sm_limit: 0,
+            policy: "default".into(),
+            source,
+            pod: uid.map(|u| crate::ledger::bindings::PodRef {
+                namespace: "ns".into(),
+                name: u.into(),
+                uid: u.into(),
+                container: "c".into(),
+            }),
+        };
+        use crate::ledger::bindings::Source::{Allocate, Exec};
+        s.bind_container(bind("/live", Allocate, Some("live")))
+            .unwrap();
+        s.bind_container(bind("/gone", Allocate, Some("gone")))
+            .unwrap();
+        s.bind_container(bind("/exec", Exec { uid: 0, pid: 1 }, None))
+            .unwrap();
+        assert_eq!(s.unbind_allocated_except(&|u| u == "live"), ["/gone"]);
+        let left: Vec<_> = s.bindings.iter().map(|b| b.cgroup.as_str()).collect();
+        assert_eq!(left, ["/exec", "/live"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

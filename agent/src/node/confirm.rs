@@ -25,9 +25,9 @@ use vgpu_kubelet_api::podresources::pod_resources_lister_client::PodResourcesLis
 use vgpu_kubelet_api::podresources::ListPodResourcesRequest;
 
 use super::allocate::{self, Chosen};
-use super::bind::{Binding, PodRef};
 use super::container_dir::{ContainerDir, Owner, Settings};
 use super::{Node, RESOURCE_NAME};
+use crate::ledger::bindings::{Binding, PodRef, Source};
 use crate::ledger::cgroups::container_of;
 
 /// A container Allocate answered for, waiting for the kubelet's record.
@@ -405,20 +405,21 @@ async fn bind_when_started(node: &Node, p: &Pending) {
             node.binder.bind(Binding {
                 cgroup,
                 cache_path: p.dir.cache(),
-                limits: c
+                memory_limits: c
                     .devices
                     .iter()
-                    .map(|d| (d.uuid.clone(), d.mem_mib << 20))
+                    .enumerate()
+                    .map(|(ordinal, d)| (ordinal as u32, d.mem_mib << 20))
                     .collect(),
                 sm_limit: c.devices.first().map_or(0, |d| d.cores),
                 policy: c.policy.as_str().to_string(),
-                source: "kubelet",
-                pod: PodRef {
+                source: Source::Allocate,
+                pod: Some(PodRef {
                     namespace: c.namespace.clone(),
                     name: c.name.clone(),
                     uid: c.uid.clone(),
                     container: c.container.clone(),
-                },
+                }),
             });
             return;
         }

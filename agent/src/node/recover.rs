@@ -132,11 +132,16 @@ pub fn sweep(node: &Node, now: SystemTime) -> Vec<String> {
         .iter()
         .filter_map(|p| p.metadata.uid.clone())
         .collect();
-    // Containers served for pods now gone need no guard against a second Allocate.
+    // Containers served for pods now gone need no guard against a second Allocate, and their cgroups are
+    // nobody's: the ledger forgets them (a later container could be given the same cgroup path only with
+    // another pod UID in it, but nothing should be held to a gone pod's limits).
     node.served
         .lock()
         .unwrap()
         .retain(|(uid, _)| live.contains(uid));
+    for cgroup in node.binder.unbind_gone(&|uid| live.contains(uid)) {
+        tracing::info!("unbound {cgroup}: its pod is gone from this node");
+    }
     let mut removed = vec![];
     let Ok(rd) = rd else {
         return removed;

@@ -15,7 +15,8 @@ use axum::response::Response;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use vgpu_agent::gpus::Card;
-use vgpu_agent::node::bind::{Binding, ContainerBinder};
+use vgpu_agent::ledger::bindings::Binding;
+use vgpu_agent::node::bind::ContainerBinder;
 use vgpu_contract::container_dir::LimitsState;
 use vgpu_contract::placement_seal;
 use vgpu_kubelet_api::deviceplugin::registration_server::{Registration, RegistrationServer};
@@ -202,6 +203,16 @@ impl FakeApi {
         };
         db.pods.insert(key, pod.clone());
         self.changed(&mut db, kind, &pod);
+    }
+
+    /// Deletes a pod of the default namespace (a DELETED watch event).
+    pub fn delete_pod(&self, name: &str) {
+        let mut db = self.db.lock().unwrap();
+        let Some(mut pod) = db.pods.remove(&("default".to_string(), name.to_string())) else {
+            return;
+        };
+        Self::bump(&mut db, &mut pod);
+        self.changed(&mut db, "DELETED", &pod);
     }
 
     pub fn pod(&self, name: &str) -> Value {
@@ -604,6 +615,16 @@ pub struct Bindings(pub Mutex<Vec<Binding>>);
 impl ContainerBinder for Bindings {
     fn bind(&self, b: Binding) {
         self.0.lock().unwrap().push(b);
+    }
+    fn unbind_gone(&self, live: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let mut v = self.0.lock().unwrap();
+        let gone: Vec<String> = v
+            .iter()
+            .filter(|b| b.pod.as_ref().is_some_and(|p| !live(&p.uid)))
+            .map(|b| b.cgroup.clone())
+            .collect();
+        v.retain(|b| !gone.contains(&b.cgroup));
+        gone
     }
 }
 
