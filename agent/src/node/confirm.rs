@@ -11,9 +11,10 @@
 //!   reason, and the guessed pod keeps its placement.
 //!
 //! Nothing is written to a pod before the record is in, so a wrong guess leaves no trace to undo. Each answer is
-//! resolved once: by its watcher (which polls the record), or by the next Allocate, which first settles every
-//! answer the kubelet has recorded since (the kubelet records an answer before it admits the next pod), so a
-//! wrong guess never stands in the way of the pod it took. The ledger is then told the container's cgroup,
+//! resolved once, by the first of: the kubelet's PreStartContainer for the container (the plugin asks for it, so
+//! the limits are ready before the container's first process starts), the next Allocate, which first settles
+//! every answer the kubelet has recorded since (the kubelet records an answer before it admits the next pod, so
+//! a wrong guess never stands in the way of the pod it took), or the answer's watcher, which polls the record. The ledger is then told the container's cgroup,
 //! found from the container ID the kubelet reports in the pod's status, never from a file the tenant can write.
 
 use std::path::Path;
@@ -172,6 +173,32 @@ pub async fn settle_recorded(node: &Arc<Node>) {
             if let Some(p) = take(node, &key) {
                 resolve(node, p, Some(h.clone())).await;
             }
+        }
+    }
+}
+
+/// Resolves the answer over `ids` now, if it is still pending and the kubelet has recorded it: the kubelet's
+/// PreStartContainer, just before it starts the container, so the limits file is ready (and the pod's
+/// annotations written) before any process of the container runs.
+pub async fn settle_ids(node: &Arc<Node>, ids: &[String]) {
+    let key = node
+        .pending
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, p)| p.ids.iter().any(|i| ids.contains(i)))
+        .map(|(k, p)| (k.clone(), p.ids.clone()));
+    let Some((key, answered)) = key else {
+        return;
+    };
+    let list =
+        match tokio::time::timeout(Duration::from_secs(5), holders(&node.pod_resources)).await {
+            Ok(Ok(l)) => l,
+            _ => return,
+        };
+    if let Some(h) = holder_of(&list, &answered) {
+        if let Some(p) = take(node, &key) {
+            resolve(node, p, Some(h.clone())).await;
         }
     }
 }

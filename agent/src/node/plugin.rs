@@ -107,17 +107,21 @@ impl DevicePlugin for Service {
         Ok(Response::new(out))
     }
 
+    /// Called by the kubelet just before it starts a container: the answer for its devices is settled first,
+    /// so its limits file is ready when its first process reads it. Never refused: a container found on
+    /// another pod's devices has a revoked limits file (its shim refuses everything) and its pod is failed.
     async fn pre_start_container(
         &self,
-        _: Request<PreStartContainerRequest>,
+        req: Request<PreStartContainerRequest>,
     ) -> Result<Response<PreStartContainerResponse>, Status> {
+        super::confirm::settle_ids(&self.node, &req.into_inner().devices_ids).await;
         Ok(Response::new(PreStartContainerResponse {}))
     }
 }
 
 fn options() -> DevicePluginOptions {
     DevicePluginOptions {
-        pre_start_required: false,
+        pre_start_required: true,
         get_preferred_allocation_available: false,
     }
 }
