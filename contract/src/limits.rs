@@ -309,7 +309,10 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         assert_eq!(
-            parse_core_windows(&format!("50:{eight}")).unwrap().ranges.len(),
+            parse_core_windows(&format!("50:{eight}"))
+                .unwrap()
+                .ranges
+                .len(),
             8
         );
     }

@@ -892,7 +892,11 @@ fn without_agent_windows_a_full_table_still_overlaps_two_honest_slices() {
         "the card-file path no longer overlaps ({sa:.3} + {sb:.3}): update docs/security.md\n{a:#?}\n{b:#?}"
     );
     for o in [&a, &b] {
-        assert!(o.stderr.contains("every entry of the card file is held"), "{}", o.stderr);
+        assert!(
+            o.stderr.contains("every entry of the card file is held"),
+            "{}",
+            o.stderr
+        );
     }
 }
 
@@ -929,5 +933,12 @@ fn agent_windows_survive_a_truncated_card_and_a_max_debt_word() {
     a.wait_line("second 1", WAIT).expect("it runs");
     let a = a.finish();
     drop(scribble);
-    assert_share("30% slice, card cut and scribbled", busy(&a), base, 0.30, 0.05, &a);
+    assert_share(
+        "30% slice, card cut and scribbled",
+        busy(&a),
+        base,
+        0.30,
+        0.05,
+        &a,
+    );
 }

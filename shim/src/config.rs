@@ -717,7 +717,8 @@ mod tests {
         assert_eq!(c.windows_for(1, None).unwrap().ranges.len(), 2);
         assert!(c.windows_for(2, None).is_none());
         assert!(
-            m.iter().any(|x| x.contains("VGPU_PACING_PERIOD_MS is ignored")),
+            m.iter()
+                .any(|x| x.contains("VGPU_PACING_PERIOD_MS is ignored")),
             "{m:?}"
         );
         // The environment can neither give nor move windows.

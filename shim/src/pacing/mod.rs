@@ -137,10 +137,14 @@ fn publish(d: &DevicePace, plan: Option<&Windows>) {
         d.period_ns.store(w.period_ns, Relaxed);
         d.ranges_n.store(w.n as u64, Relaxed);
         for (a, r) in d.ranges.iter().zip(w.ranges) {
-            a.store((r.0 / 1000) << 32 | (r.1 / 1000).min(u32::MAX as u64), Relaxed);
+            a.store(
+                (r.0 / 1000) << 32 | (r.1 / 1000).min(u32::MAX as u64),
+                Relaxed,
+            );
         }
     }
-    d.plan.store(if plan.is_some() { WINDOWED } else { FREE }, Relaxed);
+    d.plan
+        .store(if plan.is_some() { WINDOWED } else { FREE }, Relaxed);
     d.seq.store(s + 2, Release);
 }
 
@@ -601,13 +605,19 @@ impl Monitor {
                         ));
                         dv.last_period = period;
                     }
-                    let plan =
-                        match window::plan(&view.peers, view.me, share, p.cfg.policy, now, period) {
-                            Plan::Free => None,
-                            Plan::Window { offset_ns, len_ns } => {
-                                Some(Windows::one(period, offset_ns, len_ns))
-                            }
-                        };
+                    let plan = match window::plan(
+                        &view.peers,
+                        view.me,
+                        share,
+                        p.cfg.policy,
+                        now,
+                        period,
+                    ) {
+                        Plan::Free => None,
+                        Plan::Window { offset_ns, len_ns } => {
+                            Some(Windows::one(period, offset_ns, len_ns))
+                        }
+                    };
                     (period, plan)
                 }
             };
