@@ -760,7 +760,8 @@ mod tests {
             period_ms: 50,
             ranges: vec![(5_000, 5_000), (20_000, 10_000), (45_000, 5_000)],
         });
-        let w = Some(&w);
+        let ws = w;
+        let w = Some(&ws);
         let p0 = 3 * PERIOD_NS;
         assert_eq!(gate_at(w, p0 + MS), (false, Some(p0 + 5 * MS)));
         assert_eq!(gate_at(w, p0 + 6 * MS), (true, Some(p0 + 10 * MS)));
@@ -769,10 +770,10 @@ mod tests {
         assert_eq!(gate_at(w, p0 + 31 * MS), (false, Some(p0 + 45 * MS)));
         assert_eq!(gate_at(w, p0 + 46 * MS), (true, Some(p0 + 50 * MS)));
         assert_eq!(wait_needed(w, p0 + 12 * MS), Err(8 * MS));
-        assert_eq!(latest_window_end(w.unwrap(), p0 + 12 * MS), p0 + 10 * MS);
-        assert_eq!(latest_window_end(w.unwrap(), p0 + 40 * MS), p0 + 30 * MS);
+        assert_eq!(latest_window_end(&ws, p0 + 12 * MS), p0 + 10 * MS);
+        assert_eq!(latest_window_end(&ws, p0 + 40 * MS), p0 + 30 * MS);
         assert_eq!(
-            latest_window_end(w.unwrap(), p0 + 2 * MS),
+            latest_window_end(&ws, p0 + 2 * MS),
             p0,
             "the previous period's last range"
         );
@@ -811,7 +812,7 @@ mod tests {
         let writer = std::thread::spawn(move || {
             let mut i = 0u64;
             while !s.load(Relaxed) {
-                publish(&D, Some(if i % 2 == 0 { &b } else { &a }));
+                publish(&D, Some(if i.is_multiple_of(2) { &b } else { &a }));
                 i += 1;
             }
         });
