@@ -861,8 +861,11 @@ fn a_tenant_holding_every_entry_cannot_move_slices_the_agent_placed() {
     eprintln!("agent windows, full hostile table: 30% slice {sa:.3}, 40% slice {sb:.3}");
     assert_share("30% slice, agent windows", sa * base, base, 0.30, 0.05, &a);
     assert_share("40% slice, agent windows", sb * base, base, 0.40, 0.05, &b);
+    // Overlapping by the 30% the card-file path gives them, they had ~0.42 together (next test); side by side
+    // with no tenant at all they have ~0.66 on this simulated card (each ~2 points under, from running two at
+    // once), as here.
     assert!(
-        sa + sb >= 0.65,
+        sa + sb >= 0.60,
         "together {:.3}: their windows overlapped\n{a:#?}\n{b:#?}",
         sa + sb
     );
@@ -878,8 +881,9 @@ fn a_tenant_holding_every_entry_cannot_move_slices_the_agent_placed() {
 /// The same two slices with no windows in their limits files (placement by the card file, as off Kubernetes
 /// and before issue 16): with the table full, both pace outside it, each placed after the tenant's claims
 /// (capped so its window fits: 70–100% and 60–100% of the period), and the two windows overlap for 30% of
-/// every period. This documents the weakness the agent's windows close; measured here: the 30% slice at about
-/// 0.16 and the 40% slice at about 0.25 (together ~0.41 of the 0.70 they are owed).
+/// every period. This documents the weakness the agent's windows close; measured here: the 30% slice at
+/// 0.161–0.164 and the 40% slice at 0.258–0.259 (together ~0.42 of the 0.70 they are owed), where with agent
+/// windows they get 0.279–0.292 and 0.373–0.384, as without any tenant (0.284 and 0.376).
 #[test]
 fn without_agent_windows_a_full_table_still_overlaps_two_honest_slices() {
     let _g = serial();
