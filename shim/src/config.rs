@@ -8,6 +8,7 @@
 //! | no limits file | the environment is the whole contract (HAMi's behaviour off Kubernetes) |
 //! | `/usr/local/vgpu/limits` exists | it is the file; `VGPU_LIMITS_FILE` is ignored |
 //! | file ready | its values are the ceiling: memory and SM share only lowered by the environment, the policy only tightened (disable < default < force), the period only shortened; cache file and card directory are the file's; `CUDA_DISABLE_CONTROL` is ignored |
+//! | file ready with `VGPU_CORE_WINDOWS_<i>` | that device paces in exactly the agent's windows and their period (the environment can neither give, move nor lengthen windows; a lower share keeps their first part); a windows value that does not parse is a damaged file |
 //! | file pending (empty, no state line) | wait up to the pending wait, then refuse every allocation, with a message |
 //! | file revoked | refuse every allocation, context and launch, with the agent's reason |
 //! | file unreadable, damaged, or a value in it unparsable | every allocation is refused, with a message (fail closed) |
