@@ -904,6 +904,61 @@ fn without_agent_windows_a_full_table_still_overlaps_two_honest_slices() {
     }
 }
 
+/// `default` with agent windows keeps today's borrowing: alone on an honest card it runs free. Beside a force
+/// neighbour hidden by a tenant holding the whole table with idle-looking entries, it cannot tell the card is
+/// wanted, so a full table keeps it in its windows, and the neighbour keeps its share (running free, it would
+/// run over the neighbour's windows).
+#[test]
+fn a_default_slice_with_agent_windows_borrows_only_from_a_card_it_can_see() {
+    let _g = serial();
+    let base = baseline();
+    let sim = Sim::new();
+    let alone =
+        run(with_limits_file(&sim, "d", "30", "default", Some("50:0+15000")).args(["-s", "1.5"]));
+    assert!(busy(&alone) / base >= 0.9, "default alone: {alone:#?}");
+    let sim = Sim::new();
+    let card = sim.card_dir().join(card_name(0));
+    write_blank_card(&card);
+    let _sq = Squatter::fill(
+        &card,
+        Fake {
+            key: 0xbad0,
+            share: 99,
+            policy: FORCE,
+            active_ns: 1,
+            period_ns: 50 * MS,
+        },
+        false,
+        ENTRIES,
+    );
+    let d = Running::spawn(
+        with_limits_file(&sim, "d", "30", "default", Some("50:0+15000"))
+            .env("VGPU_LOG", "info")
+            .args(SHORT_QUEUE)
+            .args(["-s", "3"]),
+    );
+    let f = Running::spawn(
+        with_limits_file(&sim, "f", "40", "force", Some("50:15000+20000"))
+            .args(SHORT_QUEUE)
+            .args(["-s", "3"]),
+    );
+    let (d, f) = (d.finish(), f.finish());
+    eprintln!(
+        "full idle table: default 30 at {:.3}, hidden force 40 at {:.3}",
+        busy(&d) / base,
+        busy(&f) / base
+    );
+    assert_share(
+        "hidden force neighbour at 40",
+        busy(&f),
+        base,
+        0.40,
+        0.05,
+        &d,
+    );
+    assert_share("default at 30, table full", busy(&d), base, 0.30, 0.05, &d);
+}
+
 /// Whatever happens to the card under a slice with agent windows (cut short, rewritten, a max debt word in
 /// every entry), it keeps its share: its windows never came from the card.
 #[test]

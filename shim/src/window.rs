@@ -101,18 +101,21 @@ impl Windows {
 /// The plan of a slice whose windows the node's agent placed (`agent`, from its read-only limits file): exactly
 /// those ranges, cut to `share` of the period (the environment may lower the share, never move or widen the
 /// windows). Under `default` the slice runs free while no believable peer on the card is active, as [`plan`]
-/// does: a tenant's fake activity can only keep it at its share.
+/// does, and the card is not `crowded` (asked only then): with every entry held, an honest neighbour may have
+/// found none and be invisible, and running free would run over its windows. So a tenant's claims, fake activity
+/// or a full table, can only keep the slice at its share.
 pub fn plan_agent(
     peers: &[Peer],
     agent: &Windows,
     share: u32,
     policy: CorePolicy,
     now_ns: u64,
+    crowded: impl FnOnce() -> bool,
 ) -> Option<Windows> {
     let active = peers
         .iter()
         .any(|p| now_ns.saturating_sub(p.last_active_ns) <= ACTIVE_NS);
-    if policy == CorePolicy::Default && !active {
+    if policy == CorePolicy::Default && !active && !crowded() {
         return None;
     }
     let share_ns = agent.period_ns * share.clamp(1, 99) as u64 / 100;
@@ -165,28 +168,43 @@ mod tests {
     fn agent_windows_are_kept_whatever_the_card_says() {
         let w = agent(500, &[(100_000, 150_000)]);
         let liars: Vec<Peer> = (0..64).map(|i| p(i, 99, Force, 0)).collect();
-        assert_eq!(plan_agent(&liars, &w, 30, Force, 0), Some(w));
-        assert_eq!(plan_agent(&[], &w, 30, Force, 0), Some(w), "alone too");
+        let roomy = || false;
+        assert_eq!(plan_agent(&liars, &w, 30, Force, 0, roomy), Some(w));
         assert_eq!(
-            plan_agent(&[], &w, 30, Default, 0),
+            plan_agent(&[], &w, 30, Force, 0, roomy),
+            Some(w),
+            "alone too"
+        );
+        assert_eq!(
+            plan_agent(&[], &w, 30, Default, 0, roomy),
             None,
             "default alone runs free"
         );
-        assert_eq!(plan_agent(&liars, &w, 30, Default, 0), Some(w));
+        assert_eq!(plan_agent(&liars, &w, 30, Default, 0, roomy), Some(w));
+        let stale: Vec<Peer> = (0..63).map(|i| p(i, 99, Force, 0)).collect();
+        assert_eq!(
+            plan_agent(&stale, &w, 30, Default, 10 * ACTIVE_NS, || true),
+            Some(w),
+            "a full table of idle-looking entries may hide a neighbour: no running free"
+        );
+        assert_eq!(
+            plan_agent(&stale, &w, 30, Default, 10 * ACTIVE_NS, roomy),
+            None
+        );
     }
 
     #[test]
     fn a_lower_share_or_debt_takes_the_first_part_of_the_windows() {
         let w = agent(500, &[(0, 100_000), (300_000, 50_000)]);
         assert_eq!(w.len_ns(), 150 * MS);
-        let low = plan_agent(&[], &w, 20, Force, 0).unwrap();
+        let low = plan_agent(&[], &w, 20, Force, 0, || false).unwrap();
         assert_eq!(low.used(), &[(0, 100 * MS)]);
         let t = w.truncated(120 * MS);
         assert_eq!(t.used(), &[(0, 100 * MS), (300 * MS, 20 * MS)]);
         let none = w.truncated(0);
         assert_eq!(none.used(), &[(0, 0)], "its place kept, with no length");
         assert_eq!(
-            plan_agent(&[], &w, 60, Force, 0),
+            plan_agent(&[], &w, 60, Force, 0, || false),
             Some(w),
             "never longer than the agent's windows"
         );

@@ -581,6 +581,9 @@ impl Monitor {
             dv.last_launches = launches;
             dv.last_throttled = throttled;
             let asked = dv.agent.map_or(own_period, |w| w.period_ns);
+            if dv.agent.is_some() {
+                dv.card.rejoin(entry(dv.last_active, asked), now);
+            }
             let view = dv.card.refresh(
                 Entry {
                     launches,
@@ -591,10 +594,15 @@ impl Monitor {
             );
             let (period, plan) = match &dv.agent {
                 // The agent's windows: the card only says whether another slice is active.
-                Some(aw) => (
-                    aw.period_ns,
-                    window::plan_agent(&view.peers, aw, share, p.cfg.policy, now),
-                ),
+                Some(aw) => {
+                    let card = &dv.card;
+                    (
+                        aw.period_ns,
+                        window::plan_agent(&view.peers, aw, share, p.cfg.policy, now, || {
+                            card.crowded()
+                        }),
+                    )
+                }
                 None => {
                     let period = peers::period(own_period, &view.peers);
                     if period != dv.last_period {
