@@ -110,6 +110,7 @@ slice b30 30 "$w30" & P1=$!; slice b40 40 "$w40" & P2=$!; wait $P1 $P2
 rb30=$(thr < "$T/b30.out"); rb40=$(thr < "$T/b40.out")
 attack=0; grep -q "every entry of the card file is held" "$T/b30.out" && grep -q "every entry of the card file is held" "$T/b40.out" && attack=1
 placed=0; grep -q "windows the node's agent placed" "$T/b30.out" && grep -q "windows the node's agent placed" "$T/b40.out" && placed=1
+say "card files: $(cd "$CARDS" && ls)"
 say "(b) with the tenant holding $held entries: 30% $rb30, 40% $rb40 (found no entry: $attack; agent windows used: $placed)"
 # (b') the same without windows, the tenant still holding the table.
 slice o30 30 & P1=$!; slice o40 40 & P2=$!; wait $P1 $P2
