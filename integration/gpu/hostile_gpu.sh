@@ -16,8 +16,9 @@
 #
 # The shim: $SHIM, else libvgpu.so from target/gpu-bundle/bundle.tar.xz (integration/gpu/make_bundle.sh),
 # else target/release/libvgpu.so.
-# usage (device tool; carry target/gpu-bundle, or target/release/libvgpu.so):
-#   bash integration/gpu/hostile_gpu.sh [OUTDIR] [SECONDS per case, default 20]
+# usage (device tool): build here `cargo build --release -p vgpu-shim`, then run with carry
+#   ["target/release/libvgpu.so"] (or make_bundle.sh and carry ["target/gpu-bundle"]):
+#   bash integration/gpu/hostile_gpu.sh "$OUT" 20      (OUTDIR, SECONDS per case; ~4 min at 20 s)
 # Dry run against the simulated GPU (no torch): SIM_DIR=$(target/debug/sim-dir) SHIM=target/debug/libvgpu.so \
 #   bash integration/gpu/hostile_gpu.sh /tmp/hostile-dry 4
 set -u
