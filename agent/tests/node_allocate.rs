@@ -467,8 +467,10 @@ async fn a_two_gpu_container_gets_both_cards_and_is_bound_to_its_cgroup() {
             "# written by vgpu-agent; read by libvgpu.so\nNVIDIA_VISIBLE_DEVICES={GPU},{GPU2}\nCUDA_DEVICE_MEMORY_LIMIT_0=4000m\n\
              CUDA_DEVICE_MEMORY_LIMIT_1=4000m\nCUDA_DEVICE_SM_LIMIT=30\n\
              CUDA_DEVICE_MEMORY_SHARED_CACHE=/usr/local/vgpu/vgpu.cache\nGPU_CORE_UTILIZATION_POLICY=force\n\
-             VGPU_CARD_DIR=/var/run/vgpu/cards\nVGPU_LIMITS_STATE=ready\n"
-        )
+             VGPU_CARD_DIR=/var/run/vgpu/cards\nVGPU_CORE_WINDOWS_0=500:0+150000\n\
+             VGPU_CORE_WINDOWS_1=500:0+150000\nVGPU_LIMITS_STATE=ready\n"
+        ),
+        "each card's compute windows placed by the agent (a card of its own each here)"
     );
 
     // The runtime starts the container; the kubelet reports its ID; the ledger is told its cgroup.

@@ -45,6 +45,15 @@ async fn what_the_previous_agent_answered_is_confirmed_at_start() {
             )
             .unwrap();
             std::fs::write(d.join("allocated-ids"), format!("{GPU}-2\n")).unwrap();
+            // And one it had confirmed, running with the first 100 ms of each period of the card: its windows
+            // are taken back from its limits file, so a's go around them.
+            let d = root.join(format!("containers/{GPU}-5_0000000000000002"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("limits"),
+                format!("NVIDIA_VISIBLE_DEVICES={GPU}\nCUDA_DEVICE_SM_LIMIT=20\nVGPU_CORE_WINDOWS_0=500:0+100000\nVGPU_LIMITS_STATE=ready\n"),
+            )
+            .unwrap();
             record.assign("a", "c0", &[&id]);
             record.assign("b", "c0", &[&format!("{GPU}-2")]);
         },
@@ -54,6 +63,10 @@ async fn what_the_previous_agent_answered_is_confirmed_at_start() {
     assert!(
         l.contains("CUDA_DEVICE_MEMORY_LIMIT_0=4000m\n") && l.contains("CUDA_DEVICE_SM_LIMIT=30\n"),
         "{l}"
+    );
+    assert!(
+        l.contains("VGPU_CORE_WINDOWS_0=500:100000+150000\n"),
+        "a's windows after the running container's: {l}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rig

@@ -33,6 +33,13 @@
 //! - `VGPU_LIMITS_STATE=revoked`: the container is not on its own devices (or its pod was refused): refuse
 //!   every allocation and launch, and log the `VGPU_LIMITS_REASON` line.
 
+/// Prefix of the compute-window keys of the limits file: `VGPU_CORE_WINDOWS_<cuda ordinal>=<period_ms>:<start_us>+<len_us>,...`
+/// (format and bounds in [`crate::limits::parse_core_windows`]). The agent places every container with a
+/// compute share on a card in ranges of one period that no other container on that card holds; the shim then
+/// paces that device inside exactly those ranges, whatever the card file says. A file-only key: no
+/// environment variable sets or moves windows (the environment may still lower the share, which shortens them).
+pub const CORE_WINDOWS_PREFIX: &str = "VGPU_CORE_WINDOWS_";
+
 /// Key of the state line in the limits file: [`STATE_READY`] or [`STATE_REVOKED`].
 pub const LIMITS_STATE: &str = "VGPU_LIMITS_STATE";
 /// Key of the reason line written with [`STATE_REVOKED`].

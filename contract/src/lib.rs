@@ -1,7 +1,8 @@
 //! vgpu's contract between its parts, in one place.
 //!
 //! - [`env`]: the container environment Allocate sets and the shim reads (HAMi-compatible names).
-//! - [`limits`]: parsing of those values (memory sizes, SM percentages, the utilization policy).
+//! - [`limits`]: parsing of those values (memory sizes, SM percentages, the utilization policy, and the compute
+//!   windows the agent places in the limits file).
 //! - [`cache_layout`]: the versioned shared-cache file every process of a container charges.
 //! - [`card_layout`]: the per-GPU file through which the slices on one card share its time.
 //! - [`mapped`]: how those files are created and mapped.

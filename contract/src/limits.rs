@@ -95,6 +95,96 @@ pub fn valid_pacing_period(ns: u64) -> bool {
     ns.is_multiple_of(1_000_000) && (10_000_000..=5_000_000_000).contains(&ns)
 }
 
+/// Most ranges one device's compute windows may hold ([`parse_core_windows`]).
+pub const MAX_WINDOW_RANGES: usize = 8;
+
+/// Where a container's compute windows lie in each period of one card, as the agent placed them: a limits-file
+/// value only (`VGPU_CORE_WINDOWS_<cuda ordinal>`, see [`crate::container_dir::CORE_WINDOWS_PREFIX`]), never
+/// an environment variable. Text form: `<period_ms>:<start_us>+<len_us>[,<start_us>+<len_us>...]`, e.g.
+/// `500:0+150000` (the first 150 ms of each 500 ms period) or `500:0+100000,300000+50000`.
+///
+/// What [`parse_core_windows`] returns always holds: the period is one [`parse_pacing_period`] accepts; 1 to
+/// [`MAX_WINDOW_RANGES`] ranges, each at least 1 µs long, ascending, not overlapping, all inside the period (so
+/// their total is at most the period).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreWindows {
+    pub period_ms: u64,
+    /// (start, length) in microseconds from the start of each period.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl CoreWindows {
+    pub fn period_us(&self) -> u64 {
+        self.period_ms * 1000
+    }
+
+    /// Total length of the ranges in microseconds.
+    pub fn total_us(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// The text form [`parse_core_windows`] reads.
+    pub fn render(&self) -> String {
+        let ranges: Vec<String> = self
+            .ranges
+            .iter()
+            .map(|(s, l)| format!("{s}+{l}"))
+            .collect();
+        format!("{}:{}", self.period_ms, ranges.join(","))
+    }
+}
+
+/// Parses a `VGPU_CORE_WINDOWS_<i>` value (see [`CoreWindows`]). Everything is bounded before it is used: the
+/// text's length, each number's digits, the number of ranges, and every range against the period and its
+/// neighbours. Anything else is an error (the shim then treats the limits file as damaged).
+pub fn parse_core_windows(value: &str) -> Result<CoreWindows, ParseError> {
+    const FORM: &str = "expected <period_ms>:<start_us>+<len_us>[,<start_us>+<len_us>...]";
+    let v = value.trim();
+    // 8 ranges of two 7-digit numbers, the separators and a 4-digit period: well under 160 bytes.
+    if v.len() > 160 {
+        return Err(err(value, "compute windows longer than 160 bytes"));
+    }
+    let number = |s: &str, most: usize| -> Result<u64, ParseError> {
+        if s.is_empty() || s.len() > most || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err(value, FORM));
+        }
+        s.parse().map_err(|_| err(value, FORM))
+    };
+    let (period, list) = v.split_once(':').ok_or_else(|| err(value, FORM))?;
+    let period_ms = number(period, 4)?;
+    if !valid_pacing_period(period_ms * 1_000_000) {
+        return Err(err(
+            value,
+            "the windows' period must be from 10 to 5000 milliseconds",
+        ));
+    }
+    let period_us = period_ms * 1000;
+    let mut ranges = Vec::new();
+    let mut end = 0u64;
+    for part in list.split(',') {
+        if ranges.len() == MAX_WINDOW_RANGES {
+            return Err(err(value, "more than 8 compute window ranges"));
+        }
+        let (start, len) = part.split_once('+').ok_or_else(|| err(value, FORM))?;
+        let (start, len) = (number(start, 7)?, number(len, 7)?);
+        if len == 0 {
+            return Err(err(value, "a compute window range of no length"));
+        }
+        if start < end {
+            return Err(err(
+                value,
+                "compute window ranges must be in order and must not overlap",
+            ));
+        }
+        end = start + len;
+        if end > period_us {
+            return Err(err(value, "a compute window range ends after its period"));
+        }
+        ranges.push((start, len));
+    }
+    Ok(CoreWindows { period_ms, ranges })
+}
+
 /// `GPU_CORE_UTILIZATION_POLICY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CorePolicy {
@@ -201,6 +291,86 @@ mod tests {
             assert!(parse_pacing_period(bad).is_err(), "{bad:?}");
         }
         assert!(!valid_pacing_period(0) && !valid_pacing_period(50_000_001));
+    }
+
+    #[test]
+    fn core_windows_forms() {
+        let w = parse_core_windows(" 500:0+150000 ").unwrap();
+        assert_eq!(w.period_ms, 500);
+        assert_eq!(w.ranges, vec![(0, 150_000)]);
+        assert_eq!(w.total_us(), 150_000);
+        let two = parse_core_windows("500:0+100000,300000+50000").unwrap();
+        assert_eq!(two.ranges, vec![(0, 100_000), (300_000, 50_000)]);
+        assert_eq!(parse_core_windows(&two.render()).unwrap(), two);
+        let full = parse_core_windows("50:0+25000,25000+25000").unwrap();
+        assert_eq!(full.total_us(), 50_000, "adjacent ranges fill the period");
+        let eight = (0..8)
+            .map(|i| format!("{}+1000", i * 5000))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            parse_core_windows(&format!("50:{eight}"))
+                .unwrap()
+                .ranges
+                .len(),
+            8
+        );
+    }
+
+    /// What a hostile or damaged file could hold there: every one refused, none panics.
+    #[test]
+    fn core_windows_hostile_text_is_refused() {
+        let nine = (0..9)
+            .map(|i| format!("{}+1000", i * 5000))
+            .collect::<Vec<_>>()
+            .join(",");
+        let long = format!("500:{}", "0".repeat(200));
+        for bad in [
+            "",
+            ":",
+            "500",
+            "500:",
+            "500:0",
+            "500:+5",
+            "500:0+",
+            "500:0+0",
+            "500:-1+5",
+            "500:0+-5",
+            "500:0x10+5",
+            "500: 0+5",
+            "500:0+5,",
+            "500:,0+5",
+            "500:0+5,,10+5",
+            "500:0+5;10+5",
+            "9:0+5",
+            "5001:0+5",
+            "0:0+5",
+            "-500:0+5",
+            "18446744073709551616:0+5",
+            "500:0+18446744073709551615",
+            "500:18446744073709551615+1",
+            "500:9999999+9999999",
+            "500:0+500001",
+            "500:499999+2",
+            "500:400000+100001",
+            "500:0+300000,200000+300000",
+            "500:100000+1000,0+1000",
+            "500:0+1000,0+1000",
+            "500:0+1000,500+1000",
+            "500:0+1000:2000+1000",
+            "500:0+1000+2000",
+            "500:0+1e3",
+            "500:0+１０",
+            &nine,
+            &format!("50:{nine}"),
+            &long,
+        ] {
+            assert!(
+                parse_core_windows(bad).is_err(),
+                "{bad:?} should be refused: {:?}",
+                parse_core_windows(bad)
+            );
+        }
     }
 
     #[test]

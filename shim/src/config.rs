@@ -8,6 +8,7 @@
 //! | no limits file | the environment is the whole contract (HAMi's behaviour off Kubernetes) |
 //! | `/usr/local/vgpu/limits` exists | it is the file; `VGPU_LIMITS_FILE` is ignored |
 //! | file ready | its values are the ceiling: memory and SM share only lowered by the environment, the policy only tightened (disable < default < force), the period only shortened; cache file and card directory are the file's; `CUDA_DISABLE_CONTROL` is ignored |
+//! | file ready with `VGPU_CORE_WINDOWS_<i>` | that device paces in exactly the agent's windows and their period (the environment can neither give, move nor lengthen windows; a lower share keeps their first part); a windows value that does not parse is a damaged file |
 //! | file pending (empty, no state line) | wait up to the pending wait, then refuse every allocation, with a message |
 //! | file revoked | refuse every allocation, context and launch, with the agent's reason |
 //! | file unreadable, damaged, or a value in it unparsable | every allocation is refused, with a message (fail closed) |
@@ -22,7 +23,8 @@ use vgpu_contract::cache_layout::MAX_DEVICES;
 use vgpu_contract::container_dir::{self, LimitsState};
 use vgpu_contract::env;
 use vgpu_contract::limits::{
-    parse_limits_file, parse_memory, parse_pacing_period, parse_sm_limit, CorePolicy,
+    parse_core_windows, parse_limits_file, parse_memory, parse_pacing_period, parse_sm_limit,
+    CorePolicy, CoreWindows,
 };
 
 /// A memory ceiling for one device.
@@ -65,6 +67,12 @@ pub struct Config {
     pub card_dir: PathBuf,
     /// The pacing period this process proposes for its cards (a card keeps the first one recorded).
     pub pacing_period_ns: u64,
+    /// The compute windows the agent placed for each CUDA ordinal of the limits file (`VGPU_CORE_WINDOWS_<i>`;
+    /// never from the environment). A device with windows paces inside exactly them, whatever the card says.
+    pub core_windows: Vec<Option<CoreWindows>>,
+    /// The limits file's `NVIDIA_VISIBLE_DEVICES` (GPU UUIDs in ordinal order), so a device's windows are found
+    /// by its UUID even if the program renumbered its devices (`CUDA_VISIBLE_DEVICES`).
+    pub window_uuids: Vec<String>,
     /// Why allocations are refused wholesale, if they are.
     pub refuse_reason: Option<String>,
     /// Set when the agent revoked the container's slice: contexts and launches are refused too.
@@ -181,6 +189,8 @@ struct FileValues {
     cache_path: Option<PathBuf>,
     card_dir: Option<PathBuf>,
     period_ns: Option<u64>,
+    core_windows: Vec<Option<CoreWindows>>,
+    visible: Vec<String>,
 }
 
 /// The values of a limits file, or why it is damaged. Every value it names must parse: the file is the
@@ -214,6 +224,30 @@ fn file_values(kv: &[(String, String)], msgs: &mut Vec<String>) -> Result<FileVa
     };
     out.cache_path = path(env::SHARED_CACHE)?;
     out.card_dir = path(env::CARD_DIR)?;
+    out.core_windows = vec![None; MAX_DEVICES];
+    for (k, v) in kv {
+        let Some(i) = k.strip_prefix(container_dir::CORE_WINDOWS_PREFIX) else {
+            continue;
+        };
+        let dev = (i.len() <= 2 && i.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| i.parse::<usize>().ok())
+            .flatten()
+            .filter(|&d| d < MAX_DEVICES)
+            .ok_or_else(|| format!("{k}: not a device ordinal below {MAX_DEVICES}"))?;
+        let w = parse_core_windows(v).map_err(|e| format!("{k}: {e}"))?;
+        // Two lines for one device are a damaged file: no reading of it may pick either.
+        if out.core_windows[dev].replace(w).is_some() {
+            return Err(format!("{k} appears more than once"));
+        }
+    }
+    out.visible = last(env::NVIDIA_VISIBLE_DEVICES)
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(out)
 }
 
@@ -343,6 +377,8 @@ pub fn resolve(get: &dyn Fn(&str) -> Option<String>, file: LimitsFile) -> (Confi
             cache_path: env_cache,
             card_dir: env_card_dir.unwrap_or_else(|| PathBuf::from(env::DEFAULT_CARD_DIR)),
             pacing_period_ns: env_period.unwrap_or(default_period),
+            core_windows: vec![None; MAX_DEVICES],
+            window_uuids: Vec::new(),
             refuse_reason: None,
             revoked: None,
         },
@@ -407,6 +443,20 @@ pub fn resolve(get: &dyn Fn(&str) -> Option<String>, file: LimitsFile) -> (Confi
             }
             let file_period = f.period_ns.unwrap_or(default_period);
             let pacing_period_ns = env_period.map_or(file_period, |e| e.min(file_period));
+            let core_windows = if refuse_reason.is_some() {
+                vec![None; MAX_DEVICES]
+            } else {
+                f.core_windows
+            };
+            if let Some(w) = core_windows.iter().flatten().next() {
+                if env_period.is_some_and(|e| e != w.period_ms * 1_000_000) {
+                    msgs.push(format!(
+                        "{} is ignored on devices the node's agent placed windows for ({} ms periods)",
+                        env::PACING_PERIOD_MS,
+                        w.period_ms
+                    ));
+                }
+            }
             Config {
                 memory,
                 sm_limit,
@@ -415,6 +465,8 @@ pub fn resolve(get: &dyn Fn(&str) -> Option<String>, file: LimitsFile) -> (Confi
                 cache_path: Some(cache_path),
                 card_dir,
                 pacing_period_ns,
+                core_windows,
+                window_uuids: f.visible,
                 refuse_reason,
                 revoked,
             }
@@ -491,6 +543,17 @@ fn pending_wait(get: &dyn Fn(&str) -> Option<String>) -> Duration {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(most, |v| v.min(most));
     Duration::from_millis(ms)
+}
+
+impl Config {
+    /// The agent's windows for CUDA device `dev` whose UUID is `uuid`: found by the UUID in the limits file's
+    /// device list when it is there, else by the ordinal. None: pace by the card file as before.
+    pub fn windows_for(&self, dev: usize, uuid: Option<&str>) -> Option<&CoreWindows> {
+        let i = uuid
+            .and_then(|u| self.window_uuids.iter().position(|w| w == u))
+            .unwrap_or(dev);
+        self.core_windows.get(i).and_then(Option::as_ref)
+    }
 }
 
 /// The config of this process, from its real environment and limits file.
@@ -628,11 +691,45 @@ mod tests {
             "VGPU_PACING_PERIOD_MS=1",
             "VGPU_CARD_DIR=relative/dir",
             "VGPU_LIMITS_STATE=maybe",
+            "VGPU_CORE_WINDOWS_0=500:0+600000",
+            "VGPU_CORE_WINDOWS_0=500:0+1000,0+1000",
+            "VGPU_CORE_WINDOWS_16=500:0+1000",
+            "VGPU_CORE_WINDOWS_x=500:0+1000",
+            "VGPU_CORE_WINDOWS_0=500:0+1000\nVGPU_CORE_WINDOWS_0=500:1000+1000",
         ] {
             let (c, m) = run(&[], Some(Ok(bad)));
             assert!(c.memory.iter().all(|l| *l == MemLimit::Refuse), "{bad}");
             assert!(m[0].contains("damaged"), "{bad}: {m:?}");
         }
+    }
+
+    #[test]
+    fn compute_windows_come_from_the_file_only() {
+        let f = "NVIDIA_VISIBLE_DEVICES=GPU-a,GPU-b\nCUDA_DEVICE_SM_LIMIT=30\n\
+                 VGPU_CORE_WINDOWS_0=500:0+150000\nVGPU_CORE_WINDOWS_1=500:100000+50000,300000+100000";
+        let (c, m) = run(&[("VGPU_PACING_PERIOD_MS", "50")], Some(Ok(f)));
+        let w0 = c.windows_for(0, Some("GPU-a")).unwrap();
+        assert_eq!((w0.period_ms, w0.ranges.clone()), (500, vec![(0, 150_000)]));
+        assert_eq!(
+            c.windows_for(0, Some("GPU-b")).unwrap().ranges.len(),
+            2,
+            "found by UUID whatever the ordinal"
+        );
+        assert_eq!(c.windows_for(1, None).unwrap().ranges.len(), 2);
+        assert!(c.windows_for(2, None).is_none());
+        assert!(
+            m.iter()
+                .any(|x| x.contains("VGPU_PACING_PERIOD_MS is ignored")),
+            "{m:?}"
+        );
+        // The environment can neither give nor move windows.
+        let (c, _) = run(
+            &[("VGPU_CORE_WINDOWS_0", "500:0+400000")],
+            Some(Ok("CUDA_DEVICE_SM_LIMIT=30")),
+        );
+        assert!(c.windows_for(0, None).is_none());
+        let (c, _) = run(&[("VGPU_CORE_WINDOWS_0", "500:0+400000")], None);
+        assert!(c.windows_for(0, None).is_none());
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct NodeConfig {
     pub device_split_count: u32,
     pub device_memory_scaling: f64,
     pub device_core_scaling: f64,
+    /// vgpu's own: the period (ms) of every card in which the agent places compute windows (10 to 5000).
+    pub pacing_period_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -26,6 +28,7 @@ impl Default for NodeConfig {
             device_split_count: 10,
             device_memory_scaling: 1.0,
             device_core_scaling: 1.0,
+            pacing_period_ms: vgpu_contract::env::DEFAULT_PACING_PERIOD_MS,
         }
     }
 }
@@ -47,6 +50,7 @@ struct File {
     device_split_count: Option<u32>,
     device_memory_scaling: Option<f64>,
     device_core_scaling: Option<f64>,
+    pacing_period_ms: Option<u64>,
     nvidia: Option<Knobs>,
 }
 
@@ -66,7 +70,7 @@ impl NodeConfig {
         }
         let f: File = serde_yaml::from_str(text).context(
             "not the expected YAML (keys: deviceSplitCount, deviceMemoryScaling, deviceCoreScaling, \
-             at the top level or under nvidia:)",
+             at the top level or under nvidia:; pacingPeriodMs at the top level)",
         )?;
         let n = f.nvidia.unwrap_or_default();
         let d = Self::default();
@@ -83,7 +87,15 @@ impl NodeConfig {
                 .device_core_scaling
                 .or(n.device_core_scaling)
                 .unwrap_or(d.device_core_scaling),
+            pacing_period_ms: f.pacing_period_ms.unwrap_or(d.pacing_period_ms),
         };
+        if !vgpu_contract::limits::valid_pacing_period(c.pacing_period_ms.saturating_mul(1_000_000))
+        {
+            bail!(
+                "pacingPeriodMs is {}: it must be from 10 to 5000 milliseconds",
+                c.pacing_period_ms
+            );
+        }
         if c.device_split_count == 0 {
             bail!("deviceSplitCount is 0: a card needs at least one slot (HAMi's default is 10)");
         }
@@ -156,5 +168,12 @@ mod tests {
         );
         assert!(e.contains("deviceSplitcount"), "misspelt key named: {e}");
         assert!(NodeConfig::parse("deviceSplitCount: many").is_err());
+        assert!(NodeConfig::parse("pacingPeriodMs: 5").is_err());
+        assert_eq!(
+            NodeConfig::parse("pacingPeriodMs: 50")
+                .unwrap()
+                .pacing_period_ms,
+            50
+        );
     }
 }

@@ -336,11 +336,9 @@ async fn confirmed(node: &Arc<Node>, p: Pending) {
         name: c.name.clone(),
         container: c.container.clone(),
     };
-    if let Err(e) = p
-        .dir
-        .write_owner(&owner)
-        .and_then(|_| p.dir.ready(&p.lines))
-    {
+    // Compute windows placed by the agent (issue 16): the one call into `windows`.
+    let lines = super::windows::with_windows(node, &p.dir, &c.devices, &p.lines);
+    if let Err(e) = p.dir.write_owner(&owner).and_then(|_| p.dir.ready(&lines)) {
         tracing::error!(
             "{label}: writing its limits file: {e}: the container stays capped at nothing"
         );

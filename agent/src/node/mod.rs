@@ -12,6 +12,7 @@
 //!   and the container bound to its cgroup.
 //! - [`bind`]: what the ledger is told about a confirmed container.
 //! - [`recover`]: a restarted agent confirms again what it had answered; directories of gone pods removed.
+//! - [`windows`]: where each container's compute windows lie on its cards (written into its limits file).
 
 pub mod allocate;
 pub mod bind;
@@ -23,6 +24,7 @@ pub mod pods;
 pub mod recover;
 pub mod registration;
 pub mod unix;
+pub mod windows;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -93,6 +95,8 @@ pub struct Node {
     pub binder: Arc<dyn bind::ContainerBinder>,
     pub pod_resources: PathBuf,
     pub timing: Timing,
+    /// Where each container's compute windows lie on its cards.
+    pub windows: windows::WindowBook,
     /// (pod UID, container index) served by this agent: the reflector may not yet show the patch that
     /// emptied their entry, and a container must not be served twice.
     served: Mutex<HashSet<(String, usize)>>,
@@ -155,6 +159,7 @@ impl Node {
             binder: p.binder,
             pod_resources: p.pod_resources,
             timing: p.timing,
+            windows: windows::WindowBook::new(p.config.pacing_period_ms),
             served: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             allocating: tokio::sync::Mutex::new(()),

@@ -60,6 +60,11 @@ fn owner_of(dir: &Path) -> Option<(String, String)> {
 
 /// Confirms again every container directory that is not revoked (run once the pod reflector is ready).
 pub fn resume(node: &Arc<Node>) {
+    // Windows first: a container confirmed again keeps the ones its running processes pace by.
+    let n = node.windows.recover_dir(&node.paths.containers_dir);
+    if n > 0 {
+        tracing::info!("took back the compute windows of {n} container(s) from their limits files");
+    }
     let Ok(rd) = std::fs::read_dir(&node.paths.containers_dir) else {
         return;
     };
@@ -125,6 +130,7 @@ pub fn resume(node: &Arc<Node>) {
 /// Removes the directories of pods that are not on this node any more and have not been touched for
 /// [`STALE_AFTER`]. Returns the names removed.
 pub fn sweep(node: &Node, now: SystemTime) -> Vec<String> {
+    super::windows::release_gone(node);
     let rd = std::fs::read_dir(&node.paths.containers_dir);
     let live: std::collections::HashSet<String> = node
         .pods

@@ -170,6 +170,7 @@ mod tests {
             device_split_count: 4,
             device_memory_scaling: 2.0,
             device_core_scaling: 1.5,
+            ..NodeConfig::default()
         };
         assert_eq!(
             register::encode(&inventory(&cards, &cfg)),

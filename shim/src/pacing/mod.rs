@@ -2,8 +2,11 @@
 //!
 //! The control loop: a monitor thread (started on the first launch of a process whose slice has an SM limit)
 //! keeps the container's card entry alive, reads the card every [`TICK_NS`] ([`peers`]: a copy, and only what
-//! cannot hurt this slice) and publishes for each device a plan word ("free", or the period and the window's
-//! offset and length in it). Between ticks it wakes at each window edge and opens or closes the device's gate. A
+//! cannot hurt this slice) and publishes for each device a plan: "free", or the period and the ranges of it
+//! where launches may run (one range placed from the card file, or up to eight the node's agent placed in the
+//! container's limits file). The plan's words are published under a sequence counter (its one writer is the
+//! monitor; a reader that meets a change in progress reads again), so reading a plan takes no lock and no
+//! system call. Between ticks it wakes at each window edge and opens or closes the device's gate. A
 //! launch reads the gate: open, it goes straight to the driver; closed, it sleeps until the window opens. When no
 //! thread can be started, launches are still held: each reads the clock, and the launching threads take turns
 //! doing the monitor's work.
@@ -23,13 +26,13 @@
 //! the clock only while its window is closed.
 
 use crate::process::{self, now_ns};
-use crate::window::{self, Plan};
+use crate::window::{self, Plan, Windows};
 use crate::{cuda::*, log};
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::sync::Mutex;
 use vgpu_contract::cache_layout::MAX_DEVICES;
 use vgpu_contract::card_layout::Entry;
-use vgpu_contract::limits::CorePolicy;
+use vgpu_contract::limits::{CorePolicy, MAX_WINDOW_RANGES};
 
 pub mod peers;
 use peers::Membership;
@@ -66,18 +69,22 @@ static STATE: AtomicU8 = AtomicU8::new(UNDECIDED);
 /// 1 when the process sees one device, so the launch path needs no driver call to know it.
 static SINGLE_DEVICE: AtomicU8 = AtomicU8::new(0);
 
-/// Plan word: 0 = free; else WINDOWED | period_ms << 48 | offset_us << 24 | len_us (len_us may be 0: nothing
-/// this period). The period travels in the word so a launch needs nothing else to place itself; 15 bits of
-/// milliseconds and 24 of microseconds hold the longest period the contract allows (5 s).
+/// Plan word: FREE, or WINDOWED with the period and ranges in the device's sequenced words ([`publish`],
+/// [`load`]).
 const FREE: u64 = 0;
-const WINDOWED: u64 = 1 << 63;
-const US_MASK: u64 = (1 << 24) - 1;
+const WINDOWED: u64 = 1;
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
 
 struct DevicePace {
     plan: AtomicU64,
+    /// Even while the plan's words are stable, odd while the monitor (their one writer) rewrites them.
+    seq: AtomicU64,
+    period_ns: AtomicU64,
+    ranges_n: AtomicU64,
+    /// offset_us << 32 | len_us of each range (5 s, the longest period, is far below 2^32 µs).
+    ranges: [AtomicU64; MAX_WINDOW_RANGES],
     /// OPEN inside the window (or with no window), CLOSED outside: set by the monitor at each window edge.
     gate: AtomicU8,
     launches: AtomicU64,
@@ -102,6 +109,10 @@ struct DevicePace {
 #[allow(clippy::declare_interior_mutable_const)]
 const DP: DevicePace = DevicePace {
     plan: AtomicU64::new(FREE),
+    seq: AtomicU64::new(0),
+    period_ns: AtomicU64::new(0),
+    ranges_n: AtomicU64::new(0),
+    ranges: [const { AtomicU64::new(0) }; MAX_WINDOW_RANGES],
     gate: AtomicU8::new(OPEN),
     launches: AtomicU64::new(0),
     waiting: AtomicU32::new(0),
@@ -116,64 +127,116 @@ const DP: DevicePace = DevicePace {
 };
 static DEVICES: [DevicePace; MAX_DEVICES] = [DP; MAX_DEVICES];
 
-fn encode(period_ns: u64, offset_ns: u64, len_ns: u64) -> u64 {
-    WINDOWED
-        | ((period_ns / 1_000_000) << 48)
-        | (((offset_ns / 1000) & US_MASK) << 24)
-        | ((len_ns / 1000) & US_MASK)
-}
-
-/// Period, offset and length of the window in ns, from a non-free plan word.
-fn decode(plan: u64) -> (u64, u64, u64) {
-    (
-        ((plan & !WINDOWED) >> 48) * 1_000_000,
-        ((plan >> 24) & US_MASK) * 1000,
-        (plan & US_MASK) * 1000,
-    )
-}
-
-/// Where `now` stands against a window: Ok if inside, else how long until the next one opens.
-fn wait_needed(plan: u64, now: u64) -> Result<(), u64> {
-    if plan == FREE {
-        return Ok(());
+/// Publishes `plan` (None: free) for `d`. Only the monitor writes a plan (or, with no monitor thread, the
+/// launching thread that holds the inline monitor's lock), so there is one writer at a time.
+fn publish(d: &DevicePace, plan: Option<&Windows>) {
+    let s = d.seq.load(Relaxed);
+    d.seq.store(s + 1, Relaxed);
+    fence(Release);
+    if let Some(w) = plan {
+        d.period_ns.store(w.period_ns, Relaxed);
+        d.ranges_n.store(w.n as u64, Relaxed);
+        for (a, r) in d.ranges.iter().zip(w.ranges) {
+            a.store(
+                (r.0 / 1000) << 32 | (r.1 / 1000).min(u32::MAX as u64),
+                Relaxed,
+            );
+        }
     }
-    let (period, off, len) = decode(plan);
+    d.plan
+        .store(if plan.is_some() { WINDOWED } else { FREE }, Relaxed);
+    d.seq.store(s + 2, Release);
+}
+
+/// The plan of `d` as last published (None: free). No lock, no system call: a read that overlapped a publish
+/// is made again.
+fn load(d: &DevicePace) -> Option<Windows> {
+    let mut tries = 0u32;
+    loop {
+        let s1 = d.seq.load(Acquire);
+        if s1 & 1 == 0 {
+            let plan = d.plan.load(Relaxed);
+            let period_ns = d.period_ns.load(Relaxed);
+            let n = d.ranges_n.load(Relaxed) as usize;
+            let mut ranges = [(0, 0); MAX_WINDOW_RANGES];
+            for (r, a) in ranges.iter_mut().zip(&d.ranges) {
+                let v = a.load(Relaxed);
+                *r = ((v >> 32) * 1000, (v & u32::MAX as u64) * 1000);
+            }
+            fence(Acquire);
+            if d.seq.load(Relaxed) == s1 {
+                return (plan != FREE && period_ns > 0).then_some(Windows {
+                    period_ns,
+                    n: n.clamp(1, MAX_WINDOW_RANGES),
+                    ranges,
+                });
+            }
+        }
+        tries += 1;
+        if tries < 64 {
+            std::hint::spin_loop();
+        } else {
+            // The writer was preempted mid-publish (a few words): let it finish.
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Where `now` stands against the windows: inside one (Ok: that range's end), or how long until the next one
+/// opens (Err).
+fn locate(w: &Windows, now: u64) -> Result<u64, u64> {
+    let period = w.period_ns;
     let pos = now % period;
-    if pos >= off && pos < off + len {
-        Ok(())
-    } else if pos < off {
-        Err(off - pos)
-    } else {
-        Err(period - pos + off)
+    let period_start = now - pos;
+    let mut first = None;
+    for &(off, len) in w.used() {
+        if len == 0 {
+            continue;
+        }
+        first.get_or_insert(off);
+        if pos < off {
+            return Err(off - pos);
+        }
+        if pos < off + len {
+            return Ok(period_start + off + len);
+        }
+    }
+    Err(period - pos + first.unwrap_or(0))
+}
+
+/// Where `now` stands against a plan: Ok if inside a window (or free), else how long until the next one opens.
+fn wait_needed(plan: Option<&Windows>, now: u64) -> Result<(), u64> {
+    match plan {
+        None => Ok(()),
+        Some(w) => locate(w, now).map(|_| ()),
     }
 }
 
-/// The end of the latest window of a windowed `plan` that is over at `now`: this period's, or the previous
-/// period's while this one's has not begun. A window that ends with its period is followed by holds at the
+/// The end of the latest window of `w` that is over at `now`: in this period, or the previous period's last
+/// while none of this one's has ended. A window that ends with its period is followed by holds at the
 /// start of the next one, before its own window: its overrun is measured then (once read only after the window,
 /// within its period, it never was, and a slice placed last in the period ran half again over its share).
-fn latest_window_end(plan: u64, now: u64) -> u64 {
-    let (period, off, len) = decode(plan);
-    let period_start = now - now % period;
-    if now - period_start >= off + len {
-        period_start + off + len
-    } else {
-        (period_start + off + len).saturating_sub(period)
+fn latest_window_end(w: &Windows, now: u64) -> u64 {
+    let period = w.period_ns;
+    let pos = now % period;
+    let period_start = now - pos;
+    let ends = || w.used().iter().map(|r| r.0 + r.1);
+    match ends().filter(|&e| e <= pos).max() {
+        Some(e) => period_start + e,
+        None => (period_start + ends().max().unwrap_or(0)).saturating_sub(period),
     }
 }
 
 /// Whether the gate should be open at `now`, and when it next changes (None: never, as things stand).
-fn gate_at(plan: u64, now: u64) -> (bool, Option<u64>) {
-    if plan == FREE {
+fn gate_at(plan: Option<&Windows>, now: u64) -> (bool, Option<u64>) {
+    let Some(w) = plan else {
         return (true, None);
-    }
-    let (period, off, len) = decode(plan);
-    if len == 0 {
+    };
+    if w.len_ns() == 0 {
         return (false, None);
     }
-    let period_start = now - now % period;
-    match wait_needed(plan, now) {
-        Ok(()) => (true, Some(period_start + off + len)),
+    match locate(w, now) {
+        Ok(end) => (true, Some(end)),
         Err(ns) => (false, Some(now + ns)),
     }
 }
@@ -206,7 +269,7 @@ pub fn before_launch(drv: &'static dyn Driver, stream: usize) {
     d.launches.fetch_add(1, Relaxed);
     if state == INLINE {
         inline_tick(now_ns());
-        let open = wait_needed(d.plan.load(Relaxed), now_ns()).is_ok();
+        let open = wait_needed(load(d).as_ref(), now_ns()).is_ok();
         d.gate.store(if open { OPEN } else { CLOSED }, Relaxed);
     }
     if d.gate.load(Relaxed) == CLOSED && !drv.capturing(stream) {
@@ -233,7 +296,7 @@ pub fn observe_sync(drv: &dyn Driver, call: impl FnOnce() -> CUresult) -> CUresu
     // Without a monitor thread no one moves the gate at the window's edges: read the clock instead.
     let closed = || {
         if state == INLINE {
-            wait_needed(d.plan.load(Relaxed), now_ns()).is_err()
+            wait_needed(load(d).as_ref(), now_ns()).is_err()
         } else {
             d.gate.load(Relaxed) == CLOSED
         }
@@ -281,15 +344,15 @@ fn overrun_since(drv: &dyn Driver, end: u64, cap: u64) -> u64 {
 #[cold]
 fn hold(drv: &dyn Driver, d: &DevicePace) {
     let start = now_ns();
-    let plan = d.plan.load(Relaxed);
-    if wait_needed(plan, start).is_ok() {
+    let plan = load(d);
+    if wait_needed(plan.as_ref(), start).is_ok() {
         return; // the window has just opened and the monitor has not opened the gate yet
     }
     d.waiting.fetch_add(1, SeqCst);
     // Right after our window closed: measure the overrun once per window, to pay it from the next ones.
-    if plan != FREE {
-        let (period, _, _) = decode(plan);
-        let end = latest_window_end(plan, start);
+    if let Some(w) = &plan {
+        let period = w.period_ns;
+        let end = latest_window_end(w, start);
         if end > 0 && d.drained_for.swap(end, SeqCst) != end {
             // A process that ran free until its first plan (its start, or a neighbour's arrival under
             // `default`) owes only what ran past that moment, not everything since the window it never had.
@@ -318,7 +381,7 @@ fn hold(drv: &dyn Driver, d: &DevicePace) {
             // No monitor thread: the held thread keeps the plan current itself while it waits.
             inline_tick(now);
         }
-        match wait_needed(d.plan.load(Relaxed), now) {
+        match wait_needed(load(d).as_ref(), now) {
             Ok(()) => break,
             Err(ns) => sleep_until(now + ns.min(TICK_NS)),
         }
@@ -434,6 +497,11 @@ struct Device {
     last_period: u64,
     /// When a process of this container last launched or waited here (what its entry announces).
     last_active: u64,
+    /// The windows the node's agent placed for this device (the limits file): when set, the card decides
+    /// nothing about where this slice runs.
+    agent: Option<Windows>,
+    /// The plan last published (so an unchanged plan is not written again).
+    published: Option<Option<Windows>>,
 }
 
 /// The control loop's state: one per process, owned by the monitor thread (or shared by launching threads).
@@ -467,7 +535,7 @@ impl Monitor {
             if launches == 0 && !waiting {
                 continue;
             }
-            let entry = |last_active_ns: u64| Entry {
+            let entry = |last_active_ns: u64, period_ns: u64| Entry {
                 index: 0,
                 key,
                 share,
@@ -475,16 +543,32 @@ impl Monitor {
                 last_active_ns,
                 launches: 0,
                 throttled_ns: 0,
-                period_ns: own_period,
+                period_ns,
             };
             let dv = self.devices[dev].get_or_insert_with(|| {
-                let uuid = self.drv.uuid(dev).unwrap_or_else(|| format!("dev{dev}"));
+                let uuid = self.drv.uuid(dev);
+                let agent = p
+                    .cfg
+                    .windows_for(dev, uuid.as_deref())
+                    .map(Windows::from_agent);
+                if let Some(w) = &agent {
+                    log::info(&format!(
+                        "device {dev}: pacing in the windows the node's agent placed ({} ms in {} range(s) of each {} ms period); the card file does not move them",
+                        w.len_ns() / 1_000_000,
+                        w.n,
+                        w.period_ns / 1_000_000
+                    ));
+                }
+                let uuid = uuid.unwrap_or_else(|| format!("dev{dev}"));
+                let period = agent.map_or(own_period, |w| w.period_ns);
                 Device {
-                    card: Membership::join(&p.cfg.card_dir, &uuid, entry(now), now),
+                    card: Membership::join(&p.cfg.card_dir, &uuid, entry(now, period), now),
                     last_launches: 0,
                     last_throttled: 0,
-                    last_period: own_period,
+                    last_period: period,
                     last_active: now,
+                    agent,
+                    published: None,
                 }
             });
             let throttled = d.throttled_ns.load(Relaxed);
@@ -496,41 +580,74 @@ impl Monitor {
             }
             dv.last_launches = launches;
             dv.last_throttled = throttled;
+            let asked = dv.agent.map_or(own_period, |w| w.period_ns);
+            if dv.agent.is_some() {
+                dv.card.rejoin(entry(dv.last_active, asked), now);
+            }
             let view = dv.card.refresh(
                 Entry {
                     launches,
                     throttled_ns: throttled,
-                    ..entry(dv.last_active)
+                    ..entry(dv.last_active, asked)
                 },
                 now,
             );
-            let period = peers::period(own_period, &view.peers);
-            if period != dv.last_period {
-                log::info(&format!(
-                    "device {dev}: pacing in periods of {} ms, the shortest a slice on the card asks for (this process asked for {} ms)",
-                    period / 1_000_000,
-                    own_period / 1_000_000
-                ));
-                dv.last_period = period;
-            }
-            let plan = match window::plan(&view.peers, view.me, share, p.cfg.policy, now, period) {
-                Plan::Free => FREE,
-                Plan::Window { offset_ns, len_ns } => {
-                    // The debt is the container's, in its own cache file (which no other tenant can reach),
-                    // never in the card.
-                    let end = d.overrun_end.swap(0, SeqCst);
-                    if end != 0 {
-                        p.region
-                            .report_overrun(dev, end, d.overrun_ns.load(SeqCst), period);
+            let (period, plan) = match &dv.agent {
+                // The agent's windows: the card only says whether another slice is active.
+                Some(aw) => {
+                    let card = &dv.card;
+                    (
+                        aw.period_ns,
+                        window::plan_agent(&view.peers, aw, share, p.cfg.policy, now, || {
+                            card.crowded()
+                        }),
+                    )
+                }
+                None => {
+                    let period = peers::period(own_period, &view.peers);
+                    if period != dv.last_period {
+                        log::info(&format!(
+                            "device {dev}: pacing in periods of {} ms, the shortest a slice on the card asks for (this process asked for {} ms)",
+                            period / 1_000_000,
+                            own_period / 1_000_000
+                        ));
+                        dv.last_period = period;
                     }
-                    let paid = p.region.pay_debt(dev, now / period, len_ns);
-                    encode(period, offset_ns, len_ns.saturating_sub(paid))
+                    let plan = match window::plan(
+                        &view.peers,
+                        view.me,
+                        share,
+                        p.cfg.policy,
+                        now,
+                        period,
+                    ) {
+                        Plan::Free => None,
+                        Plan::Window { offset_ns, len_ns } => {
+                            Some(Windows::one(period, offset_ns, len_ns))
+                        }
+                    };
+                    (period, plan)
                 }
             };
-            if plan != FREE && d.plan.load(Relaxed) == FREE {
+            let plan = plan.map(|w| {
+                // The debt is the container's, in its own cache file (which no other tenant can reach),
+                // never in the card.
+                let end = d.overrun_end.swap(0, SeqCst);
+                if end != 0 {
+                    p.region
+                        .report_overrun(dev, end, d.overrun_ns.load(SeqCst), period);
+                }
+                let len = w.len_ns();
+                let paid = p.region.pay_debt(dev, now / period, len);
+                w.truncated(len.saturating_sub(paid))
+            });
+            if plan.is_some() && d.plan.load(Relaxed) == FREE {
                 d.windowed_since.store(now, SeqCst);
             }
-            d.plan.store(plan, Relaxed);
+            if dv.published != Some(plan) {
+                publish(d, plan.as_ref());
+                dv.published = Some(plan);
+            }
         }
     }
 }
@@ -552,7 +669,11 @@ fn monitor_thread(drv: &'static dyn Driver, ctx: usize) {
         }
         let mut wake = m.next_tick;
         for d in &DEVICES {
-            let (open, edge) = gate_at(d.plan.load(Relaxed), now);
+            let (open, edge) = if d.plan.load(Relaxed) == FREE {
+                (true, None)
+            } else {
+                gate_at(load(d).as_ref(), now)
+            };
             d.gate.store(if open { OPEN } else { CLOSED }, Relaxed);
             if let Some(t) = edge {
                 wake = wake.min(t);
@@ -586,6 +707,8 @@ pub fn forked_child() {
     STATE.store(UNDECIDED, Relaxed);
     INLINE_MONITOR.store(std::ptr::null_mut(), SeqCst);
     for d in &DEVICES {
+        // A fork taken while the monitor was publishing must not leave the child a change in progress.
+        d.seq.store(0, Relaxed);
         d.plan.store(FREE, Relaxed);
         d.gate.store(OPEN, Relaxed);
         d.launches.store(0, Relaxed);
@@ -601,25 +724,31 @@ mod tests {
     const MS: u64 = 1_000_000;
     const PERIOD_NS: u64 = 50 * MS;
 
+    fn one(period: u64, off: u64, len: u64) -> Windows {
+        Windows::one(period, off, len)
+    }
+
     #[test]
     fn inside_and_outside_the_window() {
-        let plan = encode(PERIOD_NS, 10 * MS, 15 * MS);
+        let plan = one(PERIOD_NS, 10 * MS, 15 * MS);
+        let plan = Some(&plan);
         assert_eq!(wait_needed(plan, 5 * PERIOD_NS + 12 * MS), Ok(()));
         assert_eq!(wait_needed(plan, 5 * PERIOD_NS + 2 * MS), Err(8 * MS));
         assert_eq!(
             wait_needed(plan, 5 * PERIOD_NS + 30 * MS),
             Err(PERIOD_NS - 30 * MS + 10 * MS)
         );
-        assert_eq!(wait_needed(FREE, 1), Ok(()));
+        assert_eq!(wait_needed(None, 1), Ok(()));
         assert!(
-            wait_needed(encode(PERIOD_NS, 0, 0), 3).is_err(),
+            wait_needed(Some(&one(PERIOD_NS, 0, 0)), 3).is_err(),
             "an empty window holds everything"
         );
     }
 
     #[test]
     fn the_gate_changes_at_the_window_edges() {
-        let plan = encode(PERIOD_NS, 10 * MS, 15 * MS);
+        let plan = one(PERIOD_NS, 10 * MS, 15 * MS);
+        let plan = Some(&plan);
         let p0 = 7 * PERIOD_NS;
         assert_eq!(gate_at(plan, p0 + 2 * MS), (false, Some(p0 + 10 * MS)));
         assert_eq!(gate_at(plan, p0 + 10 * MS), (true, Some(p0 + 25 * MS)));
@@ -629,43 +758,112 @@ mod tests {
             (false, Some(p0 + PERIOD_NS + 10 * MS)),
             "closed at its end, until the next period's window"
         );
-        assert_eq!(gate_at(FREE, p0), (true, None));
-        assert_eq!(gate_at(encode(PERIOD_NS, 0, 0), p0), (false, None));
+        assert_eq!(gate_at(None, p0), (true, None));
+        assert_eq!(gate_at(Some(&one(PERIOD_NS, 0, 0)), p0), (false, None));
+    }
+
+    #[test]
+    fn several_ranges_open_and_close_the_gate_each() {
+        let w = Windows::from_agent(&vgpu_contract::limits::CoreWindows {
+            period_ms: 50,
+            ranges: vec![(5_000, 5_000), (20_000, 10_000), (45_000, 5_000)],
+        });
+        let ws = w;
+        let w = Some(&ws);
+        let p0 = 3 * PERIOD_NS;
+        assert_eq!(gate_at(w, p0 + MS), (false, Some(p0 + 5 * MS)));
+        assert_eq!(gate_at(w, p0 + 6 * MS), (true, Some(p0 + 10 * MS)));
+        assert_eq!(gate_at(w, p0 + 10 * MS), (false, Some(p0 + 20 * MS)));
+        assert_eq!(gate_at(w, p0 + 29 * MS), (true, Some(p0 + 30 * MS)));
+        assert_eq!(gate_at(w, p0 + 31 * MS), (false, Some(p0 + 45 * MS)));
+        assert_eq!(gate_at(w, p0 + 46 * MS), (true, Some(p0 + 50 * MS)));
+        assert_eq!(wait_needed(w, p0 + 12 * MS), Err(8 * MS));
+        assert_eq!(latest_window_end(&ws, p0 + 12 * MS), p0 + 10 * MS);
+        assert_eq!(latest_window_end(&ws, p0 + 40 * MS), p0 + 30 * MS);
+        assert_eq!(
+            latest_window_end(&ws, p0 + 2 * MS),
+            p0,
+            "the previous period's last range"
+        );
+    }
+
+    #[test]
+    fn a_published_plan_reads_back_whole() {
+        let d = DP;
+        assert_eq!(load(&d), None);
+        let w = Windows::from_agent(&vgpu_contract::limits::CoreWindows {
+            period_ms: 500,
+            ranges: vec![(0, 100_000), (300_000, 50_000)],
+        });
+        publish(&d, Some(&w));
+        assert_eq!(load(&d), Some(w));
+        assert_eq!(d.seq.load(Relaxed) % 2, 0);
+        publish(&d, None);
+        assert_eq!(load(&d), None);
+        let big = one(5000 * MS, 3500 * MS, 1499 * MS);
+        publish(&d, Some(&big));
+        assert_eq!(load(&d), Some(big), "the longest period fits the words");
+    }
+
+    /// A reader racing the writer never sees a mix of two plans.
+    #[test]
+    fn a_plan_read_during_a_publish_is_never_torn() {
+        static D: DevicePace = DP;
+        let a = one(50 * MS, 0, 15 * MS);
+        let b = Windows::from_agent(&vgpu_contract::limits::CoreWindows {
+            period_ms: 500,
+            ranges: (0..8).map(|i| (i * 60_000, 10_000)).collect(),
+        });
+        publish(&D, Some(&a));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(Relaxed) {
+                publish(&D, Some(if i.is_multiple_of(2) { &b } else { &a }));
+                i += 1;
+            }
+        });
+        for _ in 0..200_000 {
+            let got = load(&D).unwrap();
+            assert!(got == a || got == b, "{got:?}");
+        }
+        stop.store(true, Relaxed);
+        writer.join().unwrap();
     }
 
     #[test]
     fn the_latest_window_end_is_found_across_the_period_boundary() {
         let p0 = 7 * PERIOD_NS;
-        let first = encode(PERIOD_NS, 0, 15 * MS);
-        assert_eq!(latest_window_end(first, p0 + 20 * MS), p0 + 15 * MS);
-        let last = encode(PERIOD_NS, 35 * MS, 15 * MS);
+        let first = one(PERIOD_NS, 0, 15 * MS);
+        assert_eq!(latest_window_end(&first, p0 + 20 * MS), p0 + 15 * MS);
+        let last = one(PERIOD_NS, 35 * MS, 15 * MS);
         assert_eq!(
-            latest_window_end(last, p0 + 2 * MS),
+            latest_window_end(&last, p0 + 2 * MS),
             p0,
             "held at the start of the next period: the window that just ended"
         );
-        let middle = encode(PERIOD_NS, 10 * MS, 15 * MS);
+        let middle = one(PERIOD_NS, 10 * MS, 15 * MS);
         assert_eq!(
-            latest_window_end(middle, p0 + 5 * MS),
+            latest_window_end(&middle, p0 + 5 * MS),
             p0 - PERIOD_NS + 25 * MS
         );
-        assert_eq!(latest_window_end(middle, p0 + 30 * MS), p0 + 25 * MS);
-        let empty = encode(PERIOD_NS, 10 * MS, 0);
+        assert_eq!(latest_window_end(&middle, p0 + 30 * MS), p0 + 25 * MS);
+        let empty = one(PERIOD_NS, 10 * MS, 0);
         assert_eq!(
-            latest_window_end(empty, p0 + 12 * MS),
+            latest_window_end(&empty, p0 + 12 * MS),
             p0 + 10 * MS,
             "an empty window too"
         );
     }
 
     #[test]
-    fn the_longest_period_fits_the_plan_word() {
+    fn the_longest_period_fits_the_plan() {
         let p = 5000 * MS;
-        let plan = encode(p, 3500 * MS, 1499 * MS);
-        assert_eq!(decode(plan), (p, 3500 * MS, 1499 * MS));
-        assert_eq!(wait_needed(plan, 2 * p + 100 * MS), Err(3400 * MS));
+        let plan = one(p, 3500 * MS, 1499 * MS);
+        assert_eq!(wait_needed(Some(&plan), 2 * p + 100 * MS), Err(3400 * MS));
         assert_eq!(
-            gate_at(plan, 2 * p + 4000 * MS),
+            gate_at(Some(&plan), 2 * p + 4000 * MS),
             (true, Some(2 * p + 4999 * MS))
         );
     }

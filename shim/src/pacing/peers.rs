@@ -10,7 +10,7 @@
 
 use crate::log;
 use std::path::{Path, PathBuf};
-use vgpu_contract::card_layout::{CardFile, Entry};
+use vgpu_contract::card_layout::{CardFile, Entry, ENTRIES};
 use vgpu_contract::limits::{valid_pacing_period, CorePolicy};
 
 /// Activity stamped this far past our own clock is not a clock's jitter but a claim: the entry is ignored.
@@ -121,6 +121,7 @@ pub struct Membership {
     /// the period on top of one another.
     last_good: View,
     next_retry: u64,
+    next_rejoin: u64,
 }
 
 impl Membership {
@@ -138,6 +139,7 @@ impl Membership {
             lie_reported: false,
             last_good: View::default(),
             next_retry: now_ns + RETRY_NS,
+            next_rejoin: now_ns + RETRY_NS,
         };
         m.open(mine);
         m
@@ -180,6 +182,36 @@ impl Membership {
                 })
                 .collect(),
             me: self.last_good.me,
+        }
+    }
+
+    /// With no entry (the table was full when this slice came), tries again to claim one, at most every
+    /// [`RETRY_NS`]: once a tenant holding the table lets go, the slice shows itself again. (Used with agent
+    /// windows, where the entry only announces the slice and never places it.)
+    pub fn rejoin(&mut self, mine: Entry, now_ns: u64) {
+        if self.me.is_some() || now_ns < self.next_rejoin {
+            return;
+        }
+        self.next_rejoin = now_ns + RETRY_NS;
+        if let Some(card) = &self.card {
+            self.me = card.join(mine);
+            if let Some(i) = self.me {
+                log::info(&format!(
+                    "card {}: an entry is free again; this container holds entry {i}",
+                    self.uuid
+                ));
+            }
+        }
+    }
+
+    /// Whether a slice on the card could be hidden from this one: this slice has no entry or no usable card,
+    /// or every entry of the table is held by a live process (up to 64 lock queries; asked only by a `default`
+    /// slice that would otherwise run free). An honest card has free entries: the scheduler puts at most
+    /// `deviceSplitCount` slices on it.
+    pub fn crowded(&self) -> bool {
+        match (&self.card, self.me) {
+            (Some(card), Some(me)) => (0..ENTRIES).all(|i| i == me || card.held_by_another(i)),
+            _ => true,
         }
     }
 
