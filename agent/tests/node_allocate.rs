@@ -592,3 +592,50 @@ async fn twenty_pods_bound_at_once_allocate_back_to_back_each_with_its_own_place
         .await;
     }
 }
+
+/// The plugin asks the kubelet for PreStartContainer, and answers it only once the container's answer is
+/// settled: when the kubelet starts the container, its limits file is ready and its pod's annotations say
+/// allocated (HAMi writes them at Allocate; here they wait for the kubelet's record, but never for a poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_start_settles_the_answer_before_the_container_starts() {
+    let rig = Rig::start_polling(
+        "pre-start",
+        vec![card(GPU, 0)],
+        json!({}),
+        |_, _, _| {},
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut plugin = rig.plugin().await;
+    let opts = plugin
+        .get_device_plugin_options(vgpu_kubelet_api::deviceplugin::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(opts.pre_start_required);
+    let mut a = pod("a", "uid-a", "2026-01-01T00:00:00Z", &[1]);
+    seal_placement(&mut a, &dev(GPU, 4000, 30), "100");
+    rig.api.put_pod(a);
+    rig.synced("a").await;
+    let id = format!("{GPU}-1");
+    rig.allocate(&[&id]).await.unwrap();
+    rig.record.assign("a", "c0", &[&id]);
+    assert_eq!(rig.limits("uid-a", "c0"), "", "pending until settled");
+    plugin
+        .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
+            devices_ids: vec![id.clone()],
+        })
+        .await
+        .unwrap();
+    // No waiting: PreStart returned, so it is done.
+    let l = rig.limits("uid-a", "c0");
+    assert!(
+        l.contains("CUDA_DEVICE_MEMORY_LIMIT_0=4000m\n")
+            && l.ends_with("VGPU_LIMITS_STATE=ready\n"),
+        "{l}"
+    );
+    assert_eq!(
+        rig.api.annotation("a", "hami.io/bind-phase").as_deref(),
+        Some("success")
+    );
+}
