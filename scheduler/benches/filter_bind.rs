@@ -160,6 +160,9 @@ fn serve_http(ext: Arc<Extender<InstantApi>>) -> std::net::SocketAddr {
         srv.block_on(async move {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(l.local_addr().unwrap()).unwrap();
+            let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(l, vgpu_scheduler::extender::http::router(ext))
                 .await
                 .unwrap();

@@ -181,6 +181,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.extender_listen))?;
     tracing::info!(addr = %args.extender_listen, "extender listening");
+    // No Nagle delay on small answers (kube-scheduler's Go client sets TCP_NODELAY on its side too).
+    let ext_listener = axum::serve::ListenerExt::tap_io(ext_listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let extender_srv = axum::serve(ext_listener, extender::http::router(ext.clone()));
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
