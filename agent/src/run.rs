@@ -364,6 +364,12 @@ impl crate::node::bind::ContainerBinder for LedgerBinder {
         }
     }
 
+    fn unbind(&self, cgroup: &str) {
+        if let Err(e) = self.0.lock().unwrap().0.unbind(cgroup) {
+            tracing::warn!("could not unbind {cgroup}: {e}");
+        }
+    }
+
     fn unbind_gone(&self, live: &dyn Fn(&str) -> bool) -> Vec<String> {
         self.0.lock().unwrap().0.unbind_allocated_except(live)
     }

@@ -509,6 +509,27 @@ async fn a_two_gpu_container_gets_both_cards_and_is_bound_to_its_cgroup() {
     );
     let pod = b.pod.as_ref().unwrap();
     assert_eq!((pod.name.as_str(), pod.container.as_str()), ("m", "c1"));
+    // The runtime restarts c1: a new container ID, a new cgroup. The ledger follows it.
+    let cid2 = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+    let cg2 = cg.replace(cid, cid2);
+    std::fs::create_dir_all(rig.cgroup_root().join(&cg2)).unwrap();
+    rig.api.set_status(
+        "m",
+        json!({"phase": "Running", "containerStatuses": [
+            {"name": "c0", "ready": true, "restartCount": 0, "image": "cuda", "imageID": "",
+             "containerID": "containerd://aaaa"},
+            {"name": "c1", "ready": true, "restartCount": 1, "image": "cuda", "imageID": "",
+             "containerID": format!("containerd://{cid2}")}]}),
+    );
+    eventually(
+        "the restarted container bound",
+        Duration::from_secs(10),
+        || {
+            let v = rig.bindings.0.lock().unwrap();
+            (v.len() == 1 && v[0].cgroup == format!("/{cg2}")).then_some(())
+        },
+    )
+    .await;
     // Once the pod has left the node, the sweep unbinds it.
     rig.api.delete_pod("m");
     eventually(

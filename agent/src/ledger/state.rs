@@ -216,6 +216,14 @@ impl State {
         Ok(())
     }
 
+    /// Forgets the node side's binding of `cgroup` (its container restarted under another one).
+    pub fn unbind(&mut self, cgroup: &str) -> Result<(), String> {
+        self.bindings.unbind(cgroup, 0)?;
+        self.over.remove(cgroup);
+        self.dirty = true;
+        Ok(())
+    }
+
     /// Forgets the node side's bindings of pods `live` says are gone from the node; returns their cgroups.
     pub fn unbind_allocated_except(&mut self, live: &dyn Fn(&str) -> bool) -> Vec<String> {
         let gone: Vec<String> = self

@@ -412,53 +412,75 @@ pub fn find_cgroup(root: &Path, uid: &str, id: &str) -> Option<String> {
     walk(root, "", 0, uid, id)
 }
 
+/// Binds the container to its cgroup once it runs, and again each time the runtime restarts it (a new container
+/// ID, so a new cgroup), until its pod leaves the node (then [`super::recover::sweep`] unbinds it).
 async fn bind_when_started(node: &Node, p: &Pending) {
     let c = &p.chosen;
+    let label = label_of(c);
     let deadline = Instant::now() + node.timing.container_id_timeout;
+    // The container ID last seen, and the cgroup bound for it (None: none found).
+    let mut seen: Option<(String, Option<String>)> = None;
     loop {
-        let started = current(node, &c.namespace, &c.name)
-            .filter(|pod| pod.metadata.uid.as_deref() == Some(c.uid.as_str()))
-            .and_then(|pod| container_id(&pod, &c.container));
-        if let Some(id) = started {
-            let Some(cgroup) = find_cgroup(&node.paths.cgroup_root, &c.uid, &id) else {
+        let pod = current(node, &c.namespace, &c.name)
+            .filter(|pod| pod.metadata.uid.as_deref() == Some(c.uid.as_str()));
+        if pod.is_none() && seen.is_some() {
+            return;
+        }
+        let id = pod
+            .as_deref()
+            .and_then(|pod| container_id(pod, &c.container));
+        match id {
+            Some(id) if seen.as_ref().map(|(s, _)| s) != Some(&id) => {
+                let old = seen.take().and_then(|(_, cg)| cg);
+                let cgroup = find_cgroup(&node.paths.cgroup_root, &c.uid, &id);
+                if let Some(old) = old {
+                    tracing::info!("{label}: restarted as {id}; unbinding {old}");
+                    node.binder.unbind(&old);
+                }
+                match &cgroup {
+                    Some(cg) => node.binder.bind(binding_of(p, cg.clone())),
+                    None => tracing::warn!(
+                        "{label} ({id}): no cgroup of it under {}; the ledger attributes it by its processes only",
+                        node.paths.cgroup_root.display()
+                    ),
+                }
+                seen = Some((id, cgroup));
+            }
+            Some(_) => {}
+            None if seen.is_none() && Instant::now() >= deadline => {
                 tracing::warn!(
-                    "{}/{} container {:?} ({id}): no cgroup of it under {}; the ledger attributes it by its processes only",
-                    c.namespace, c.name, c.container, node.paths.cgroup_root.display()
+                    "{label}: no container ID reported within {} s; not bound",
+                    node.timing.container_id_timeout.as_secs()
                 );
                 return;
-            };
-            node.binder.bind(Binding {
-                cgroup,
-                cache_path: p.dir.cache(),
-                memory_limits: c
-                    .devices
-                    .iter()
-                    .enumerate()
-                    .map(|(ordinal, d)| (ordinal as u32, d.mem_mib << 20))
-                    .collect(),
-                sm_limit: c.devices.first().map_or(0, |d| d.cores),
-                policy: c.policy.as_str().to_string(),
-                source: Source::Allocate,
-                pod: Some(PodRef {
-                    namespace: c.namespace.clone(),
-                    name: c.name.clone(),
-                    uid: c.uid.clone(),
-                    container: c.container.clone(),
-                }),
-            });
-            return;
+            }
+            None => {}
         }
-        if Instant::now() >= deadline {
-            tracing::warn!(
-                "{}/{} container {:?}: no container ID reported within {} s; not bound",
-                c.namespace,
-                c.name,
-                c.container,
-                node.timing.container_id_timeout.as_secs()
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pause = if seen.is_some() { 2000 } else { 500 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+fn binding_of(p: &Pending, cgroup: String) -> Binding {
+    let c = &p.chosen;
+    Binding {
+        cgroup,
+        cache_path: p.dir.cache(),
+        memory_limits: c
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(ordinal, d)| (ordinal as u32, d.mem_mib << 20))
+            .collect(),
+        sm_limit: c.devices.first().map_or(0, |d| d.cores),
+        policy: c.policy.as_str().to_string(),
+        source: Source::Allocate,
+        pod: Some(PodRef {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+            uid: c.uid.clone(),
+            container: c.container.clone(),
+        }),
     }
 }
 

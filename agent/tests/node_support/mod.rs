@@ -616,6 +616,9 @@ impl ContainerBinder for Bindings {
     fn bind(&self, b: Binding) {
         self.0.lock().unwrap().push(b);
     }
+    fn unbind(&self, cgroup: &str) {
+        self.0.lock().unwrap().retain(|b| b.cgroup != cgroup);
+    }
     fn unbind_gone(&self, live: &dyn Fn(&str) -> bool) -> Vec<String> {
         let mut v = self.0.lock().unwrap();
         let gone: Vec<String> = v
