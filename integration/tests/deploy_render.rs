@@ -637,12 +637,21 @@ fn the_scheduler_takes_its_knobs_from_vgpu_config_and_shares_the_seal_key() {
                     .is_ok(),
                 "{key}: {value}"
             ),
+            "--default-cores" => assert!(
+                value.parse::<u32>().is_ok_and(|c| c <= 100),
+                "{key}: {value}"
+            ),
             other => panic!("{other} takes a vgpu-config key the test does not know"),
         }
     }
     assert_eq!(
         used,
-        BTreeSet::from(["defaultMem", "nodeSchedulerPolicy", "gpuSchedulerPolicy"])
+        BTreeSet::from([
+            "defaultMem",
+            "defaultCores",
+            "nodeSchedulerPolicy",
+            "gpuSchedulerPolicy"
+        ])
     );
     // The same seal key as the agents.
     let f = flags(ext);

@@ -86,12 +86,17 @@ struct PlacementArgs {
     /// or a percentage of the card (`100%`, HAMi's default).
     #[arg(long, default_value = "100%", value_parser = parse_default_memory)]
     default_mem: DefaultMemory,
+    /// Cores (percent of a card) of a vGPU whose container sets no gpucores and asks for less than
+    /// a whole card (HAMi's scheduler.defaultCores); a whole-card request still gets 100.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
+    default_cores: u32,
 }
 
 impl PlacementArgs {
     fn config(&self) -> Config {
         Config {
             default_memory: self.default_mem,
+            default_cores: self.default_cores,
             node_policy: self.node_policy,
             gpu_policy: self.gpu_policy,
         }

@@ -106,7 +106,7 @@ fn check_gpumem_unit(c: &Container) -> Result<(), RequestError> {
     )))
 }
 
-fn container_request(c: &Container) -> Result<ContainerRequest, RequestError> {
+fn container_request(c: &Container, default_cores: u32) -> Result<ContainerRequest, RequestError> {
     check_gpumem_unit(c)?;
     let gpus = resource(c, ann::RESOURCE_GPU)?;
     let mem = resource(c, ann::RESOURCE_GPUMEM)?;
@@ -161,7 +161,7 @@ fn container_request(c: &Container) -> Result<ContainerRequest, RequestError> {
     let cores = match cores {
         Some(c) => c,
         None if whole_card => 100,
-        None => 0,
+        None => u64::from(default_cores),
     };
     if cores > 100 {
         return Err(RequestError(format!(
@@ -202,10 +202,17 @@ fn init_count(pod: &Pod) -> usize {
         .map_or(0, Vec::len)
 }
 
-/// The pod's vGPU request, or `Ok(None)` when it asks for no vGPU at all.
+/// The pod's vGPU request, or `Ok(None)` when it asks for no vGPU at all (no default cores: what the
+/// webhook checks).
 pub fn pod_request(pod: &Pod) -> Result<Option<PodRequest>, RequestError> {
+    pod_request_with(pod, 0)
+}
+
+/// As [`pod_request`], a container that sets no gpucores and asks for less than whole cards getting
+/// `default_cores` (HAMi's `scheduler.defaultCores`).
+pub fn pod_request_with(pod: &Pod, default_cores: u32) -> Result<Option<PodRequest>, RequestError> {
     let containers = containers(pod)
-        .map(container_request)
+        .map(|c| container_request(c, default_cores))
         .collect::<Result<Vec<_>, _>>()?;
     if !containers.iter().any(|c| c.gpus > 0) {
         return Ok(None);
@@ -292,6 +299,7 @@ impl From<ann::DeviceListError> for PlacementError {
 pub fn pod_placement(
     pod: &Pod,
     default_mem: DefaultMemory,
+    default_cores: u32,
 ) -> Result<Option<Placement>, PlacementError> {
     if pod_finished(pod) {
         return Ok(None);
@@ -327,7 +335,7 @@ pub fn pod_placement(
     if devices.is_empty() {
         return Ok(None);
     }
-    let req = match pod_request(pod) {
+    let req = match pod_request_with(pod, default_cores) {
         Ok(Some(r)) => r,
         Ok(None) => {
             return Err(PlacementError::Spec(
@@ -446,7 +454,7 @@ mod tests {
             "nvidia.com/gpu: 1",
             "hami.io/vgpu-node: n1, hami.io/vgpu-devices-to-allocate: 'GPU-a,NVIDIA,3000,0:;'",
         );
-        let pl = pod_placement(&p, DefaultMemory::default())
+        let pl = pod_placement(&p, DefaultMemory::default(), 0)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -461,7 +469,7 @@ mod tests {
             "GPU-a,NVIDIA,3000,0:;".into(),
         );
         assert_eq!(
-            pod_placement(&p, DefaultMemory::default())
+            pod_placement(&p, DefaultMemory::default(), 0)
                 .unwrap()
                 .unwrap()
                 .devices
@@ -473,12 +481,12 @@ mod tests {
         let fa = failed.metadata.annotations.as_mut().unwrap();
         fa.insert(ann::BIND_PHASE.into(), "failed".into());
         assert_eq!(
-            pod_placement(&failed, DefaultMemory::default()).unwrap(),
+            pod_placement(&failed, DefaultMemory::default(), 0).unwrap(),
             None
         );
         failed.spec.as_mut().unwrap().node_name = Some("n1".into());
         assert!(
-            pod_placement(&failed, DefaultMemory::default())
+            pod_placement(&failed, DefaultMemory::default(), 0)
                 .unwrap()
                 .is_some(),
             "once on a node, it holds its devices"
@@ -487,7 +495,10 @@ mod tests {
             phase: Some("Succeeded".into()),
             ..Default::default()
         });
-        assert_eq!(pod_placement(&p, DefaultMemory::default()).unwrap(), None);
+        assert_eq!(
+            pod_placement(&p, DefaultMemory::default(), 0).unwrap(),
+            None
+        );
     }
 
     /// HAMi's webhook cases for the default of 100 cores ("no memory fields defaults to
@@ -513,6 +524,39 @@ mod tests {
         assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpumem: 8000").cores, 0);
         assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 30").cores, 30);
         assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 0").cores, 0);
+    }
+
+    /// HAMi's `scheduler.defaultCores` (`--default-cores`): cores of a vGPU that sets no gpucores and
+    /// shares its card; a whole-card request still gets 100, an explicit value stays, and a placement
+    /// read back from annotations is booked at most the default.
+    #[test]
+    fn default_cores_apply_to_shared_vgpus_without_gpucores() {
+        let c = |limits: &str| {
+            pod_request_with(&with_limits(limits, ""), 25)
+                .unwrap()
+                .unwrap()
+                .containers[1]
+        };
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpumem: 8000").cores, 25);
+        assert_eq!(
+            c("nvidia.com/gpu: 1, nvidia.com/gpumem-percentage: 50").cores,
+            25
+        );
+        assert_eq!(c("nvidia.com/gpu: 1").cores, 100);
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 0").cores, 0);
+        assert_eq!(c("nvidia.com/gpu: 1, nvidia.com/gpucores: 60").cores, 60);
+        assert_eq!(
+            pod_request(&with_limits(
+                "nvidia.com/gpu: 1, nvidia.com/gpumem: 8000",
+                ""
+            ))
+            .unwrap()
+            .unwrap()
+            .containers[1]
+                .cores,
+            0,
+            "HAMi's default is 0"
+        );
     }
 
     /// "gpumem: 0" and "memory percentage of 0 — treated as unset": the default memory applies,

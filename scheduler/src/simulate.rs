@@ -123,7 +123,7 @@ pub fn simulate(
     }
     let mut pending = Vec::new();
     for p in pods {
-        let placed = match podspec::pod_placement(p, cfg.default_memory) {
+        let placed = match podspec::pod_placement(p, cfg.default_memory, cfg.default_cores) {
             Ok(placed) => placed,
             Err(e) => {
                 warnings.skip(anyhow::anyhow!("pod {}: {e}", podspec::pod_key(p)))?;
@@ -141,7 +141,7 @@ pub fn simulate(
     let mut out = Vec::new();
     for p in pending {
         let key = podspec::pod_key(p);
-        let req = match podspec::pod_request(p) {
+        let req = match podspec::pod_request_with(p, cfg.default_cores) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {

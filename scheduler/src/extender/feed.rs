@@ -47,7 +47,11 @@ impl<A: ClusterApi> Extender<A> {
     /// may still be on its way.
     pub fn pod_applied(&self, pod: &Pod) {
         let uid = podspec::pod_uid(pod);
-        let placement = match podspec::pod_placement(pod, self.cfg.default_memory) {
+        let placement = match podspec::pod_placement(
+            pod,
+            self.cfg.default_memory,
+            self.cfg.default_cores,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(pod = %podspec::pod_key(pod), "ignoring the pod's device annotation: {e}");

@@ -285,7 +285,7 @@ impl<A: ClusterApi> Extender<A> {
         node_objects: Option<&NodeList>,
     ) -> Outcome {
         let key = format!("{}/{}", pod.namespace, pod.name);
-        let req = match podspec::pod_request(pod_obj) {
+        let req = match podspec::pod_request_with(pod_obj, self.cfg.default_cores) {
             Ok(Some(r)) => r,
             Ok(None) => return Outcome::PassThrough,
             Err(e) => {

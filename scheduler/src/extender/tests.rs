@@ -782,3 +782,30 @@ async fn a_pod_filtered_and_bound_again_keeps_its_placement_and_nothing_is_rewri
         "{r}"
     );
 }
+
+/// `--default-cores` reaches the device string the node agent serves: a shared vGPU with no gpucores is
+/// written with the default's cores, as HAMi writes `scheduler.defaultCores`.
+#[tokio::test]
+async fn default_cores_are_written_into_the_placement() {
+    let api = FakeApi::default();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let ext = Extender::new(
+        Config {
+            default_cores: 30,
+            ..Config::default()
+        },
+        api.clone(),
+        tx,
+    );
+    with_lab_node(&ext);
+    let r = filter(
+        &ext,
+        json!({"pod": pod_json("p", "uid-p", mib(1000)), "nodenames": ["hami-workshop"]}),
+    );
+    assert_eq!(r["nodenames"], json!(["hami-workshop"]), "{r}");
+    assert_eq!(bind(&ext, "p", "uid-p", "hami-workshop").await["Error"], "");
+    assert_eq!(
+        ext.placement("uid-p").unwrap().devices.encode(),
+        format!("{T4},NVIDIA,1000,30:;")
+    );
+}

@@ -22,6 +22,9 @@ use score::better;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     pub default_memory: DefaultMemory,
+    /// Cores (percent of a card) of a vGPU whose container sets no gpucores and asks for less than a
+    /// whole card (HAMi's `scheduler.defaultCores`, 0 by default).
+    pub default_cores: u32,
     /// HAMi's node default is binpack.
     pub node_policy: Policy,
     /// HAMi's card default is spread.
@@ -32,6 +35,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             default_memory: DefaultMemory::default(),
+            default_cores: 0,
             node_policy: Policy::Binpack,
             gpu_policy: GpuPolicy::SPREAD,
         }
