@@ -198,7 +198,16 @@ pub async fn settle_ids(node: &Arc<Node>, ids: &[String]) {
         };
     if let Some(h) = holder_of(&list, &answered) {
         if let Some(p) = take(node, &key) {
-            resolve(node, p, Some(h.clone())).await;
+            // In a task of its own, waited for at most 20 s: the kubelet gives PreStartContainer 30 s, and a
+            // slow API server must not leave the answer taken and half resolved.
+            let (node, h) = (node.clone(), h.clone());
+            let task = tokio::spawn(async move { resolve(&node, p, Some(h)).await });
+            if tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("PreStartContainer for {ids:?}: still settling after 20 s; letting the container start");
+            }
         }
     }
 }
