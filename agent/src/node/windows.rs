@@ -30,8 +30,10 @@ use super::container_dir::{ContainerDir, Settings};
 use super::Node;
 
 /// A container placed this recently is never freed for not being in the pod reflector yet (Allocate may have
-/// found its pod by a direct list the reflector has not caught up with).
-pub const GRACE: Duration = Duration::from_secs(300);
+/// found its pod by a direct list the reflector has not caught up with; a watch is seconds behind at worst).
+/// Short: until it ends, a short-lived pod's windows stay booked, and a newcomer on a full card would then
+/// overlap someone.
+pub const GRACE: Duration = Duration::from_secs(60);
 
 /// (start, length) in µs from the start of each period.
 pub type Range = (u64, u64);
