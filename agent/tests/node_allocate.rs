@@ -660,3 +660,62 @@ async fn pre_start_settles_the_answer_before_the_container_starts() {
         Some("success")
     );
 }
+
+/// A GPU init container: the kubelet's PodResources `List` never shows it (it walks `spec.containers`), and the
+/// kubelet hands its devices on to the app container, whose own Allocate names the same IDs. The record of the
+/// app container on those IDs confirms both, each with its own placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_container_is_confirmed_through_the_container_it_hands_its_devices_to() {
+    let rig = Rig::start_polling(
+        "init",
+        vec![card(GPU, 0)],
+        json!({}),
+        |_, _, _| {},
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut p = pod("w", "uid-w", "2026-01-01T00:00:00Z", &[1, 1]);
+    let init = p["spec"]["containers"][0].clone();
+    p["spec"]["initContainers"] = json!([init]);
+    p["spec"]["containers"] = json!([p["spec"]["containers"][1].clone()]);
+    seal_placement(
+        &mut p,
+        &format!("{}{}", dev(GPU, 2000, 0), dev(GPU, 1000, 0)),
+        "100",
+    );
+    rig.api.put_pod(p);
+    rig.synced("w").await;
+    let id = format!("{GPU}-4");
+    let ri = rig.allocate(&[&id]).await.expect("the init container");
+    assert_eq!(env(&ri, "CUDA_DEVICE_MEMORY_LIMIT_0"), "2000m");
+    let ra = rig
+        .allocate(&[&id])
+        .await
+        .expect("the app container, on the init container's device");
+    assert_eq!(env(&ra, "CUDA_DEVICE_MEMORY_LIMIT_0"), "1000m");
+    // As the kubelet's List shows it: the app container only.
+    rig.record.assign("w", "c1", &[&id]);
+    let mut plugin = rig.plugin().await;
+    plugin
+        .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
+            devices_ids: vec![id.clone()],
+        })
+        .await
+        .unwrap();
+    let li = rig.limits("uid-w", "c0");
+    let la = rig.limits("uid-w", "c1");
+    assert!(
+        li.contains("CUDA_DEVICE_MEMORY_LIMIT_0=2000m\n")
+            && li.ends_with("VGPU_LIMITS_STATE=ready\n"),
+        "init: {li}"
+    );
+    assert!(
+        la.contains("CUDA_DEVICE_MEMORY_LIMIT_0=1000m\n")
+            && la.ends_with("VGPU_LIMITS_STATE=ready\n"),
+        "app: {la}"
+    );
+    eventually("w recorded", Duration::from_secs(5), || {
+        (rig.api.annotation("w", "hami.io/bind-phase").as_deref() == Some("success")).then_some(())
+    })
+    .await;
+}

@@ -922,21 +922,16 @@ async fn init_containers_run_first_and_hand_their_devices_on() {
         node.plugin.calls().allocate,
         vec![vec!["dev-0".to_string()], vec!["dev-0".to_string()]]
     );
+    // PodResources lists the app container holding them, and, as the kubelet's List does (it walks
+    // spec.containers), no ordinary init container.
     let held = node.list_pod_resources().await;
     assert_eq!(
         held[0].2,
-        vec![
-            (
-                "init".to_string(),
-                RESOURCE.to_string(),
-                vec!["dev-0".to_string()]
-            ),
-            (
-                "app".to_string(),
-                RESOURCE.to_string(),
-                vec!["dev-0".to_string()]
-            ),
-        ]
+        vec![(
+            "app".to_string(),
+            RESOURCE.to_string(),
+            vec!["dev-0".to_string()]
+        ),]
     );
     assert_eq!(node.harness().devices.free(RESOURCE), ["dev-1"]);
     node.stop().await;

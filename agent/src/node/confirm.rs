@@ -6,6 +6,9 @@
 //!   cards, memory, cores and policy: pods placed alike, admitted in another order than guessed): the answer
 //!   is that container's; the directory's owner, the limits and the annotations are its own, and the pod
 //!   Allocate guessed keeps its placement for its own Allocate;
+//! - it names another container of the pod Allocate chose, holding all the answer's IDs, and the answer was for
+//!   an ordinary init container: the kubelet's record never lists those, and hands their devices on to the next
+//!   container; the answer is confirmed as the init container's;
 //! - it names a container placed otherwise: the answer cannot be its (its environment was another
 //!   placement's), so the limits file is revoked (the shim refuses everything), that pod is failed with the
 //!   reason, and the guessed pod keeps its placement.
@@ -98,6 +101,25 @@ pub fn matches(h: &Holder, c: &Chosen, ids: &[String]) -> bool {
         && same_ids(&h.ids, ids)
 }
 
+/// The kubelet's `List` walks a pod's `spec.containers` (and, with sidecars, its restartable init containers),
+/// never an ordinary init container; the kubelet hands an init container's devices on to the next container of
+/// the pod that asks for the same resource. So an answer for such an init container is confirmed when the
+/// record shows all of its IDs on another container of the pod Allocate chose (its UID is checked after).
+pub fn init_seen_on_its_pod(h: &Holder, c: &Chosen, ids: &[String]) -> bool {
+    let unlisted_init = c
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|inits| inits.get(c.index))
+        .is_some_and(|i| i.restart_policy.as_deref() != Some("Always"));
+    unlisted_init
+        && h.namespace == c.namespace
+        && h.name == c.name
+        && h.container != c.container
+        && ids.iter().all(|i| h.ids.contains(i))
+}
+
 /// Keeps an answer until the kubelet's record resolves it, and watches for that record.
 pub fn register(node: &Arc<Node>, p: Pending) {
     let key = p.dir.dir.clone();
@@ -181,34 +203,46 @@ pub async fn settle_recorded(node: &Arc<Node>) {
 /// PreStartContainer, just before it starts the container, so the limits file is ready (and the pod's
 /// annotations written) before any process of the container runs.
 pub async fn settle_ids(node: &Arc<Node>, ids: &[String]) {
-    let key = node
+    // Every pending answer over these IDs: an init container and the container it hands its devices to share
+    // them.
+    let keys: Vec<(std::path::PathBuf, Vec<String>)> = node
         .pending
         .lock()
         .unwrap()
         .iter()
-        .find(|(_, p)| p.ids.iter().any(|i| ids.contains(i)))
-        .map(|(k, p)| (k.clone(), p.ids.clone()));
-    let Some((key, answered)) = key else {
+        .filter(|(_, p)| p.ids.iter().any(|i| ids.contains(i)))
+        .map(|(k, p)| (k.clone(), p.ids.clone()))
+        .collect();
+    if keys.is_empty() {
         return;
-    };
+    }
     let list =
         match tokio::time::timeout(Duration::from_secs(5), holders(&node.pod_resources)).await {
             Ok(Ok(l)) => l,
             _ => return,
         };
-    if let Some(h) = holder_of(&list, &answered) {
+    let mut tasks = vec![];
+    for (key, answered) in keys {
+        let Some(h) = holder_of(&list, &answered) else {
+            continue;
+        };
         if let Some(p) = take(node, &key) {
-            // In a task of its own, waited for at most 20 s: the kubelet gives PreStartContainer 30 s, and a
-            // slow API server must not leave the answer taken and half resolved.
             let (node, h) = (node.clone(), h.clone());
-            let task = tokio::spawn(async move { resolve(&node, p, Some(h)).await });
-            if tokio::time::timeout(Duration::from_secs(20), task)
-                .await
-                .is_err()
-            {
-                tracing::warn!("PreStartContainer for {ids:?}: still settling after 20 s; letting the container start");
-            }
+            tasks.push(tokio::spawn(
+                async move { resolve(&node, p, Some(h)).await },
+            ));
         }
+    }
+    // In tasks of their own, waited for at most 20 s: the kubelet gives PreStartContainer 30 s, and a slow
+    // API server must not leave an answer taken and half resolved.
+    let all = futures::future::join_all(tasks);
+    if tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "PreStartContainer for {ids:?}: still settling after 20 s; letting the container start"
+        );
     }
 }
 
@@ -225,7 +259,7 @@ async fn resolve(node: &Arc<Node>, p: Pending, holder: Option<Holder>) {
         allocate::unserve(node, &p.chosen.uid, p.chosen.index);
         return;
     };
-    if matches(&h, &p.chosen, &p.ids) {
+    if matches(&h, &p.chosen, &p.ids) || init_seen_on_its_pod(&h, &p.chosen, &p.ids) {
         confirmed(node, p).await;
         return;
     }

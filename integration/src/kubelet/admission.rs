@@ -198,9 +198,11 @@ async fn admit_containers(
     let mut reusable: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut out = Vec::new();
     for (is_init, c) in containers_in_order(pod) {
+        let restartable = c.restart_policy.as_deref() == Some("Always");
         let mut record = ContainerDevices {
             name: c.name.clone(),
             devices: BTreeMap::new(),
+            listed: !is_init || restartable,
         };
         let mut alloc = Allocated {
             name: c.name.clone(),

@@ -36,6 +36,9 @@ pub struct Resource {
 pub struct ContainerDevices {
     pub name: String,
     pub devices: BTreeMap<String, Vec<String>>,
+    /// Whether PodResources `List` shows it: the kubelet lists a pod's app containers (and, with sidecars,
+    /// its restartable init containers), never its ordinary init containers.
+    pub listed: bool,
 }
 
 /// An admitted pod, until it ends or is deleted.
@@ -313,6 +316,7 @@ impl DeviceManager {
                     containers: p
                         .containers
                         .into_iter()
+                        .filter(|c| c.listed)
                         .map(|c| pr::ContainerResources {
                             name: c.name,
                             devices: c
