@@ -17,8 +17,9 @@
 //! resolved once, by the first of: the kubelet's PreStartContainer for the container (the plugin asks for it, so
 //! the limits are ready before the container's first process starts), the next Allocate, which first settles
 //! every answer the kubelet has recorded since (the kubelet records an answer before it admits the next pod, so
-//! a wrong guess never stands in the way of the pod it took), or the answer's watcher, which polls the record. The ledger is then told the container's cgroup,
-//! found from the container ID the kubelet reports in the pod's status, never from a file the tenant can write.
+//! a wrong guess never stands in the way of the pod it took), or the answer's watcher, which polls the record.
+//! The ledger is then told the container's cgroup, found from the container ID the kubelet reports in the pod's
+//! status (again after each restart of the container), never from a file the tenant can write.
 
 use std::path::Path;
 use std::sync::Arc;
