@@ -719,3 +719,44 @@ async fn an_init_container_is_confirmed_through_the_container_it_hands_its_devic
     })
     .await;
 }
+
+/// PreStartContainer returns only once the answer is settled, whoever settles it: here the answer's watcher
+/// polls the record every 2 ms and often takes the answer first, while the kubelet's PreStart comes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_start_waits_for_an_answer_another_path_is_settling() {
+    let rig = Rig::start_polling(
+        "pre-start-race",
+        vec![card(GPU, 0)],
+        json!({}),
+        |_, _, _| {},
+        Duration::from_millis(2),
+    )
+    .await;
+    let mut plugin = rig.plugin().await;
+    for i in 0..6 {
+        let (name, uid) = (format!("r{i}"), format!("uid-r{i}"));
+        let mut p = pod(&name, &uid, "2026-01-01T00:00:00Z", &[1]);
+        seal_placement(&mut p, &dev(GPU, 1000, 0), "100");
+        rig.api.put_pod(p);
+        rig.synced(&name).await;
+        let id = format!("{GPU}-{i}");
+        rig.allocate(&[&id]).await.unwrap();
+        rig.record.assign(&name, "c0", &[&id]);
+        plugin
+            .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
+                devices_ids: vec![id.clone()],
+            })
+            .await
+            .unwrap();
+        assert!(
+            rig.limits(&uid, "c0")
+                .ends_with("VGPU_LIMITS_STATE=ready\n"),
+            "{name}"
+        );
+        assert_eq!(
+            rig.api.annotation(&name, "hami.io/bind-phase").as_deref(),
+            Some("success"),
+            "{name}: recorded before PreStart returned"
+        );
+    }
+}

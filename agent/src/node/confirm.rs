@@ -129,9 +129,37 @@ pub fn register(node: &Arc<Node>, p: Pending) {
     tokio::spawn(async move { watch_record(node, key).await });
 }
 
-/// Takes an answer out of the pending set: only the first taker resolves it.
-fn take(node: &Node, key: &Path) -> Option<Pending> {
-    node.pending.lock().unwrap().remove(key)
+/// Held while an answer taken out of the pending set is resolved; dropping it tells those waiting for it.
+pub struct Settling {
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+/// Takes an answer out of the pending set: only the first taker resolves it, holding the [`Settling`] until done.
+fn take(node: &Node, key: &Path) -> Option<(Pending, Settling)> {
+    let p = node.pending.lock().unwrap().remove(key)?;
+    let (tx, rx) = tokio::sync::watch::channel(());
+    let mut s = node.settling.lock().unwrap();
+    // Resolutions already over (their sender gone) are forgotten here.
+    s.retain(|(_, rx)| rx.has_changed().is_ok());
+    s.push((p.ids.clone(), rx));
+    Some((p, Settling { _done: tx }))
+}
+
+/// Waits until no answer over any of `ids` is being resolved, or `within` passes.
+async fn settled(node: &Node, ids: &[String], within: Duration) -> bool {
+    let waits: Vec<_> = node
+        .settling
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(held, _)| held.iter().any(|i| ids.contains(i)))
+        .map(|(_, rx)| rx.clone())
+        .collect();
+    let all = futures::future::join_all(waits.into_iter().map(|mut rx| async move {
+        // Err once the sender is dropped: the resolution is over.
+        while rx.changed().await.is_ok() {}
+    }));
+    tokio::time::timeout(within, all).await.is_ok()
 }
 
 async fn watch_record(node: Arc<Node>, key: std::path::PathBuf) {
@@ -149,7 +177,7 @@ async fn watch_record(node: Arc<Node>, key: std::path::PathBuf) {
         match holders(&node.pod_resources).await {
             Ok(list) => {
                 if let Some(h) = holder_of(&list, &ids) {
-                    if let Some(p) = take(&node, &key) {
+                    if let Some((p, _done)) = take(&node, &key) {
                         resolve(&node, p, Some(h.clone())).await;
                     }
                     return;
@@ -158,7 +186,7 @@ async fn watch_record(node: Arc<Node>, key: std::path::PathBuf) {
             Err(e) => tracing::debug!("PodResources: {e:#}"),
         }
         if Instant::now() >= deadline {
-            if let Some(p) = take(&node, &key) {
+            if let Some((p, _done)) = take(&node, &key) {
                 resolve(&node, p, None).await;
             }
             return;
@@ -167,80 +195,72 @@ async fn watch_record(node: Arc<Node>, key: std::path::PathBuf) {
     }
 }
 
-/// Resolves every pending answer the kubelet has recorded by now (called by Allocate before it chooses).
-pub async fn settle_recorded(node: &Arc<Node>) {
-    let keys: Vec<(std::path::PathBuf, Vec<String>)> = node
+/// The pending answers `pick` selects that the kubelet's record names, each with what the record says of its
+/// IDs, taken out of the pending set: the caller resolves them, holding their [`Settling`]. None when the record
+/// does not come within `within`.
+async fn take_recorded(
+    node: &Node,
+    within: Duration,
+    pick: impl Fn(&Pending) -> bool,
+) -> Vec<(Pending, Holder, Settling)> {
+    let wanted: Vec<(std::path::PathBuf, Vec<String>)> = node
         .pending
         .lock()
         .unwrap()
         .iter()
+        .filter(|(_, p)| pick(p))
         .map(|(k, p)| (k.clone(), p.ids.clone()))
         .collect();
-    if keys.is_empty() {
-        return;
+    if wanted.is_empty() {
+        return vec![];
     }
-    let list =
-        match tokio::time::timeout(Duration::from_secs(2), holders(&node.pod_resources)).await {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
-                tracing::debug!("PodResources before Allocate: {e:#}");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("PodResources before Allocate: no answer within 2 s");
-                return;
-            }
-        };
-    for (key, ids) in keys {
-        if let Some(h) = holder_of(&list, &ids) {
-            if let Some(p) = take(node, &key) {
-                resolve(node, p, Some(h.clone())).await;
-            }
+    let list = match tokio::time::timeout(within, holders(&node.pod_resources)).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            tracing::debug!("PodResources: {e:#}");
+            return vec![];
         }
+        Err(_) => {
+            tracing::debug!("PodResources: no answer within {within:?}");
+            return vec![];
+        }
+    };
+    wanted
+        .into_iter()
+        .filter_map(|(key, ids)| {
+            let h = holder_of(&list, &ids)?.clone();
+            let (p, done) = take(node, &key)?;
+            Some((p, h, done))
+        })
+        .collect()
+}
+
+/// Resolves every pending answer the kubelet has recorded by now (called by Allocate before it chooses).
+pub async fn settle_recorded(node: &Arc<Node>) {
+    for (p, h, _done) in take_recorded(node, Duration::from_secs(2), |_| true).await {
+        resolve(node, p, Some(h)).await;
     }
 }
 
-/// Resolves the answer over `ids` now, if it is still pending and the kubelet has recorded it: the kubelet's
-/// PreStartContainer, just before it starts the container, so the limits file is ready (and the pod's
-/// annotations written) before any process of the container runs.
+/// The kubelet's PreStartContainer, just before it starts a container: every answer over its IDs (an init
+/// container and the container it hands its devices to share them) is resolved now if the kubelet has recorded
+/// it, and whatever is already being resolved (by a watcher, by an Allocate) is waited for, so the limits file is
+/// ready and the pod's annotations written before any process of the container runs.
 pub async fn settle_ids(node: &Arc<Node>, ids: &[String]) {
-    // Every pending answer over these IDs: an init container and the container it hands its devices to share
-    // them.
-    let keys: Vec<(std::path::PathBuf, Vec<String>)> = node
-        .pending
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, p)| p.ids.iter().any(|i| ids.contains(i)))
-        .map(|(k, p)| (k.clone(), p.ids.clone()))
-        .collect();
-    if keys.is_empty() {
-        return;
+    let recorded = take_recorded(node, Duration::from_secs(5), |p| {
+        p.ids.iter().any(|i| ids.contains(i))
+    })
+    .await;
+    for (p, h, done) in recorded {
+        // In a task of its own: the wait below is bounded, the resolution is not cut short.
+        let node = node.clone();
+        tokio::spawn(async move {
+            resolve(&node, p, Some(h)).await;
+            drop(done);
+        });
     }
-    let list =
-        match tokio::time::timeout(Duration::from_secs(5), holders(&node.pod_resources)).await {
-            Ok(Ok(l)) => l,
-            _ => return,
-        };
-    let mut tasks = vec![];
-    for (key, answered) in keys {
-        let Some(h) = holder_of(&list, &answered) else {
-            continue;
-        };
-        if let Some(p) = take(node, &key) {
-            let (node, h) = (node.clone(), h.clone());
-            tasks.push(tokio::spawn(
-                async move { resolve(&node, p, Some(h)).await },
-            ));
-        }
-    }
-    // In tasks of their own, waited for at most 20 s: the kubelet gives PreStartContainer 30 s, and a slow
-    // API server must not leave an answer taken and half resolved.
-    let all = futures::future::join_all(tasks);
-    if tokio::time::timeout(Duration::from_secs(20), all)
-        .await
-        .is_err()
-    {
+    // At most 20 s: the kubelet gives PreStartContainer 30.
+    if !settled(node, ids, Duration::from_secs(20)).await {
         tracing::warn!(
             "PreStartContainer for {ids:?}: still settling after 20 s; letting the container start"
         );

@@ -103,6 +103,9 @@ pub struct Node {
     /// Answers the kubelet has not yet recorded, by directory: each is resolved once, by whichever of its
     /// watcher or the next Allocate sees the record first.
     pending: Mutex<HashMap<PathBuf, confirm::Pending>>,
+    /// Answers taken out of `pending` and being resolved: their IDs, and a receiver that sees the resolution
+    /// end (its sender is dropped). PreStartContainer waits for these too, whoever took them.
+    settling: Mutex<Vec<(Vec<String>, tokio::sync::watch::Receiver<()>)>>,
     /// Serialises this agent's own Allocate handling (the kubelet calls one at a time anyway); nothing on
     /// the API side is locked.
     allocating: tokio::sync::Mutex<()>,
@@ -162,6 +165,7 @@ impl Node {
             windows: windows::WindowBook::new(p.config.pacing_period_ms),
             served: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
+            settling: Mutex::new(Vec::new()),
             allocating: tokio::sync::Mutex::new(()),
         }))
     }
