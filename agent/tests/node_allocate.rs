@@ -760,3 +760,56 @@ async fn pre_start_waits_for_an_answer_another_path_is_settling() {
         );
     }
 }
+
+/// Two guesses each naming the other's pod (pods placed alike, admitted in the other order): each answer
+/// settles as the other pod's. The first to settle finds its pod claimed by the second guess, which is not yet
+/// settled; that must not count as "already answered" (it did: one pod was revoked and failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_guesses_that_each_name_the_others_pod_both_settle() {
+    let rig = Rig::start_polling(
+        "crosswise",
+        vec![card(GPU, 0)],
+        json!({}),
+        |_, _, _| {},
+        Duration::from_secs(30),
+    )
+    .await;
+    for (name, uid) in [("a", "uid-a"), ("b", "uid-b")] {
+        let mut p = pod(name, uid, "2026-01-01T00:00:00Z", &[1]);
+        seal_placement(&mut p, &dev(GPU, 1000, 0), "100");
+        rig.api.put_pod(p);
+        rig.synced(name).await;
+    }
+    let (id1, id2) = (format!("{GPU}-1"), format!("{GPU}-2"));
+    rig.allocate(&[&id1]).await.expect("guessed a");
+    rig.allocate(&[&id2]).await.expect("guessed b");
+    // The kubelet had admitted them the other way round.
+    rig.record.assign("b", "c0", &[&id1]);
+    rig.record.assign("a", "c0", &[&id2]);
+    let mut plugin = rig.plugin().await;
+    for id in [&id1, &id2] {
+        plugin
+            .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
+                devices_ids: vec![id.clone()],
+            })
+            .await
+            .unwrap();
+    }
+    for (name, uid) in [("a", "uid-a"), ("b", "uid-b")] {
+        let l = rig.limits(uid, "c0");
+        assert!(l.ends_with("VGPU_LIMITS_STATE=ready\n"), "{name}: {l}");
+        assert_eq!(
+            rig.api.annotation(name, "hami.io/bind-phase").as_deref(),
+            Some("success"),
+            "{name}"
+        );
+    }
+    assert!(
+        rig.api
+            .events()
+            .iter()
+            .all(|e| e["reason"] != "VgpuAllocateRefused"),
+        "{:?}",
+        rig.api.events()
+    );
+}

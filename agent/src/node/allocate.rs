@@ -295,6 +295,16 @@ pub fn choose(
         }
     }
     candidates.sort_by_key(age_key);
+    if candidates.len() > 1 && tracing::enabled!(tracing::Level::DEBUG) {
+        let keys: Vec<String> = candidates
+            .iter()
+            .map(|c| {
+                let (arrival, created, bind, _) = age_key(c);
+                format!("{}/{} {arrival}:{created}:{bind}", c.namespace, c.name)
+            })
+            .collect();
+        tracing::debug!("Allocate candidates in order: {}", keys.join(", "));
+    }
     candidates.into_iter().next().ok_or(refused)
 }
 
@@ -564,19 +574,44 @@ pub fn is_served(node: &Node, uid: &str, index: usize) -> bool {
     node.served
         .lock()
         .unwrap()
+        .contains_key(&(uid.to_string(), index))
+}
+
+/// One more answer claims container `index` of pod `uid`.
+pub fn mark_served(node: &Node, uid: &str, index: usize) {
+    *node
+        .served
+        .lock()
+        .unwrap()
+        .entry((uid.to_string(), index))
+        .or_default() += 1;
+}
+
+/// One answer less claims it (the kubelet's record gave that answer to another container, or never came).
+pub fn unserve(node: &Node, uid: &str, index: usize) {
+    let mut s = node.served.lock().unwrap();
+    let key = (uid.to_string(), index);
+    if let Some(n) = s.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            s.remove(&key);
+        }
+    }
+}
+
+/// Whether the kubelet's record confirmed an answer for container `index` of pod `uid`.
+pub fn is_confirmed(node: &Node, uid: &str, index: usize) -> bool {
+    node.confirmed
+        .lock()
+        .unwrap()
         .contains(&(uid.to_string(), index))
 }
 
-pub fn mark_served(node: &Node, uid: &str, index: usize) {
-    node.served.lock().unwrap().insert((uid.to_string(), index));
-}
-
-/// Forgets a served container (the kubelet's record gave its answer to another, or never came).
-pub fn unserve(node: &Node, uid: &str, index: usize) {
-    node.served
+pub fn mark_confirmed(node: &Node, uid: &str, index: usize) {
+    node.confirmed
         .lock()
         .unwrap()
-        .remove(&(uid.to_string(), index));
+        .insert((uid.to_string(), index));
 }
 
 async fn list_node_pods(node: &Node) -> Result<Vec<Arc<Pod>>, kube::Error> {

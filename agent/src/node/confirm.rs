@@ -347,7 +347,9 @@ async fn adoptable(node: &Node, h: &Holder, p: &Pending) -> Result<Chosen, Strin
         .iter()
         .position(|c| c.name == h.container)
         .ok_or_else(|| format!("{who} has no such container"))?;
-    if allocate::is_served(node, &uid, index) {
+    // Claimed by a guess not yet settled is no obstacle: two answers can each have guessed the other's pod
+    // (each then settles as the other's). Confirmed is.
+    if allocate::is_confirmed(node, &uid, index) {
         return Err(format!("{who} was already answered"));
     }
     let cards = node.cards.borrow().clone();
@@ -408,6 +410,7 @@ async fn confirmed(node: &Arc<Node>, p: Pending) {
         );
         return;
     }
+    allocate::mark_confirmed(node, &c.uid, c.index);
     tracing::info!("{label}: confirmed by the kubelet, limits ready");
     if let Err(e) = allocate::record(node, c).await {
         tracing::warn!("{label}: recording the allocation on the pod: {e}");

@@ -97,9 +97,12 @@ pub struct Node {
     pub timing: Timing,
     /// Where each container's compute windows lie on its cards.
     pub windows: windows::WindowBook,
-    /// (pod UID, container index) served by this agent: the reflector may not yet show the patch that
-    /// emptied their entry, and a container must not be served twice.
-    served: Mutex<HashSet<(String, usize)>>,
+    /// (pod UID, container index) answered by this agent, with how many answers claim it (a guess not yet
+    /// settled, or a confirmed answer): a container must not be served twice, and two wrong guesses can each
+    /// claim the other's pod for a moment.
+    served: Mutex<HashMap<(String, usize), u32>>,
+    /// The containers whose answer the kubelet's record confirmed.
+    confirmed: Mutex<HashSet<(String, usize)>>,
     /// Answers the kubelet has not yet recorded, by directory: each is resolved once, by whichever of its
     /// watcher or the next Allocate sees the record first.
     pending: Mutex<HashMap<PathBuf, confirm::Pending>>,
@@ -163,7 +166,8 @@ impl Node {
             pod_resources: p.pod_resources,
             timing: p.timing,
             windows: windows::WindowBook::new(p.config.pacing_period_ms),
-            served: Mutex::new(HashSet::new()),
+            served: Mutex::new(HashMap::new()),
+            confirmed: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             settling: Mutex::new(Vec::new()),
             allocating: tokio::sync::Mutex::new(()),

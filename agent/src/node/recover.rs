@@ -144,6 +144,10 @@ pub fn sweep(node: &Node, now: SystemTime) -> Vec<String> {
     node.served
         .lock()
         .unwrap()
+        .retain(|(uid, _), _| live.contains(uid));
+    node.confirmed
+        .lock()
+        .unwrap()
         .retain(|(uid, _)| live.contains(uid));
     for cgroup in node.binder.unbind_gone(&|uid| live.contains(uid)) {
         tracing::info!("unbound {cgroup}: its pod is gone from this node");
