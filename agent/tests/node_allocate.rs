@@ -69,11 +69,7 @@ async fn two_pods_pending_on_one_node_both_allocate_without_a_lock() {
         "{lb}"
     );
     for p in ["a", "b"] {
-        eventually(&format!("{p} recorded"), Duration::from_secs(5), || {
-            (rig.api.annotation(p, "hami.io/bind-phase").as_deref() == Some("success"))
-                .then_some(())
-        })
-        .await;
+        rig.recorded(p).await;
     }
     for (p, d) in [("a", dev(GPU, 4000, 0)), ("b", dev(GPU, 3000, 30))] {
         assert_eq!(
@@ -181,16 +177,22 @@ async fn a_container_on_another_pods_devices_is_revoked_and_the_placement_given_
         .then_some(())
     })
     .await;
-    let ev = rig.api.events();
-    assert!(
-        ev.iter().any(|e| e["involvedObject"]["name"] == "b"
-            && e["reason"] == "VgpuAllocateRefused"
-            && e["message"]
-                .as_str()
-                .unwrap()
-                .contains("prepared them for default/a")),
-        "{ev:?}"
-    );
+    // The event follows the annotation (fail_pod writes one, then the other).
+    eventually("the event on b", Duration::from_secs(5), || {
+        rig.api
+            .events()
+            .iter()
+            .any(|e| {
+                e["involvedObject"]["name"] == "b"
+                    && e["reason"] == "VgpuAllocateRefused"
+                    && e["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("prepared them for default/a")
+            })
+            .then_some(())
+    })
+    .await;
 
     // a's own container comes next and gets its placement; b (failed) is never a candidate again.
     rig.synced("a").await;
@@ -199,10 +201,7 @@ async fn a_container_on_another_pods_devices_is_revoked_and_the_placement_given_
     assert_eq!(env(&r, "CUDA_DEVICE_MEMORY_LIMIT_0"), "4000m");
     rig.record.assign("a", "c0", &[&id2]);
     rig.limits_state("uid-a", "c0", "ready").await;
-    eventually("a recorded", Duration::from_secs(5), || {
-        (rig.api.annotation("a", "hami.io/bind-phase").as_deref() == Some("success")).then_some(())
-    })
-    .await;
+    rig.recorded("a").await;
 }
 
 /// The burst case (issue 15): pods placed alike on one card, admitted by the kubelet in another order than the
@@ -212,19 +211,9 @@ async fn a_container_on_another_pods_devices_is_revoked_and_the_placement_given_
 async fn pods_placed_alike_admitted_out_of_order_each_get_the_answer_as_their_own() {
     // The watcher polls the record only every 30 s: whatever resolves the first answer here is the second
     // Allocate, before it chooses.
-    let rig = Rig::start_polling(
-        "alike",
-        vec![card(GPU, 0)],
-        json!({}),
-        |_, _, _| {},
-        Duration::from_secs(30),
-    )
-    .await;
+    let rig = Rig::one_card_polling("alike", GPU, Duration::from_secs(30)).await;
     for (name, uid) in [("a", "uid-a"), ("b", "uid-b")] {
-        let mut p = pod(name, uid, "2026-01-01T00:00:00Z", &[1]);
-        seal_placement(&mut p, &dev(GPU, 1000, 0), "100");
-        rig.api.put_pod(p);
-        rig.synced(name).await;
+        rig.put_sealed(name, uid, &dev(GPU, 1000, 0)).await;
     }
     let (id1, id2) = (format!("{GPU}-1"), format!("{GPU}-2"));
     rig.allocate(&[&id1]).await.expect("first answer");
@@ -251,10 +240,7 @@ async fn pods_placed_alike_admitted_out_of_order_each_get_the_answer_as_their_ow
             .contains(&id1),
         "b holds the first answer's directory"
     );
-    eventually("b recorded", Duration::from_secs(5), || {
-        (rig.api.annotation("b", "hami.io/bind-phase").as_deref() == Some("success")).then_some(())
-    })
-    .await;
+    rig.recorded("b").await;
     // a's own answer (the second) is resolved by a third Allocate's settling or by its watcher: drive it with
     // one more pod's Allocate.
     let mut c = pod("c", "uid-c", "2026-01-01T00:00:00Z", &[1]);
@@ -294,6 +280,8 @@ async fn forged_pods_are_refused_with_their_reason_and_neighbours_keep_their_sta
     rig.allocate(&[&id_n]).await.unwrap();
     rig.record.assign("n", "c0", &[&id_n]);
     let n_limits = rig.limits_state("uid-n", "c0", "ready").await;
+    // The annotations follow the limits file (the record is written once the file is ready).
+    rig.recorded("n").await;
     let n_before = rig.api.pod("n")["metadata"]["annotations"].clone();
 
     // 1: hami.io/* annotations written by hand, no seal.
@@ -606,11 +594,7 @@ async fn twenty_pods_bound_at_once_allocate_back_to_back_each_with_its_own_place
             l.contains(&format!("CUDA_DEVICE_MEMORY_LIMIT_0={}m\n", 100 + i)),
             "{name}: {l}"
         );
-        eventually(&format!("{name} recorded"), Duration::from_secs(5), || {
-            (rig.api.annotation(&name, "hami.io/bind-phase").as_deref() == Some("success"))
-                .then_some(())
-        })
-        .await;
+        rig.recorded(&name).await;
     }
 }
 
@@ -619,14 +603,7 @@ async fn twenty_pods_bound_at_once_allocate_back_to_back_each_with_its_own_place
 /// allocated (HAMi writes them at Allocate; here they wait for the kubelet's record, but never for a poll).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_start_settles_the_answer_before_the_container_starts() {
-    let rig = Rig::start_polling(
-        "pre-start",
-        vec![card(GPU, 0)],
-        json!({}),
-        |_, _, _| {},
-        Duration::from_secs(30),
-    )
-    .await;
+    let rig = Rig::one_card_polling("pre-start", GPU, Duration::from_secs(30)).await;
     let mut plugin = rig.plugin().await;
     let opts = plugin
         .get_device_plugin_options(vgpu_kubelet_api::deviceplugin::Empty {})
@@ -634,20 +611,12 @@ async fn pre_start_settles_the_answer_before_the_container_starts() {
         .unwrap()
         .into_inner();
     assert!(opts.pre_start_required);
-    let mut a = pod("a", "uid-a", "2026-01-01T00:00:00Z", &[1]);
-    seal_placement(&mut a, &dev(GPU, 4000, 30), "100");
-    rig.api.put_pod(a);
-    rig.synced("a").await;
+    rig.put_sealed("a", "uid-a", &dev(GPU, 4000, 30)).await;
     let id = format!("{GPU}-1");
     rig.allocate(&[&id]).await.unwrap();
     rig.record.assign("a", "c0", &[&id]);
     assert_eq!(rig.limits("uid-a", "c0"), "", "pending until settled");
-    plugin
-        .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
-            devices_ids: vec![id.clone()],
-        })
-        .await
-        .unwrap();
+    rig.pre_start(&[&id]).await;
     // No waiting: PreStart returned, so it is done.
     let l = rig.limits("uid-a", "c0");
     assert!(
@@ -666,14 +635,7 @@ async fn pre_start_settles_the_answer_before_the_container_starts() {
 /// app container on those IDs confirms both, each with its own placement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_init_container_is_confirmed_through_the_container_it_hands_its_devices_to() {
-    let rig = Rig::start_polling(
-        "init",
-        vec![card(GPU, 0)],
-        json!({}),
-        |_, _, _| {},
-        Duration::from_secs(30),
-    )
-    .await;
+    let rig = Rig::one_card_polling("init", GPU, Duration::from_secs(30)).await;
     let mut p = pod("w", "uid-w", "2026-01-01T00:00:00Z", &[1, 1]);
     let init = p["spec"]["containers"][0].clone();
     p["spec"]["initContainers"] = json!([init]);
@@ -695,13 +657,7 @@ async fn an_init_container_is_confirmed_through_the_container_it_hands_its_devic
     assert_eq!(env(&ra, "CUDA_DEVICE_MEMORY_LIMIT_0"), "1000m");
     // As the kubelet's List shows it: the app container only.
     rig.record.assign("w", "c1", &[&id]);
-    let mut plugin = rig.plugin().await;
-    plugin
-        .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
-            devices_ids: vec![id.clone()],
-        })
-        .await
-        .unwrap();
+    rig.pre_start(&[&id]).await;
     let li = rig.limits("uid-w", "c0");
     let la = rig.limits("uid-w", "c1");
     assert!(
@@ -714,40 +670,21 @@ async fn an_init_container_is_confirmed_through_the_container_it_hands_its_devic
             && la.ends_with("VGPU_LIMITS_STATE=ready\n"),
         "app: {la}"
     );
-    eventually("w recorded", Duration::from_secs(5), || {
-        (rig.api.annotation("w", "hami.io/bind-phase").as_deref() == Some("success")).then_some(())
-    })
-    .await;
+    rig.recorded("w").await;
 }
 
 /// PreStartContainer returns only once the answer is settled, whoever settles it: here the answer's watcher
 /// polls the record every 2 ms and often takes the answer first, while the kubelet's PreStart comes at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_start_waits_for_an_answer_another_path_is_settling() {
-    let rig = Rig::start_polling(
-        "pre-start-race",
-        vec![card(GPU, 0)],
-        json!({}),
-        |_, _, _| {},
-        Duration::from_millis(2),
-    )
-    .await;
-    let mut plugin = rig.plugin().await;
+    let rig = Rig::one_card_polling("pre-start-race", GPU, Duration::from_millis(2)).await;
     for i in 0..6 {
         let (name, uid) = (format!("r{i}"), format!("uid-r{i}"));
-        let mut p = pod(&name, &uid, "2026-01-01T00:00:00Z", &[1]);
-        seal_placement(&mut p, &dev(GPU, 1000, 0), "100");
-        rig.api.put_pod(p);
-        rig.synced(&name).await;
+        rig.put_sealed(&name, &uid, &dev(GPU, 1000, 0)).await;
         let id = format!("{GPU}-{i}");
         rig.allocate(&[&id]).await.unwrap();
         rig.record.assign(&name, "c0", &[&id]);
-        plugin
-            .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
-                devices_ids: vec![id.clone()],
-            })
-            .await
-            .unwrap();
+        rig.pre_start(&[&id]).await;
         assert!(
             rig.limits(&uid, "c0")
                 .ends_with("VGPU_LIMITS_STATE=ready\n"),
@@ -766,19 +703,9 @@ async fn pre_start_waits_for_an_answer_another_path_is_settling() {
 /// settled; that must not count as "already answered" (it did: one pod was revoked and failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_guesses_that_each_name_the_others_pod_both_settle() {
-    let rig = Rig::start_polling(
-        "crosswise",
-        vec![card(GPU, 0)],
-        json!({}),
-        |_, _, _| {},
-        Duration::from_secs(30),
-    )
-    .await;
+    let rig = Rig::one_card_polling("crosswise", GPU, Duration::from_secs(30)).await;
     for (name, uid) in [("a", "uid-a"), ("b", "uid-b")] {
-        let mut p = pod(name, uid, "2026-01-01T00:00:00Z", &[1]);
-        seal_placement(&mut p, &dev(GPU, 1000, 0), "100");
-        rig.api.put_pod(p);
-        rig.synced(name).await;
+        rig.put_sealed(name, uid, &dev(GPU, 1000, 0)).await;
     }
     let (id1, id2) = (format!("{GPU}-1"), format!("{GPU}-2"));
     rig.allocate(&[&id1]).await.expect("guessed a");
@@ -786,14 +713,8 @@ async fn two_guesses_that_each_name_the_others_pod_both_settle() {
     // The kubelet had admitted them the other way round.
     rig.record.assign("b", "c0", &[&id1]);
     rig.record.assign("a", "c0", &[&id2]);
-    let mut plugin = rig.plugin().await;
     for id in [&id1, &id2] {
-        plugin
-            .pre_start_container(vgpu_kubelet_api::deviceplugin::PreStartContainerRequest {
-                devices_ids: vec![id.clone()],
-            })
-            .await
-            .unwrap();
+        rig.pre_start(&[&id]).await;
     }
     for (name, uid) in [("a", "uid-a"), ("b", "uid-b")] {
         let l = rig.limits(uid, "c0");

@@ -649,7 +649,7 @@ pub async fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> 
 use vgpu_agent::node::{self, config::NodeConfig, Paths, Timing};
 use vgpu_kubelet_api::deviceplugin::device_plugin_client::DevicePluginClient;
 use vgpu_kubelet_api::deviceplugin::{
-    AllocateRequest, ContainerAllocateRequest, ContainerAllocateResponse,
+    AllocateRequest, ContainerAllocateRequest, ContainerAllocateResponse, PreStartContainerRequest,
 };
 
 pub struct Rig {
@@ -692,6 +692,18 @@ impl Rig {
             node_annotations,
             prepare,
             Duration::from_millis(20),
+        )
+        .await
+    }
+
+    /// One card, nothing prepared, the agent polling the kubelet's record every `confirm_poll`.
+    pub async fn one_card_polling(name: &str, gpu: &str, confirm_poll: Duration) -> Rig {
+        Self::start_polling(
+            name,
+            vec![card(gpu, 0)],
+            json!({}),
+            |_, _, _| {},
+            confirm_poll,
         )
         .await
     }
@@ -763,6 +775,34 @@ impl Rig {
     }
 
     /// The kubelet's Allocate for one container.
+    /// Waits until the agent has recorded `pod` allocated (`hami.io/bind-phase: success`).
+    pub async fn recorded(&self, pod: &str) {
+        eventually(&format!("{pod} recorded"), Duration::from_secs(5), || {
+            (self.api.annotation(pod, "hami.io/bind-phase").as_deref() == Some("success"))
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// The kubelet's PreStartContainer for a container holding `ids`.
+    pub async fn pre_start(&self, ids: &[&str]) {
+        self.plugin()
+            .await
+            .pre_start_container(PreStartContainerRequest {
+                devices_ids: ids.iter().map(|s| s.to_string()).collect(),
+            })
+            .await
+            .expect("PreStartContainer is never refused");
+    }
+
+    /// A one-container, one-GPU pod sealed over `devices`, written and seen by the agent's reflector.
+    pub async fn put_sealed(&self, name: &str, uid: &str, devices: &str) {
+        let mut p = pod(name, uid, "2026-01-01T00:00:00Z", &[1]);
+        seal_placement(&mut p, devices, "100");
+        self.api.put_pod(p);
+        self.synced(name).await;
+    }
+
     pub async fn allocate(&self, ids: &[&str]) -> Result<ContainerAllocateResponse, tonic::Status> {
         let req = AllocateRequest {
             container_requests: vec![ContainerAllocateRequest {
