@@ -714,7 +714,7 @@ async fn two_guesses_that_each_name_the_others_pod_both_settle() {
     rig.record.assign("b", "c0", &[&id1]);
     rig.record.assign("a", "c0", &[&id2]);
     for id in [&id1, &id2] {
-        rig.pre_start(&[&id]).await;
+        rig.pre_start(&[id]).await;
     }
     for (name, uid) in [("a", "uid-a"), ("b", "uid-b")] {
         let l = rig.limits(uid, "c0");
