@@ -500,26 +500,7 @@ impl CacheRegion {
     /// Every claimed slot as it is now.
     pub fn slots(&self) -> Vec<SlotView> {
         (0..self.high_water())
-            .filter_map(|index| {
-                let owner = self.slot_word(index, S_OWNER).load(SeqCst) as u32;
-                if owner == 0 {
-                    return None;
-                }
-                let mut used = [0; MAX_DEVICES];
-                for (d, u) in used.iter_mut().enumerate() {
-                    *u = self.slot_word(index, S_USED + d).load(SeqCst);
-                }
-                Some(SlotView {
-                    index,
-                    pid: owner & !RECLAIMING,
-                    start_time: self.slot_word(index, S_START).load(SeqCst),
-                    pid_ns: self.slot_word(index, S_PIDNS).load(SeqCst),
-                    launches: self.slot_word(index, S_LAUNCHES).load(SeqCst),
-                    throttled_ns: self.slot_word(index, S_THROTTLED_NS).load(SeqCst),
-                    context_bytes: self.slot_word(index, S_CONTEXT).load(SeqCst),
-                    used,
-                })
-            })
+            .filter_map(|index| slot_view(index, |i| self.slot_word(index, i).load(SeqCst)))
             .collect()
     }
 
@@ -696,28 +677,31 @@ pub fn parse_copy(bytes: &[u8]) -> Result<(HeaderInfo, Vec<SlotView>), &'static 
     let high_water = (word(H_HIGH_WATER).min(SLOTS as u64) as usize).min(in_copy);
     let slot = |s: usize, i: usize| word((HEADER_BYTES + s * SLOT_BYTES) / W + i);
     let slots = (0..high_water)
-        .filter_map(|index| {
-            let owner = slot(index, S_OWNER) as u32;
-            if owner == 0 {
-                return None;
-            }
-            let mut used = [0; MAX_DEVICES];
-            for (d, u) in used.iter_mut().enumerate() {
-                *u = slot(index, S_USED + d);
-            }
-            Some(SlotView {
-                index,
-                pid: owner & !RECLAIMING,
-                start_time: slot(index, S_START),
-                pid_ns: slot(index, S_PIDNS),
-                launches: slot(index, S_LAUNCHES),
-                throttled_ns: slot(index, S_THROTTLED_NS),
-                context_bytes: slot(index, S_CONTEXT),
-                used,
-            })
-        })
+        .filter_map(|index| slot_view(index, |i| slot(index, i)))
         .collect();
     Ok((header, slots))
+}
+
+/// Slot `index` as `word` reads its words (from the mapping, or from a copy), if a process owns it.
+fn slot_view(index: usize, word: impl Fn(usize) -> u64) -> Option<SlotView> {
+    let owner = word(S_OWNER) as u32;
+    if owner == 0 {
+        return None;
+    }
+    let mut used = [0; MAX_DEVICES];
+    for (d, u) in used.iter_mut().enumerate() {
+        *u = word(S_USED + d);
+    }
+    Some(SlotView {
+        index,
+        pid: owner & !RECLAIMING,
+        start_time: word(S_START),
+        pid_ns: word(S_PIDNS),
+        launches: word(S_LAUNCHES),
+        throttled_ns: word(S_THROTTLED_NS),
+        context_bytes: word(S_CONTEXT),
+        used,
+    })
 }
 
 #[cfg(test)]
