@@ -268,6 +268,21 @@ async fn pods_placed_alike_admitted_out_of_order_each_get_the_answer_as_their_ow
     );
 }
 
+/// Writes `pod`, lets the agent see it, and asks for `id`: Allocate must refuse it, naming it and `why`.
+async fn refusal(rig: &Rig, id: &str, pod: serde_json::Value, why: &str) -> tonic::Status {
+    let name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    rig.api.put_pod(pod);
+    rig.synced(&name).await;
+    let e = rig.allocate(&[id]).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains(&format!("default/{name} refused: {why}")),
+        "{}",
+        e.message()
+    );
+    e
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_pods_are_refused_with_their_reason_and_neighbours_keep_their_state() {
     let rig = Rig::start("forged", vec![card(GPU, 0)], json!({})).await;
@@ -289,33 +304,17 @@ async fn forged_pods_are_refused_with_their_reason_and_neighbours_keep_their_sta
     f1["metadata"]["annotations"] = json!({
         "hami.io/vgpu-node": NODE, "hami.io/bind-phase": "allocating", "hami.io/bind-time": "200",
         "hami.io/vgpu-devices-to-allocate": dev(GPU, 15000, 0)});
-    rig.api.put_pod(f1);
     let id = format!("{GPU}-5");
-    rig.synced("f1").await;
-    let e = rig.allocate(&[&id]).await.unwrap_err();
+    let e = refusal(&rig, &id, f1, "no placement sealed by the vgpu scheduler").await;
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        e.message()
-            .contains("default/f1 refused: no placement sealed by the vgpu scheduler"),
-        "{}",
-        e.message()
-    );
     assert_eq!(
         rig.api.annotation("f1", "hami.io/bind-phase").as_deref(),
         Some("failed")
     );
 
     // 2: spec.nodeName set directly, nothing else.
-    rig.api
-        .put_pod(pod("f2", "uid-f2", "2026-01-01T00:02:00Z", &[1]));
-    rig.synced("f2").await;
-    let e = rig.allocate(&[&id]).await.unwrap_err();
-    assert!(
-        e.message()
-            .contains("default/f2 refused: no placement sealed"),
-        "{}",
-        e.message()
-    );
+    let f2 = pod("f2", "uid-f2", "2026-01-01T00:02:00Z", &[1]);
+    refusal(&rig, &id, f2, "no placement sealed").await;
     assert_eq!(
         rig.api.annotation("f2", "hami.io/bind-phase").as_deref(),
         Some("failed")
@@ -326,15 +325,7 @@ async fn forged_pods_are_refused_with_their_reason_and_neighbours_keep_their_sta
     f3["metadata"]["annotations"] = rig.api.pod("n")["metadata"]["annotations"].clone();
     f3["metadata"]["annotations"]["hami.io/bind-phase"] = json!("allocating");
     f3["metadata"]["annotations"]["hami.io/vgpu-devices-to-allocate"] = json!(dev(GPU, 4000, 0));
-    rig.api.put_pod(f3);
-    rig.synced("f3").await;
-    let e = rig.allocate(&[&id]).await.unwrap_err();
-    assert!(
-        e.message()
-            .contains("default/f3 refused: the placement seal"),
-        "{}",
-        e.message()
-    );
+    refusal(&rig, &id, f3, "the placement seal").await;
     assert_eq!(
         rig.api.annotation("f3", "hami.io/bind-phase").as_deref(),
         Some("failed")
@@ -345,15 +336,7 @@ async fn forged_pods_are_refused_with_their_reason_and_neighbours_keep_their_sta
     seal_placement(&mut f4, &dev(GPU, 1000, 0), "400");
     f4["metadata"]["annotations"]["vgpu.io/devices-sealed"] = json!(dev(GPU, 15000, 0));
     f4["metadata"]["annotations"]["hami.io/vgpu-devices-to-allocate"] = json!(dev(GPU, 15000, 0));
-    rig.api.put_pod(f4);
-    rig.synced("f4").await;
-    let e = rig.allocate(&[&id]).await.unwrap_err();
-    assert!(
-        e.message()
-            .contains("default/f4 refused: the placement seal"),
-        "{}",
-        e.message()
-    );
+    refusal(&rig, &id, f4, "the placement seal").await;
 
     for f in ["f1", "f2", "f3", "f4"] {
         assert!(
