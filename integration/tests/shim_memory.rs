@@ -730,10 +730,19 @@ fn can_mount(what: &str) -> bool {
 /// the default limits path exactly as Allocate's bind mount puts it in a container. The program, arguments and
 /// environment are `cmd`'s.
 fn at_default_path(cmd: &Command, usr_local: &Path) -> Command {
+    in_mount_namespace(
+        cmd,
+        "mount --bind \"$0\" /usr/local && exec \"$@\"",
+        usr_local,
+    )
+}
+
+/// `cmd` (program, arguments, environment) run by `sh -c script` in a private mount namespace, `$0` being `arg`.
+fn in_mount_namespace(cmd: &Command, script: &str, arg: &Path) -> Command {
     let mut c = Command::new("unshare");
     c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg("mount --bind \"$0\" /usr/local && exec \"$@\"")
-        .arg(usr_local)
+        .arg(script)
+        .arg(arg)
         .arg(cmd.get_program())
         .args(cmd.get_args());
     for (k, v) in cmd.get_envs() {
@@ -984,18 +993,11 @@ fn a_revoked_limits_file_refuses_contexts_and_allocations() {
 /// simulated driver, which (like the kernel driver) must know the host's pid of each process.
 fn in_pid_namespace(cmd: &Command, host_proc: &Path) -> Command {
     std::fs::create_dir_all(host_proc).unwrap();
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg("mount --bind /proc \"$0\" && exec unshare --pid --fork --mount-proc \"$@\"")
-        .arg(host_proc)
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
+    let mut c = in_mount_namespace(
+        cmd,
+        "mount --bind /proc \"$0\" && exec unshare --pid --fork --mount-proc \"$@\"",
+        host_proc,
+    );
     c.env("VGPU_SIM_HOST_PROC", host_proc);
     c
 }
