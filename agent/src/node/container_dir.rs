@@ -68,11 +68,13 @@ impl ContainerDir {
     /// Whom the directory serves, if it says (a directory from before owners were recorded does not).
     pub fn read_owner(&self) -> Option<Owner> {
         let t = std::fs::read_to_string(self.dir.join(cd::OWNER_NAME)).ok()?;
+        // The same `NAME=value` lines as the limits file, read by the same parser.
+        let kv = vgpu_contract::limits::parse_limits_file(&t).ok()?;
         let get = |k: &str| {
-            t.lines()
-                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            kv.iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.clone())
                 .filter(|v| !v.is_empty())
-                .map(str::to_string)
         };
         Some(Owner {
             uid: get("uid")?,
